@@ -1,0 +1,475 @@
+"""Embedded datasets: real images that ship inside installed packages, written once as shards into a cache.
+
+``resolve("embedded:photos")`` returns a local folder holding shards and an index.json (contracts.md), building
+it on first use; any other URL comes back unchanged. Nothing here downloads: every dataset is made from files
+inside pip wheels or a Debian package (see shared/research/offline-datasets.md), and a missing package is an
+error that names the install command. ``python -m data_pipeline.write embedded:NAME OUT_URL`` writes the same
+samples to any URL.
+
+The names and what they hold are in :data:`REGISTRY`; ``NAME_val`` is always the held-out split of ``NAME``.
+
+* ``photos`` / ``photos_val``: 96x96 JPEG tiles (quality 95) cut at random positions and four scales from the
+  natural photographs bundled with scikit-image, scikit-learn and matplotlib. Unlabelled; each tile's json
+  names its photo and crop box. The validation split is made from *held-out photos* (chelsea, china), not
+  from other tiles of the training photos, so it measures generalisation to unseen images.
+* ``digits`` / ``digits_val``: scikit-learn's 1,797 8x8 digits, upsampled to 32x32 RGB PNG; fixed 80/20
+  split stratified by class (seed 0).
+* ``fashion_mnist`` / ``fashion_mnist_val``: Fashion-MNIST train (60,000) / test (10,000) from Debian's
+  ``dataset-fashion-mnist``, 28x28 RGB PNG.
+* ``trees`` / ``trees_val``: NEON aerial RGB with tree-crown boxes bundled in deepforest: 400x400 tiles (stride
+  200, boxes clipped, slivers dropped) of the two large YELL images for training; OSBS_029 (61 boxes) held out.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from data_pipeline.write import INDEX_NAME, Sample, Source, SourceError, coco_source, encode_image, write_shards
+
+log = logging.getLogger(__name__)
+
+PREFIX = "embedded:"
+CACHE_ENV = "VITPRETRAIN_CACHE"
+
+
+@dataclass(frozen=True)
+class EmbeddedDataset:
+    """One registry entry.
+
+    Attributes:
+        description: one line saying what the dataset is.
+        build: seed -> Source (metadata plus samples in write order).
+        shards: number of shards to aim for: epoch-mode streams need at least ranks x workers shards, so
+            16-32 lets up to 8 ranks with 2 workers read every split except the one-image trees_val.
+        prefix: shard name prefix.
+        version: bump when the content changes; a cached copy with another version is rebuilt.
+    """
+
+    description: str
+    build: Callable[[int], Source]
+    shards: int
+    prefix: str = "train"
+    version: int = 1
+
+
+# ----------------------------------------------------------------------------------------------- photos
+
+TILE = 96
+# crop side as a fraction of the photo's shorter side; never below TILE pixels, so tiles are not upsampled
+TILE_SCALES = (0.2, 0.35, 0.5, 0.75)
+TILES_PER_TRAIN_PHOTO = 400
+TILES_PER_VAL_PHOTO = 150
+VAL_PHOTOS = ("chelsea", "china")
+
+
+def _skimage(name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import skimage.data
+
+        return getattr(skimage.data, name)()
+    return load
+
+
+def _motorcycle(side: int) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import skimage.data
+
+        return skimage.data.stereo_motorcycle()[side]
+    return load
+
+
+def _sklearn(filename: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(filename)
+    return load
+
+
+def _grace_hopper() -> np.ndarray:
+    import matplotlib.cbook
+
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+# name -> (package it ships in, loader returning HxWx3 uint8)
+PHOTOS: dict[str, tuple[str, Callable[[], np.ndarray]]] = {
+    "astronaut": ("scikit-image", _skimage("astronaut")),
+    "chelsea": ("scikit-image", _skimage("chelsea")),
+    "coffee": ("scikit-image", _skimage("coffee")),
+    "rocket": ("scikit-image", _skimage("rocket")),
+    "immunohistochemistry": ("scikit-image", _skimage("immunohistochemistry")),
+    "hubble_deep_field": ("scikit-image", _skimage("hubble_deep_field")),
+    "retina": ("scikit-image", _skimage("retina")),
+    "motorcycle_left": ("scikit-image", _motorcycle(0)),
+    "motorcycle_right": ("scikit-image", _motorcycle(1)),
+    "china": ("scikit-learn", _sklearn("china.jpg")),
+    "flower": ("scikit-learn", _sklearn("flower.jpg")),
+    "grace_hopper": ("matplotlib", _grace_hopper),
+}
+
+
+def photo_names(split: str) -> list[str]:
+    """Names of the photos of a split ("train" or "val")."""
+    return [n for n in PHOTOS if (n in VAL_PHOTOS) == (split == "val")]
+
+
+def load_photos(names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The bundled photographs as HxWx3 uint8 arrays (all of them by default)."""
+    return {n: np.ascontiguousarray(PHOTOS[n][1]()[..., :3]) for n in (names or list(PHOTOS))}
+
+
+def _tile_boxes(name: str, photo: np.ndarray, n: int, seed: int) -> list[tuple[int, int, int]]:
+    """`n` square crop boxes (x, y, side) at the TILE_SCALES in turn, random positions, flat crops redrawn."""
+    h, w = photo.shape[:2]
+    # one stream per photo, so adding a photo does not move every other photo's tiles
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    boxes = []
+    for i in range(n):
+        side = int(min(max(TILE_SCALES[i % len(TILE_SCALES)] * min(h, w), TILE), min(h, w)))
+        for _ in range(10):
+            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            # retina's black surround and hubble's empty sky would otherwise give uniform tiles
+            if photo[y:y + side:4, x:x + side:4].std() >= 4.0:
+                break
+        boxes.append((x, y, side))
+    return boxes
+
+
+def _photos_source(split: str, seed: int) -> Source:
+    names = photo_names(split)
+    photos = load_photos(names)
+    per_photo = TILES_PER_VAL_PHOTO if split == "val" else TILES_PER_TRAIN_PHOTO
+    tiles = [(n, box) for n in names for box in _tile_boxes(n, photos[n], per_photo, seed)]
+    random.Random(seed).shuffle(tiles)
+
+    def samples() -> Iterator[Sample]:
+        for name, (x, y, side) in tiles:
+            crop = Image.fromarray(photos[name][y:y + side, x:x + side])
+            tile = crop.resize((TILE, TILE), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            data, ext = encode_image(tile, "jpg", quality=95)
+            yield Sample(data, ext, json={"photo": name, "package": PHOTOS[name][0], "crop_xywh": [x, y, side, side]})
+
+    meta = {"kind": "unlabelled", "source": f"{PREFIX}photos{'_val' if split == 'val' else ''}: {TILE}px tiles of "
+            f"{', '.join(names)}", "photos": names}
+    return Source(meta, samples(), total=len(tiles))
+
+
+# ----------------------------------------------------------------------------------------------- digits
+
+
+DIGITS_SIZE = 32
+
+
+def _digits_source(split: str, seed: int) -> Source:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    idx_train, idx_val = train_test_split(np.arange(len(d.target)), test_size=0.2, stratify=d.target, random_state=0)
+    idx = list(idx_val if split == "val" else idx_train)
+    random.Random(seed).shuffle(idx)
+    # 16 grey levels -> 0..255
+    images = np.clip(d.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+
+    def samples() -> Iterator[Sample]:
+        for i in idx:
+            im = Image.fromarray(images[i]).resize((DIGITS_SIZE, DIGITS_SIZE), Image.Resampling.BICUBIC)
+            data, ext = encode_image(im.convert("RGB"), "png")
+            yield Sample(data, ext, cls=int(d.target[i]))
+
+    meta = {"kind": "classification", "source": f"scikit-learn load_digits ({split}, 80/20 stratified, seed 0), "
+            f"upsampled to {DIGITS_SIZE}px", "classes": [str(c) for c in range(10)]}
+    return Source(meta, samples(), total=len(idx))
+
+
+# ----------------------------------------------------------------------------------------------- fashion-mnist
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzip-compressed, unsigned bytes) as its N-d uint8 array."""
+    raw = gzip.open(path).read()
+    if raw[2] != 0x08:
+        raise ValueError(f"{path}: IDX type {raw[2]:#x} is not unsigned byte")
+    ndim = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_source(split: str, seed: int) -> Source:
+    stem = "t10k" if split == "val" else "train"
+    images_path = FASHION_DIR / f"{stem}-images-idx3-ubyte.gz"
+    labels_path = FASHION_DIR / f"{stem}-labels-idx1-ubyte.gz"
+    if not (images_path.exists() and labels_path.exists()):
+        raise SourceError(f"Fashion-MNIST is not installed ({images_path} is missing). It ships in a Debian "
+                          "package: apt-get install dataset-fashion-mnist")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    idx = list(range(len(labels)))
+    random.Random(seed).shuffle(idx)
+
+    def samples() -> Iterator[Sample]:
+        for i in idx:
+            data, ext = encode_image(Image.fromarray(images[i]).convert("RGB"), "png")
+            yield Sample(data, ext, cls=int(labels[i]))
+
+    meta = {"kind": "classification", "source": f"Fashion-MNIST {stem} ({FASHION_DIR}, Debian dataset-fashion-mnist)",
+            "classes": FASHION_CLASSES}
+    return Source(meta, samples(), total=len(idx))
+
+
+# ----------------------------------------------------------------------------------------------- trees
+
+TREE_TILE = 400
+TREE_STRIDE = 200
+TREE_TRAIN_IMAGES = ("2019_YELL_2_528000_4978000_image_crop2", "2019_YELL_2_541000_4977000_image_crop")
+TREE_VAL_IMAGES = ("OSBS_029",)
+# a clipped box survives if it keeps this much of its area and is at least this many pixels on each side
+TREE_MIN_KEPT_AREA = 0.4
+TREE_MIN_SIDE = 4
+
+
+def deepforest_data_dir() -> Path:
+    """deepforest's bundled data folder, found without importing deepforest (which needs torch, lightning…)."""
+    spec = importlib.util.find_spec("deepforest")
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError("The trees dataset reads the sample data bundled in the deepforest wheel, which is not "
+                          "installed: pip install --no-deps deepforest")
+    return Path(list(spec.submodule_search_locations)[0]) / "data"
+
+
+def read_voc_boxes(path: Path) -> list[tuple[int, int, int, int]]:
+    """Pascal VOC xml -> [(xmin, ymin, xmax, ymax), ...] in pixels."""
+    root = ET.parse(path).getroot()
+    return [tuple(int(float(obj.find(f"bndbox/{k}").text)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            for obj in root.iter("object")]
+
+
+def _tile_starts(length: int) -> list[int]:
+    """Tile origins along one axis: every TREE_STRIDE, plus one flush with the far edge."""
+    if length <= TREE_TILE:
+        return [0]
+    starts = list(range(0, length - TREE_TILE + 1, TREE_STRIDE))
+    return starts if starts[-1] == length - TREE_TILE else starts + [length - TREE_TILE]
+
+
+def _clip_boxes(boxes: list[tuple[int, int, int, int]], x0: int, y0: int, w: int, h: int) -> list[list[float]]:
+    """Boxes (xyxy) clipped to the window, in window-relative COCO xywh; slivers dropped."""
+    out = []
+    for bx0, by0, bx1, by1 in boxes:
+        cx0, cy0 = max(bx0, x0) - x0, max(by0, y0) - y0
+        cx1, cy1 = min(bx1, x0 + w) - x0, min(by1, y0 + h) - y0
+        cw, ch = cx1 - cx0, cy1 - cy0
+        if cw < TREE_MIN_SIDE or ch < TREE_MIN_SIDE:
+            continue
+        if cw * ch < TREE_MIN_KEPT_AREA * (bx1 - bx0) * (by1 - by0):
+            continue
+        out.append([float(cx0), float(cy0), float(cw), float(ch)])
+    return out
+
+
+def _trees_source(split: str, seed: int) -> Source:
+    data_dir = deepforest_data_dir()
+    coco: dict[str, Any] = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "tree"}]}
+    readers: dict[str, Callable[[], bytes]] = {}
+
+    def add_image(file_name: str, width: int, height: int, boxes: list[list[float]], read: Callable[[], bytes]):
+        image_id = len(coco["images"]) + 1
+        coco["images"].append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+        for b in boxes:
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id, "bbox": b,
+                                        "category_id": 1, "iscrowd": 0, "area": b[2] * b[3]})
+        readers[file_name] = read
+
+    if split == "val":
+        for stem in TREE_VAL_IMAGES:
+            path = data_dir / f"{stem}.png"
+            with Image.open(path) as im:
+                w, h = im.size
+            boxes = [[float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
+                     for x0, y0, x1, y1 in read_voc_boxes(data_dir / f"{stem}.xml")]
+            add_image(path.name, w, h, boxes, path.read_bytes)  # a whole image: its own bytes, not re-encoded
+    else:
+        for stem in TREE_TRAIN_IMAGES:
+            with Image.open(data_dir / f"{stem}.png") as im:
+                pixels = np.asarray(im.convert("RGB"))
+            boxes_all = read_voc_boxes(data_dir / f"{stem}.xml")
+            h, w = pixels.shape[:2]
+            for y0 in _tile_starts(h):
+                for x0 in _tile_starts(w):
+                    tw, th = min(TREE_TILE, w - x0), min(TREE_TILE, h - y0)
+                    boxes = _clip_boxes(boxes_all, x0, y0, tw, th)
+                    if not boxes:  # parts of the mosaics are unannotated: a tile without boxes is unlabelled
+                        continue
+
+                    def read(p: np.ndarray = pixels, x: int = x0, y: int = y0, tw: int = tw, th: int = th) -> bytes:
+                        return encode_image(Image.fromarray(p[y:y + th, x:x + tw]), "jpg", quality=95)[0]
+
+                    add_image(f"{stem}_x{x0}_y{y0}.jpg", tw, th, boxes, read)
+    stems = TREE_VAL_IMAGES if split == "val" else TREE_TRAIN_IMAGES
+    src = coco_source(coco, lambda name: readers[name](), seed=seed,
+                      source=f"deepforest bundled data ({data_dir}): {', '.join(stems)}")
+    src.metadata["num_boxes"] = len(coco["annotations"])
+    return src
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+_TRAIN_PHOTOS = len(photo_names("train"))
+REGISTRY: dict[str, EmbeddedDataset] = {
+    "photos": EmbeddedDataset(
+        f"{_TRAIN_PHOTOS * TILES_PER_TRAIN_PHOTO} {TILE}px tiles of {_TRAIN_PHOTOS} bundled photographs, unlabelled",
+        partial(_photos_source, "train"), shards=32),
+    "photos_val": EmbeddedDataset(
+        f"{len(VAL_PHOTOS) * TILES_PER_VAL_PHOTO} {TILE}px tiles of 2 held-out photographs ({', '.join(VAL_PHOTOS)})",
+        partial(_photos_source, "val"), shards=16, prefix="val"),
+    "digits": EmbeddedDataset(
+        f"scikit-learn digits, 80% (1,437), {DIGITS_SIZE}px RGB PNG, 10 classes",
+        partial(_digits_source, "train"), shards=16),
+    "digits_val": EmbeddedDataset(
+        "scikit-learn digits, the held-out 20% (360)", partial(_digits_source, "val"), shards=16, prefix="val"),
+    "fashion_mnist": EmbeddedDataset(
+        "Fashion-MNIST train (60,000), 28px, 10 classes; needs apt-get install dataset-fashion-mnist",
+        partial(_fashion_source, "train"), shards=32),
+    "fashion_mnist_val": EmbeddedDataset(
+        "Fashion-MNIST test (10,000)", partial(_fashion_source, "val"), shards=16, prefix="val"),
+    "trees": EmbeddedDataset(
+        f"tree-crown boxes: {TREE_TILE}px tiles of 2 YELL aerial images; pip install --no-deps deepforest",
+        partial(_trees_source, "train"), shards=16),
+    "trees_val": EmbeddedDataset(
+        "tree-crown boxes: deepforest's OSBS_029 (400px, 61 boxes), held out (one image, so one shard)",
+        partial(_trees_source, "val"), shards=1, prefix="val"),
+}
+
+
+def describe() -> str:
+    """The registry as text, one dataset per line."""
+    return "\n".join(f"{PREFIX}{name:<18} {ds.description}" for name, ds in REGISTRY.items())
+
+
+def _lookup(name: str) -> EmbeddedDataset:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise SourceError(f"Unknown embedded dataset {name!r}; the embedded datasets are:\n{describe()}") from None
+
+
+def source(name: str, seed: int = 0) -> Source:
+    """The Source of an embedded dataset (for write_shards), with its name and version in the metadata."""
+    ds = _lookup(name)
+    src = ds.build(seed)
+    src.metadata["embedded"] = {"name": name, "version": ds.version, "seed": seed}
+    return src
+
+
+def maxcount_for(ds: EmbeddedDataset, total: int | None) -> int:
+    """Samples per shard that split `total` into about ``ds.shards`` shards."""
+    return max(1, math.ceil((total or 1) / ds.shards))
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+def cache_root() -> Path:
+    """Where embedded datasets are cached: ``$VITPRETRAIN_CACHE`` or ``~/.cache/vitpretrain/embedded``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "vitpretrain" / "embedded"
+
+
+def _is_current(folder: Path, name: str) -> bool:
+    try:
+        index = json.loads((folder / INDEX_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return index.get("metadata", {}).get("embedded", {}).get("version") == REGISTRY[name].version
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An advisory lock, so that one process builds while the others wait (rename keeps it safe without one)."""
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_built(name: str) -> Path:
+    """Build the embedded dataset `name` into the cache unless a current copy is there; return its folder.
+
+    Shards are written into a temporary folder beside the final one and renamed into place, so no process
+    ever sees a half-written set. Processes arriving while one builds wait on a lock file and then reuse
+    its result; where locks do not work (some network filesystems) the first rename wins and the others
+    discard their copies.
+    """
+    ds = _lookup(name)
+    root = cache_root()
+    final = root / name
+    if _is_current(final, name):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root / f".{name}.lock"):
+        if _is_current(final, name):
+            return final
+        log.info("building embedded dataset %s into %s (first use)", name, final)
+        start = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+        try:
+            src = source(name)
+            write_shards(src.samples, str(tmp), src.metadata, maxcount=maxcount_for(ds, src.total), prefix=ds.prefix,
+                         total=src.total, progress=sys.stderr.isatty())
+            stale = None
+            if final.exists():  # an older version: move it aside, then swap (a rename onto a full folder fails)
+                stale = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
+                os.rename(final, stale / name)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not _is_current(final, name):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another process (without the lock) got there first
+            if stale is not None:
+                shutil.rmtree(stale, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("built %s in %.1f s", name, time.perf_counter() - start)
+    return final
+
+
+def resolve(url: str) -> str:
+    """``embedded:NAME`` -> local folder with its shards and index.json (built on first use); others unchanged.
+
+    Raises:
+        SourceError: unknown name, or the package holding the data is not installed (the message says which).
+    """
+    if not url.startswith(PREFIX):
+        return url
+    return str(ensure_built(url.removeprefix(PREFIX)))

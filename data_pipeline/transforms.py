@@ -1,0 +1,190 @@
+"""Augmentations: picklable callables mapping a decoded sample dict to a dict of tensors.
+
+The stream hands each ``map_fn`` ``{"__key__", "__url__", "image": PIL.Image (RGB), "cls"?: int, "json"?: dict}``
+(contracts.md); these transforms return what the tasks batch: ``{"image": [3, H, W] float}`` plus
+``"label"`` (int64 scalar) or ``"tokenizer_image"`` where the task needs them. The image operations are
+torchvision's and timm's; only the glue (dict in, dict out, one crop shared by two views) is written here.
+
+Recipes:
+    MAE (He et al. 2021, facebookresearch/mae ``main_pretrain.py``): RandomResizedCrop(scale 0.2-1, bicubic),
+        horizontal flip, normalise.
+    BEiT (Bao et al. 2021, microsoft/unilm ``beit/datasets.py`` DataAugmentationForBEiT): colour jitter 0.4,
+        flip, one RandomResizedCrop box resized twice: bicubic for the ViT, lanczos for the tokenizer.
+    DeiT / finetuning (Touvron et al. 2021): timm's ``create_transform`` with RandAugment rand-m9-mstd0.5-inc1,
+        random erasing 0.25 (pixel mode), bicubic.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as F
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+__all__ = [
+    "MAETrainTransform",
+    "EvalTransform",
+    "BEiTTwoViewTransform",
+    "ClassificationTrainTransform",
+    "ClassificationEvalTransform",
+]
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    # the stream already converts to RGB; this keeps the transforms usable on raw PIL images too
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _label(sample: dict[str, Any]) -> torch.Tensor:
+    if "cls" not in sample:
+        raise KeyError(f"sample {sample.get('__key__', '?')} from {sample.get('__url__', '?')} has no 'cls' label; "
+                       "a labelled transform needs a classification dataset")
+    return torch.tensor(int(sample["cls"]), dtype=torch.long)
+
+
+class _Normalize:
+    """PIL RGB -> normalised float tensor in one pass: ``(x - 255*mean) / (255*std)``.
+
+    Equivalent to ToTensor + Normalize, without the intermediate [0, 1] tensor (one fewer full-image pass,
+    which matters in data-loader workers).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor([255.0 * m for m in mean]).view(3, 1, 1)
+        self.std = torch.tensor([255.0 * s for s in std]).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """image: PIL RGB [H, W] -> [3, H, W] float32."""
+        return F.pil_to_tensor(image).float().sub_(self.mean).div_(self.std)
+
+
+class _SampleTransform:
+    """Shared repr for the dict transforms."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class MAETrainTransform(_SampleTransform):
+    """MAE pretraining: RandomResizedCrop (bicubic) + horizontal flip + normalise -> ``{"image": [3, S, S]}``.
+
+    Args:
+        img_size: output side S.
+        scale: range of the crop's area as a fraction of the image (MAE: 0.2-1; lower hurts, paper Table 1f).
+        mean: per-channel normalisation mean (of [0, 1] pixels).
+        std: per-channel normalisation std.
+    """
+
+    def __init__(self, img_size: int, scale: tuple[float, float] = (0.2, 1.0),
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
+        self.img_size = img_size
+        self.scale = tuple(scale)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._crop = T.RandomResizedCrop(img_size, scale=self.scale, interpolation=T.InterpolationMode.BICUBIC)
+        self._flip = T.RandomHorizontalFlip()
+        self._normalize = _Normalize(mean, std)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"image": self._normalize(self._flip(self._crop(_rgb(sample["image"]))))}
+
+
+class EvalTransform(_SampleTransform):
+    """Evaluation: resize the shorter side to ``img_size / crop_pct`` + center crop + normalise (timm's eval path).
+
+    Returns ``{"image": [3, S, S]}``, plus ``"label"`` (int64 scalar from ``sample["cls"]``) if `with_label`.
+    """
+
+    def __init__(self, img_size: int, crop_pct: float = 0.875, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, with_label: bool = False,
+                 interpolation: str = "bicubic") -> None:
+        self.img_size = img_size
+        self.crop_pct = crop_pct
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.with_label = with_label
+        self.interpolation = interpolation
+        self._transform = create_transform(img_size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
+                                           mean=self.mean, std=self.std)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = {"image": self._transform(_rgb(sample["image"]))}
+        if self.with_label:
+            out["label"] = _label(sample)
+        return out
+
+
+class BEiTTwoViewTransform(_SampleTransform):
+    """BEiT pretraining: two crop-synchronised views of one image.
+
+    Colour jitter, then one RandomResizedCrop box (and one flip decision) resized twice: the patch view for
+    the ViT (bicubic, normalised) and the tokenizer view (lanczos, in [0, 1], what a dVAE tokenizer reads).
+
+    Returns:
+        ``{"image": [3, img_size, img_size] float (normalised),
+        "tokenizer_image": [3, tokenizer_size, tokenizer_size] float in [0, 1]}``.
+    """
+
+    def __init__(self, img_size: int = 224, tokenizer_size: int = 112, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), color_jitter: float = 0.4, hflip: float = 0.5,
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
+        self.img_size = img_size
+        self.tokenizer_size = tokenizer_size
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.color_jitter = color_jitter
+        self.hflip = hflip
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._jitter = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+        self._normalize = _Normalize(mean, std)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image = _rgb(sample["image"])
+        if self._jitter is not None:
+            image = self._jitter(image)
+        top, left, h, w = T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        box = (left, top, left + w, top + h)
+        # resize(box=...) crops and resizes in one pass, from the same box for both views
+        patch = image.resize((self.img_size, self.img_size), Image.Resampling.BICUBIC, box=box)
+        tokens = image.resize((self.tokenizer_size, self.tokenizer_size), Image.Resampling.LANCZOS, box=box)
+        if torch.rand(()).item() < self.hflip:  # torch's RNG, which DataLoader seeds per worker
+            patch, tokens = F.hflip(patch), F.hflip(tokens)
+        return {"image": self._normalize(patch), "tokenizer_image": F.pil_to_tensor(tokens).float().div_(255.0)}
+
+
+class ClassificationTrainTransform(_SampleTransform):
+    """Supervised training (DeiT recipe): timm ``create_transform(is_training=True)`` -> ``{"image", "label"}``.
+
+    RandomResizedCrop, flip, RandAugment (`auto_augment`; colour jitter applies only when it is None, as in
+    timm), normalise, random erasing (`re_prob`, per-pixel random values).
+    """
+
+    def __init__(self, img_size: int, auto_augment: str | None = "rand-m9-mstd0.5-inc1", re_prob: float = 0.25,
+                 scale: tuple[float, float] = (0.08, 1.0), color_jitter: float = 0.3, hflip: float = 0.5,
+                 interpolation: str = "bicubic", re_mode: str = "pixel", re_count: int = 1,
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
+        self.img_size = img_size
+        self.auto_augment = auto_augment
+        self.re_prob = re_prob
+        self.scale = tuple(scale)
+        self.color_jitter = color_jitter
+        self.hflip = hflip
+        self.interpolation = interpolation
+        self.re_mode, self.re_count = re_mode, re_count
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._transform = create_transform(
+            img_size, is_training=True, scale=self.scale, hflip=hflip, color_jitter=color_jitter,
+            auto_augment=auto_augment, interpolation=interpolation, mean=self.mean, std=self.std, re_prob=re_prob,
+            re_mode=re_mode, re_count=re_count)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"image": self._transform(_rgb(sample["image"])), "label": _label(sample)}
+
+
+class ClassificationEvalTransform(EvalTransform):
+    """Evaluation counterpart of :class:`ClassificationTrainTransform`: resize + center crop, with the label."""
+
+    def __init__(self, img_size: int, crop_pct: float = 0.875, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, interpolation: str = "bicubic") -> None:
+        super().__init__(img_size, crop_pct=crop_pct, mean=mean, std=std, with_label=True, interpolation=interpolation)

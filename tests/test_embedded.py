@@ -1,0 +1,153 @@
+"""Embedded datasets: built from package data into a (temporary) cache, once, and reused."""
+from __future__ import annotations
+
+import collections
+import importlib.util
+import io
+import json
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline import embedded
+from data_pipeline.write import SourceError, main
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _samples(folder: Path) -> tuple[dict, list[dict[str, bytes]]]:
+    index = json.loads((folder / "index.json").read_text())
+    out: dict[str, dict[str, bytes]] = {}
+    for entry in index["shards"]:
+        with tarfile.open(folder / entry["url"]) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                out.setdefault(f"{entry['url']}/{key}", {})[ext] = tar.extractfile(m).read()
+    return index, list(out.values())
+
+
+def test_other_urls_unchanged_and_unknown_names_rejected(cache):
+    for url in ["/data/shards", "s3://bucket/train-{000000..000009}.tar", "a.tar,b.tar"]:
+        assert embedded.resolve(url) == url
+    with pytest.raises(SourceError, match="embedded:digits"):
+        embedded.resolve("embedded:imagenet")
+    assert not cache.exists()
+
+
+def test_digits_builds_once_and_is_reused(cache, monkeypatch):
+    path = Path(embedded.resolve("embedded:digits"))
+    assert path == cache / "digits"
+    index, samples = _samples(path)
+    assert index["num_samples"] == len(samples) == 1437 and len(index["shards"]) == 16
+    assert index["metadata"]["classes"] == [str(i) for i in range(10)]
+    im = Image.open(io.BytesIO(samples[0]["png"]))
+    assert im.size == (32, 32) and im.mode == "RGB"
+    counts = collections.Counter(int(s["cls"]) for s in samples)
+    assert set(counts) == set(range(10)) and min(counts.values()) >= 138  # 80% of 174..183 per class
+
+    stamp = [(p.name, p.stat().st_mtime_ns) for p in sorted(path.iterdir())]
+    monkeypatch.setattr(embedded, "write_shards", lambda *a, **k: pytest.fail("rebuilt a cached dataset"))
+    assert embedded.resolve("embedded:digits") == str(path)
+    assert [(p.name, p.stat().st_mtime_ns) for p in sorted(path.iterdir())] == stamp
+    assert not [p for p in cache.iterdir() if p.name.startswith(".digits.tmp")]
+
+
+def test_concurrent_callers_build_once(cache, monkeypatch):
+    calls = []
+    real = embedded.write_shards
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedded, "write_shards", counting)
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(embedded.resolve("embedded:digits_val")))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [str(cache / "digits_val")] * 3
+    index = json.loads((cache / "digits_val" / "index.json").read_text())
+    assert index["num_samples"] == 360 and {s["url"][:4] for s in index["shards"]} == {"val-"}
+
+
+def test_stale_version_is_rebuilt(cache, monkeypatch):
+    embedded.resolve("embedded:digits_val")
+    entry = embedded.REGISTRY["digits_val"]
+    monkeypatch.setitem(embedded.REGISTRY, "digits_val",
+                        embedded.EmbeddedDataset(entry.description, entry.build, entry.shards, entry.prefix, 2))
+    path = Path(embedded.resolve("embedded:digits_val"))
+    assert json.loads((path / "index.json").read_text())["metadata"]["embedded"]["version"] == 2
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == ["digits_val"]
+
+
+def test_photos_tiles_and_held_out_val(cache):
+    index, samples = _samples(Path(embedded.resolve("embedded:photos")))
+    assert index["num_samples"] == len(samples) == 4000 and len(index["shards"]) == 32
+    assert index["metadata"]["kind"] == "unlabelled"
+    photos = collections.Counter(json.loads(s["json"])["photo"] for s in samples)
+    assert set(photos) == set(embedded.photo_names("train")) and not set(photos) & set(embedded.VAL_PHOTOS)
+    for s in samples[:50]:
+        assert Image.open(io.BytesIO(s["jpg"])).size == (96, 96)
+        x, y, w, h = json.loads(s["json"])["crop_xywh"]
+        assert w == h >= 96 and x >= 0 and y >= 0
+
+    val_index, val = _samples(Path(embedded.resolve("embedded:photos_val")))
+    assert val_index["num_samples"] == 300
+    assert {json.loads(s["json"])["photo"] for s in val} == set(embedded.VAL_PHOTOS)
+
+
+def test_cli_writes_embedded_dataset_anywhere(tmp_path, cache):
+    assert main(["embedded:digits_val", (tmp_path / "out").as_uri(), "--quiet"]) == 0
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["num_samples"] == 360 and [s["url"] for s in index["shards"]][0] == "val-000000.tar"
+    assert not cache.exists()  # writing elsewhere does not touch the cache
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepforest") is None, reason="pip install --no-deps deepforest")
+def test_trees_detection_boxes(cache):
+    index, val = _samples(Path(embedded.resolve("embedded:trees_val")))
+    assert index["metadata"]["categories"] == [{"id": 1, "name": "tree"}]
+    (target,) = [json.loads(s["json"]) for s in val]
+    assert target["file_name"] == "OSBS_029.png" and (target["width"], target["height"]) == (400, 400)
+    assert len(target["boxes"]) == 61 and set(target["category_ids"]) == {1}
+    assert target["boxes"][0] == [203, 67, 24, 23]  # OSBS_029.xml's first box, xyxy 203,67,227,90
+
+    index, train = _samples(Path(embedded.resolve("embedded:trees")))
+    assert index["num_samples"] == len(train) > 100
+    for s in train:
+        t = json.loads(s["json"])
+        assert Image.open(io.BytesIO(s["jpg"])).size == (t["width"], t["height"]) == (400, 400)
+        boxes = np.array(t["boxes"])
+        assert len(boxes) > 0 and (boxes[:, :2] >= 0).all() and (boxes[:, 2:] >= embedded.TREE_MIN_SIDE).all()
+        assert (boxes[:, 0] + boxes[:, 2] <= 400).all() and (boxes[:, 1] + boxes[:, 3] <= 400).all()
+
+
+def test_missing_packages_name_the_install_command(cache, monkeypatch):
+    monkeypatch.setattr(embedded, "FASHION_DIR", cache / "no-such-dir")
+    with pytest.raises(SourceError, match="apt-get install dataset-fashion-mnist"):
+        embedded.resolve("embedded:fashion_mnist")
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SourceError, match="pip install --no-deps deepforest"):
+        embedded.resolve("embedded:trees")
+    assert not [p for p in cache.iterdir() if not p.name.endswith(".lock")]
+
+
+@pytest.mark.skipif(not embedded.FASHION_DIR.exists(), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_reader():
+    src = embedded.source("fashion_mnist_val")
+    assert src.total == 10000 and len(src.metadata["classes"]) == 10
+    first = next(iter(src.samples))
+    assert Image.open(io.BytesIO(first.image)).size == (28, 28) and 0 <= first.cls < 10
+    labels = embedded.read_idx(embedded.FASHION_DIR / "t10k-labels-idx1-ubyte.gz")
+    assert np.bincount(labels).tolist() == [1000] * 10
