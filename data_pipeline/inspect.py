@@ -1,0 +1,241 @@
+"""Inspect a sharded dataset: what it holds, and what every rank and worker of a job reads from it.
+
+    python -m data_pipeline.inspect URL [--world-size W] [--workers K] [--epoch E] [--seed S] [--batch-size B]
+                                        [--eval] [--keys] [--verify] [--require image,cls] [--json]
+
+Prints the shards, samples, bytes and index.json metadata, then the epoch-mode plan for W ranks x K DataLoader
+workers: the shards, samples, batches and padding of each rank and worker, with a warning where they are
+unbalanced. `--keys` lists the sample keys each rank and worker reads (in tar order; training reorders them in
+its shuffle buffer). `--verify` reads and decodes every sample exactly as a job does and reports the bad ones by
+key and reason. `--json` prints the same report as JSON. The plan comes from `data_pipeline.shards.plan_epoch`,
+the function the training stream itself calls, so what this prints is what a job with the same settings reads.
+
+Exit status: 0; 1 when the shards cannot be split for the job (epoch mode) or --verify found bad samples.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from data_pipeline.shards import DatasetIndex, EpochPlan, ShardInfo, ShardReader, load_index, plan_epoch
+from data_pipeline.stream import SkipSample, decode_sample
+
+logger = logging.getLogger(__name__)
+
+RANK_IMBALANCE = 1.10  # warn when the busiest rank reads more than this times the samples of the least busy one
+WORKER_IMBALANCE = 1.25  # the same between any two workers (the slowest worker sets the epoch's length)
+PADDING_FRACTION = 0.10  # warn when padding exceeds this fraction of the samples read
+
+
+@dataclass
+class ShardScan:
+    """The keys of one shard in tar order (bad samples included), and the bad samples found."""
+
+    keys: list[str] = field(default_factory=list)
+    bad: list[dict[str, Any]] = field(default_factory=list)
+
+
+def scan_shard(shard: ShardInfo, reader: ShardReader, decode: bool) -> ShardScan:
+    """Read one shard as a job's worker does; with `decode`, also decode every sample (without a map function)."""
+    scan = ShardScan()
+
+    def on_skip(reason: str, key: str | None, url: str, detail: str, count: int) -> None:
+        if key is not None:
+            scan.keys.append(key)
+        scan.bad.append({"key": key, "url": url, "reason": reason, "detail": detail, "count": count})
+
+    for sample in reader.samples(shard, on_skip):
+        scan.keys.append(sample["__key__"])
+        if decode:
+            try:
+                decode_sample(sample)
+            except SkipSample as skip:
+                scan.bad.append({"key": sample["__key__"], "url": shard.url, "reason": skip.reason,
+                                 "detail": skip.detail, "count": 1})
+    return scan
+
+
+def _plan_report(plan: EpochPlan, scans: dict[str, ShardScan] | None) -> dict[str, Any]:
+    ranks = []
+    for rank in range(plan.world_size):
+        workers = []
+        for worker in plan.rank_workers(rank):
+            entry: dict[str, Any] = {
+                "worker": worker.worker, "samples": worker.samples, "batches": worker.batches,
+                "padding": worker.batches * plan.batch_size - worker.samples,
+                "shards": [shard.url for shard in worker.shards]}
+            if scans is not None:
+                entry["keys"] = [key for shard in worker.shards for key in scans[shard.url].keys]
+            workers.append(entry)
+        ranks.append({"rank": rank, "samples": plan.rank_samples(rank), "padding": plan.rank_padding(rank),
+                      "workers": workers})
+    return {"epoch": plan.epoch, "seed": plan.seed, "world_size": plan.world_size, "workers": plan.num_workers,
+            "batch_size": plan.batch_size, "shuffle": plan.shuffle, "batches_per_epoch": plan.batches_per_epoch,
+            "ranks": ranks}
+
+
+def _balance_warnings(plan: EpochPlan) -> list[str]:
+    warnings = []
+    rank_samples = [plan.rank_samples(rank) for rank in range(plan.world_size)]
+    if max(rank_samples) > RANK_IMBALANCE * max(1, min(rank_samples)):
+        warnings.append(f"ranks are unbalanced: they read {min(rank_samples)} to {max(rank_samples)} samples "
+                        f"per epoch (per rank: {rank_samples}); the lighter ranks pad up to the busiest one. "
+                        f"More, smaller shards (data_pipeline.write --maxcount) balance better.")
+    worker_samples = [worker.samples for worker in plan.workers]
+    if max(worker_samples) > WORKER_IMBALANCE * max(1, min(worker_samples)):
+        warnings.append(f"workers are unbalanced: they read {min(worker_samples)} to {max(worker_samples)} "
+                        f"samples per epoch; the busiest worker sets the epoch's length. More, smaller shards "
+                        f"balance better.")
+    read = sum(worker_samples)
+    padding = sum(plan.rank_padding(rank) for rank in range(plan.world_size))
+    if padding > PADDING_FRACTION * read:
+        warnings.append(f"{padding} padding samples per epoch ({100 * padding / max(1, read):.0f}% of the "
+                        f"{read} read): batch size {plan.batch_size} is large for {plan.num_workers} worker(s) "
+                        f"with these few samples each.")
+    return warnings
+
+
+def inspect_dataset(url: str | Sequence[str], *, world_size: int = 1, num_workers: int = 2, epoch: int = 0,
+                    seed: int = 0, batch_size: int = 64, train: bool = True, keys: bool = False,
+                    verify: bool = False, required: Sequence[str] = ("image",), cache_dir: str | None = None
+                    ) -> dict[str, Any]:
+    """Describe a dataset and the epoch-mode plan of a job with these settings, as a JSON-serialisable dict.
+
+    Keys: url, counted (no index.json: samples were counted), shards, samples, bytes, metadata, shard_list,
+    plan (None when the shards cannot be split: see plan_error), plan_error, warnings, and with `verify`:
+    verify = {"checked", "bad": [{"key", "url", "reason", "detail", "count"}], "by_reason"}.
+    """
+    if isinstance(url, str) and url.startswith("embedded:"):
+        from data_pipeline import embedded  # lazily, as build_stream does
+
+        url = embedded.resolve(url)
+    reader = ShardReader(cache_dir=cache_dir, required=tuple(required))
+    index: DatasetIndex = load_index(url, reader)
+    report: dict[str, Any] = {
+        "url": index.url, "counted": index.counted, "shards": len(index.shards), "samples": index.num_samples,
+        "bytes": index.num_bytes, "metadata": index.metadata,
+        "shard_list": [{"url": shard.url, "samples": shard.samples, "bytes": shard.bytes} for shard in index.shards],
+        "plan": None, "plan_error": None, "warnings": []}
+    scans = None
+    if keys or verify:
+        scans = {shard.url: scan_shard(shard, reader, decode=verify)
+                 for shard in tqdm(index.shards, desc="reading shards", unit="shard", disable=None, file=sys.stderr)}
+    try:
+        plan = plan_epoch(index.shards, world_size, num_workers, epoch, seed, batch_size, shuffle=train)
+    except ValueError as error:
+        report["plan_error"] = str(error)
+    else:
+        report["plan"] = _plan_report(plan, scans if keys else None)
+        report["warnings"] = _balance_warnings(plan)
+    if verify:
+        bad = [entry for scan in scans.values() for entry in scan.bad]
+        by_reason: dict[str, int] = {}
+        for entry in bad:
+            by_reason[entry["reason"]] = by_reason.get(entry["reason"], 0) + entry["count"]
+        report["verify"] = {"checked": sum(len(scan.keys) for scan in scans.values()), "bad": bad,
+                            "by_reason": by_reason}
+    return report
+
+
+def _format_bytes(num_bytes: int | None) -> str:
+    if num_bytes is None:
+        return "unknown"
+    value = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _shard_folder(urls: list[str]) -> str:
+    """The longest folder prefix (ending in "/") that all shard URLs share, or ""."""
+    prefix = os.path.commonprefix(urls) if urls else ""
+    return prefix[: prefix.rfind("/") + 1]
+
+
+def _short(url: str, folder: str) -> str:
+    return url[len(folder):] if folder and url.startswith(folder) else url
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable form of `inspect_dataset`'s report."""
+    base = _shard_folder([shard["url"] for shard in report["shard_list"]])
+    source = "samples counted by reading the shards (no index.json)" if report["counted"] else "from index.json"
+    lines = [f"dataset   {report['url']}  ({source})",
+             f"shards    {report['shards']}    samples {report['samples']}    bytes {_format_bytes(report['bytes'])}",
+             f"metadata  {json.dumps(report['metadata'], sort_keys=True)}"]
+    for shard in report["shard_list"]:
+        lines.append(f"  {_short(shard['url'], base)}: {shard['samples']} samples, {_format_bytes(shard['bytes'])}")
+    plan = report["plan"]
+    if plan is None:
+        lines.append(f"ERROR: {report['plan_error']}")
+    else:
+        lines.append(f"epoch plan: epoch {plan['epoch']}, seed {plan['seed']}, {plan['world_size']} rank(s) x "
+                     f"{plan['workers']} worker(s), batch size {plan['batch_size']}, "
+                     f"{'shuffled (training)' if plan['shuffle'] else 'in order (evaluation)'}")
+        lines.append(f"  every rank yields {plan['batches_per_epoch']} batches per epoch")
+        for rank in plan["ranks"]:
+            lines.append(f"  rank {rank['rank']}: {rank['samples']} samples, {rank['padding']} padding")
+            for worker in rank["workers"]:
+                shards = ", ".join(_short(url, base) for url in worker["shards"])
+                lines.append(f"    worker {worker['worker']}: {worker['samples']} samples, {worker['batches']} "
+                             f"batches ({worker['padding']} padding) from {len(worker['shards'])} shard(s): {shards}")
+                if "keys" in worker:
+                    lines.append(f"      keys ({len(worker['keys'])}): {' '.join(worker['keys'])}")
+    for warning in report["warnings"]:
+        lines.append(f"WARNING: {warning}")
+    if "verify" in report:
+        verify = report["verify"]
+        bad_count = sum(verify["by_reason"].values())
+        lines.append(f"verify: {verify['checked']} samples read, {bad_count} bad"
+                     + (f" {json.dumps(verify['by_reason'], sort_keys=True)}" if bad_count else ""))
+        for entry in verify["bad"]:
+            key = entry["key"] if entry["key"] is not None else f"({entry['count']} sample(s))"
+            lines.append(f"  BAD {key}  {entry['reason']}  {_short(entry['url'], base)}  {entry['detail']}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.inspect",
+                                     description="Show a sharded dataset and what each rank and worker reads.")
+    parser.add_argument("url", help="folder with index.json, brace pattern, 'a.tar,b.tar', or embedded:NAME")
+    parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks of the job (default 1)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="DataLoader workers per rank (default 2, as data.num_workers)")
+    parser.add_argument("--epoch", type=int, default=0, help="epoch whose shard shuffle to show (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="the job's run.seed (default 0)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="per-rank batch size (default 64, as data.batch_size)")
+    parser.add_argument("--eval", action="store_true", help="evaluation order: no shard shuffle")
+    parser.add_argument("--keys", action="store_true", help="list the sample keys each rank and worker reads")
+    parser.add_argument("--verify", action="store_true", help="decode every sample and report the bad ones by key")
+    parser.add_argument("--require", default="image",
+                        help="comma-separated members every sample needs: image, cls, json, txt (default image)")
+    parser.add_argument("--cache-dir", default=None, help="read remote shards through this local cache")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (see the module docstring)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    required = tuple(name.strip() for name in args.require.split(",") if name.strip())
+    report = inspect_dataset(args.url, world_size=args.world_size, num_workers=args.workers, epoch=args.epoch,
+                             seed=args.seed, batch_size=args.batch_size, train=not args.eval, keys=args.keys,
+                             verify=args.verify, required=required, cache_dir=args.cache_dir)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    failed = report["plan_error"] is not None or bool(report.get("verify", {}).get("bad"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

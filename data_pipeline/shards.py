@@ -1,0 +1,484 @@
+"""Shard-level pieces of the stream: which shards a URL names, how one is opened and read, who reads what.
+
+Everything here is torch-free and shared by `data_pipeline.stream` (training/eval) and `data_pipeline.inspect`
+(the CLI), so what `inspect` prints is what a job reads:
+
+- `load_index(url)` turns a dataset URL (a folder with index.json, a brace pattern, a comma list, a list) into a
+  `DatasetIndex`: absolute shard URLs with their sample counts (from index.json, or counted by scanning).
+- `ShardReader` opens a shard with fsspec (retrying with backoff; optional `simplecache::` for remote shards) and
+  yields its raw samples (`{"__key__", "__url__", suffix: bytes}`), reporting unusable ones to a callback instead
+  of raising, so bad data never stops a run.
+- `plan_epoch(...)` is the one pure function that decides which shards each (rank, worker) reads in an epoch and
+  how many batches each worker must yield (see `data_pipeline.stream` for the policy).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import braceexpand
+import fsspec
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff"})
+ALLOWED_EXTENSIONS = IMAGE_EXTENSIONS | {"cls", "json", "txt"}
+# Never decoded: unpickling bytes from a shard would run arbitrary code.
+PICKLE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl"})
+# Logical member names a caller can require in every sample ("image" = any image extension).
+REQUIRABLE = {"image": "missing_image", "cls": "missing_label", "json": "missing_json", "txt": "missing_txt"}
+
+# on_skip(reason, key, url, detail, count): how readers report samples they could not use.
+SkipCallback = Callable[[str, "str | None", str, str, int], None]
+
+
+class ShardOpenError(OSError):
+    """A shard or index could not be opened, even after retrying. The message names the URL and the cause."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One tar shard: its absolute fsspec URL, its number of samples and (if known) its size in bytes."""
+
+    url: str
+    samples: int
+    bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """The shards of a dataset, in their canonical order, and the index.json metadata (or {})."""
+
+    url: str
+    shards: tuple[ShardInfo, ...]
+    metadata: dict[str, Any]
+    counted: bool  # True when there was no usable index.json and samples were counted by reading every shard
+
+    @property
+    def num_samples(self) -> int:
+        return sum(shard.samples for shard in self.shards)
+
+    @property
+    def num_bytes(self) -> int | None:
+        sizes = [shard.bytes for shard in self.shards]
+        return None if any(size is None for size in sizes) else sum(sizes)
+
+
+def is_remote(url: str) -> bool:
+    """True for URLs whose bytes come over a network (anything but plain paths and file://)."""
+    protocol = fsspec.utils.get_protocol(url)
+    return protocol not in ("file", "local")
+
+
+def _with_retries(action: Callable[[], Any], url: str, retries: int, backoff_s: float, what: str) -> Any:
+    """Run `action` up to `retries` times with exponential backoff; raise ShardOpenError naming `url` at the end.
+
+    A missing local file fails at once (retrying cannot help). Remote "not found" is retried: fsspec's HTTP
+    filesystem reports refused connections as FileNotFoundError, and object stores can lag behind a writer.
+    """
+    last_error: Exception | None = None
+    for attempt in range(1, retries + 1):
+        try:
+            return action()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as error:
+            last_error = error
+            if not is_remote(url):
+                break
+        except Exception as error:  # noqa: BLE001 - any failure to open is retried, then reported with its cause
+            last_error = error
+        if attempt < retries:
+            delay = backoff_s * 2 ** (attempt - 1)
+            logger.warning("could not %s %s (attempt %d/%d: %s); retrying in %.1f s",
+                           what, url, attempt, retries, _describe_error(last_error), delay)
+            time.sleep(delay)
+    message = f"could not {what} {url} after {attempt} attempt(s): {_describe_error(last_error)}"
+    raise ShardOpenError(message) from last_error
+
+
+def _describe_error(error: BaseException | None) -> str:
+    """`Type: message`, followed by the chain of causes (fsspec wraps connection errors in FileNotFoundError)."""
+    parts = []
+    while error is not None and len(parts) < 4:
+        parts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return " <- caused by ".join(parts)
+
+
+def _open_file(url: str, cache_dir: str | None, mode: str = "rb"):
+    """Open `url` for streaming reads; remote URLs go through `simplecache::` into `cache_dir` when it is given."""
+    protocol = fsspec.utils.get_protocol(url)
+    # block_size=0: one streaming GET instead of range requests (tar is read front to back; plain HTTP servers
+    # such as http.server do not answer range requests).
+    http_options = {"block_size": 0} if protocol in ("http", "https") else {}
+    if cache_dir and is_remote(url) and "::" not in url:
+        return fsspec.open(f"simplecache::{url}", mode, simplecache={"cache_storage": cache_dir},
+                           **({protocol: http_options} if http_options else {})).open()
+    return fsspec.open(url, mode, **http_options).open()
+
+
+def _join(folder: str, name: str) -> str:
+    if "://" in name or name.startswith("/"):
+        return name
+    return folder.rstrip("/") + "/" + name
+
+
+def expand_urls(url: str | Sequence[str]) -> list[str]:
+    """Shard URLs named by a brace pattern, a comma-separated string or a list (each item may be a pattern)."""
+    items = [url] if isinstance(url, str) else list(url)
+    urls: list[str] = []
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            if part:
+                urls.extend(braceexpand.braceexpand(part))
+    return urls
+
+
+def _is_shard_list(url: str | Sequence[str]) -> bool:
+    if not isinstance(url, str):
+        return True
+    return "{" in url or "," in url or url.endswith(".tar")
+
+
+def _read_index(index_url: str, retries: int, backoff_s: float) -> dict[str, Any]:
+    def read() -> dict[str, Any]:
+        with _open_file(index_url, cache_dir=None, mode="rt") as handle:
+            return json.load(handle)
+
+    index = _with_retries(read, index_url, retries, backoff_s, "read index")
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+        # A malformed file, not a wrong argument type: ValueError, like json's own decode errors.
+        message = f"{index_url} is not a dataset index: expected a JSON object with a 'shards' list"
+        raise ValueError(message)  # noqa: TRY004
+    return index
+
+
+def _exists(url: str) -> bool:
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.exists(path)
+    except Exception:  # noqa: BLE001 - "cannot tell" is treated as absent; the caller then lists the folder
+        return False
+
+
+def load_index(url: str | Sequence[str], reader: ShardReader | None = None) -> DatasetIndex:
+    """Resolve a dataset URL into its shards and sample counts.
+
+    Args:
+        url: a folder (any fsspec URL) holding index.json (or, without one, `*.tar` shards); a path to an
+            index.json; a brace pattern `.../train-{000000..000127}.tar`; `"a.tar,b.tar"`; or a list of these.
+            For patterns and lists, an index.json beside the shards supplies their counts when it lists them all.
+        reader: how shards are opened when they must be counted (no index.json); defaults to `ShardReader()`.
+    """
+    reader = reader or ShardReader()
+    retries, backoff = reader.open_retries, reader.retry_backoff_s
+    if _is_shard_list(url):
+        label = url if isinstance(url, str) else ",".join(map(str, url))
+        shard_urls = expand_urls(url)
+        if not shard_urls:
+            raise ValueError(f"dataset URL {url!r} names no shards")
+        folders = {shard.rsplit("/", 1)[0] if "/" in shard else "." for shard in shard_urls}
+        if len(folders) == 1:
+            index_url = _join(folders.pop(), INDEX_FILE)
+            if _exists(index_url):
+                index = _read_index(index_url, retries, backoff)
+                listed = {_join(index_url.rsplit("/", 1)[0], entry["url"]): entry for entry in index["shards"]}
+                if all(shard in listed for shard in shard_urls):
+                    shards = tuple(ShardInfo(shard, int(listed[shard]["samples"]), listed[shard].get("bytes"))
+                                   for shard in shard_urls)
+                    return DatasetIndex(label, shards, index.get("metadata") or {}, counted=False)
+        return _counted_index(label, shard_urls, reader)
+
+    folder = url[: -len(INDEX_FILE)].rstrip("/") if url.endswith("/" + INDEX_FILE) else url.rstrip("/")
+    index_url = _join(folder, INDEX_FILE)
+    if _exists(index_url):
+        index = _read_index(index_url, retries, backoff)
+        shards = tuple(ShardInfo(_join(folder, entry["url"]), int(entry["samples"]), entry.get("bytes"))
+                       for entry in index["shards"])
+        if not shards:
+            raise ValueError(f"{index_url} lists no shards")
+        return DatasetIndex(url, shards, index.get("metadata") or {}, counted=False)
+
+    def list_tars() -> list[str]:
+        fs, path = fsspec.core.url_to_fs(folder)
+        found = sorted(fs.glob(path.rstrip("/") + "/*.tar"))
+        # Keep the protocol the caller wrote (s3://, file://...); plain paths stay plain paths.
+        return [fs.unstrip_protocol(item) if "://" in folder else item for item in found]
+
+    shard_urls = _with_retries(list_tars, folder, retries, backoff, "list")
+    if not shard_urls:
+        raise FileNotFoundError(f"{folder} has no {INDEX_FILE} and no *.tar shards (is the URL right?)")
+    return _counted_index(url, shard_urls, reader)
+
+
+def _counted_index(url: str, shard_urls: list[str], reader: ShardReader) -> DatasetIndex:
+    logger.warning("no %s lists the shards of %s: counting samples by reading all %d shards once "
+                   "(python -m data_pipeline.write produces an index and avoids this)",
+                   INDEX_FILE, url, len(shard_urls))
+    shards = tuple(ShardInfo(shard, reader.count_samples(shard), _size_or_none(shard)) for shard in shard_urls)
+    return DatasetIndex(url, shards, metadata={}, counted=True)
+
+
+def _size_or_none(url: str) -> int | None:
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.size(path)
+    except Exception:  # noqa: BLE001 - a size is informative only
+        return None
+
+
+def member_problem(members: dict[str, bytes], required: Iterable[str]) -> str | None:
+    """The skip reason for a raw sample's set of members, or None when its members are acceptable.
+
+    Args:
+        members: suffix (lower case, e.g. "jpg", "cls") -> raw bytes.
+        required: logical members every sample must have: "image" (any image extension), "cls", "json", "txt".
+    """
+    suffixes = list(members)
+    if any(suffix.rsplit(".", 1)[-1] in PICKLE_EXTENSIONS for suffix in suffixes):
+        return "pickle_member"
+    if any(suffix not in ALLOWED_EXTENSIONS for suffix in suffixes):
+        return "unexpected_member"
+    images = [suffix for suffix in suffixes if suffix in IMAGE_EXTENSIONS]
+    if len(images) > 1:
+        return "multiple_images"
+    for name in required:
+        present = bool(images) if name == "image" else name in members
+        if not present:
+            return REQUIRABLE[name]
+    return None
+
+
+@dataclass(frozen=True)
+class ShardReader:
+    """Opens shards through fsspec and turns them into raw samples. Picklable: each DataLoader worker holds one.
+
+    Attributes:
+        cache_dir: when set, remote shards are read through `simplecache::` and kept in this folder.
+        open_retries: attempts to open a URL before ShardOpenError.
+        retry_backoff_s: delay before the 2nd attempt; doubles after each further failure.
+        required: logical members every sample must have (see `member_problem`).
+    """
+
+    cache_dir: str | None = None
+    open_retries: int = 5
+    retry_backoff_s: float = 1.0
+    required: tuple[str, ...] = ("image",)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.required) - set(REQUIRABLE)
+        if unknown:
+            raise ValueError(f"required members {sorted(unknown)} are not among {sorted(REQUIRABLE)}")
+        if self.open_retries < 1:
+            raise ValueError(f"open_retries must be >= 1, got {self.open_retries}")
+
+    def open(self, url: str):
+        """A binary file object for `url`, opened with retries; raises ShardOpenError naming the URL."""
+        return _with_retries(lambda: _open_file(url, self.cache_dir), url, self.open_retries,
+                             self.retry_backoff_s, "open")
+
+    def _groups(self, url: str) -> Iterator[tuple[str, dict[str, bytes], str | None] | BaseException]:
+        """Members of one shard grouped by key, in tar order: (key, {suffix: bytes}, problem or None).
+
+        A read error (truncated or corrupt tar) is yielded as the exception, after the group it interrupted
+        (whose problem is then "truncated_tar"), and ends the shard.
+        """
+        with self.open(url) as handle:
+            members = tar_file_iterator(handle)
+            key, group, problem = None, {}, None
+            while True:
+                try:
+                    member = next(members)
+                except StopIteration:
+                    break
+                except Exception as error:  # noqa: BLE001 - tarfile, zlib and network errors all end the shard
+                    if key is not None:
+                        yield key, group, "truncated_tar"
+                    yield error
+                    return
+                prefix, suffix = base_plus_ext(member["fname"])
+                if prefix is None:
+                    continue  # a member without an extension belongs to no sample (webdataset ignores it too)
+                suffix = suffix.lower()
+                if prefix != key:
+                    if key is not None:
+                        yield key, group, problem
+                    key, group, problem = prefix, {}, None
+                if suffix in group:
+                    problem = problem or "duplicate_member"
+                group[suffix] = member["data"]
+            if key is not None:
+                yield key, group, problem
+
+    def samples(self, shard: ShardInfo, on_skip: SkipCallback) -> Iterator[dict[str, Any]]:
+        """Raw samples of one shard, `{"__key__": str, "__url__": str, suffix: bytes, ...}`, in tar order.
+
+        Samples that cannot be used (bad members, missing required members, a truncated tar) are reported to
+        `on_skip` and not yielded. Samples that index.json lists but the tar does not hold are reported as
+        "truncated_tar" (a tar cut at a member boundary reads as a shorter, valid archive).
+        Raises ShardOpenError if the shard cannot be opened at all.
+        """
+        seen = 0
+        read_error: BaseException | None = None
+        for item in self._groups(shard.url):
+            if isinstance(item, BaseException):
+                read_error = item
+                break
+            key, members, problem = item
+            seen += 1
+            problem = problem or member_problem(members, self.required)
+            if problem is not None:
+                on_skip(problem, key, shard.url, f"members {sorted(members)}", 1)
+                continue
+            yield {"__key__": key, "__url__": shard.url, **members}
+        missing = shard.samples - seen
+        if read_error is not None or missing > 0:
+            # webdataset appends " @ <file object repr>" to read errors; the URL is reported separately.
+            detail = (f"read error {type(read_error).__name__}: {str(read_error).split(' @ <')[0]}" if read_error
+                      else "tar ends early")
+            if missing > 0:
+                on_skip("truncated_tar", None, shard.url, f"{detail}; {missing} listed sample(s) not in the tar",
+                        missing)
+            elif read_error is not None and seen == 0:
+                on_skip("truncated_tar", None, shard.url, detail, 1)
+
+    def count_samples(self, url: str) -> int:
+        """Number of sample keys in a shard (bad ones included), read once; a truncated tar counts what it holds."""
+        return sum(1 for item in self._groups(url) if not isinstance(item, BaseException))
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one DataLoader worker of one rank reads in an epoch.
+
+    Attributes:
+        shards: the shards it reads, in reading order; each shard of the dataset is in exactly one WorkerPlan.
+        samples: the samples those shards hold (from the index).
+        batches: the exact number of full batches it yields; `batches * batch_size - samples` are padding.
+    """
+
+    rank: int
+    worker: int
+    shards: tuple[ShardInfo, ...]
+    samples: int
+    batches: int
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which shards every (rank, worker) reads in one epoch, and the batches each yields (epoch mode)."""
+
+    epoch: int
+    seed: int
+    world_size: int
+    num_workers: int  # readers per rank (DataLoader num_workers, or 1 when it is 0)
+    batch_size: int
+    shuffle: bool
+    workers: tuple[WorkerPlan, ...]  # index rank * num_workers + worker
+    batches_per_epoch: int  # identical on every rank
+
+    def worker(self, rank: int, worker: int) -> WorkerPlan:
+        return self.workers[rank * self.num_workers + worker]
+
+    def rank_workers(self, rank: int) -> tuple[WorkerPlan, ...]:
+        return self.workers[rank * self.num_workers:(rank + 1) * self.num_workers]
+
+    def rank_samples(self, rank: int) -> int:
+        return sum(plan.samples for plan in self.rank_workers(rank))
+
+    def rank_padding(self, rank: int) -> int:
+        return self.batches_per_epoch * self.batch_size - self.rank_samples(rank)
+
+
+def readers_per_rank(num_workers: int) -> int:
+    """DataLoader num_workers=0 reads in the main process: one reader."""
+    return max(1, num_workers)
+
+
+def shuffled_shards(shards: Sequence[ShardInfo], epoch: int, seed: int, shuffle: bool) -> list[ShardInfo]:
+    """The shard order of an epoch: a permutation seeded by (seed, epoch), the same on every rank."""
+    order = list(shards)
+    if shuffle:
+        random.Random(f"shards-{seed}-{epoch}").shuffle(order)
+    return order
+
+
+def _deal(positions: list[int], sizes: list[int], bins: int, minimum: int) -> list[list[int]]:
+    """Deal items (already largest first) to `bins`: each to the bin with the fewest samples so far (ties: fewest
+    items, then lowest bin), except that bins holding fewer than `minimum` items are served first."""
+    dealt: list[list[int]] = [[] for _ in range(bins)]
+    heap = [(0, 0, 0, b) for b in range(bins)]  # (has minimum, samples, items, bin)
+    for position in positions:
+        _, load, count, b = heapq.heappop(heap)
+        dealt[b].append(position)
+        heapq.heappush(heap, (int(count + 1 >= minimum), load + sizes[position], count + 1, b))
+    return dealt
+
+
+def plan_epoch(shards: Sequence[ShardInfo], world_size: int, num_workers: int, epoch: int, seed: int,
+               batch_size: int, shuffle: bool) -> EpochPlan:
+    """Assign every shard to exactly one (rank, worker) and give every worker an exact batch quota.
+
+    Assignment: the shards are shuffled with (seed, epoch) and dealt largest first (equal sizes in shuffled
+    order), first to the ranks and then, within each rank, to its workers. Each shard goes to a rank (worker)
+    that still holds fewer than num_workers shards (one shard) if there is one, otherwise to the one holding the
+    fewest samples so far (ties: fewest shards, then lowest index). Each worker reads its shards in shuffled
+    order. The dealing only looks at sample counts, so every epoch has the same per-reader loads and the same
+    `batches_per_epoch`; shards of equal size (all but the last, as data_pipeline.write makes them) trade places
+    between readers from one epoch to the next.
+
+    Quotas: a worker holding n samples yields ceil(n / batch_size) batches; every rank must yield
+    B = max over ranks of the sum of its workers' batches, and a rank short of B gives its extra batches to its
+    workers that hold samples, largest first, round-robin.
+
+    Raises:
+        ValueError: fewer shards than readers, or a rank whose shards hold no samples.
+    """
+    if world_size < 1 or batch_size < 1:
+        raise ValueError(f"world_size and batch_size must be >= 1, got {world_size} and {batch_size}")
+    readers = readers_per_rank(num_workers)
+    total = world_size * readers
+    if len(shards) < total:
+        raise ValueError(
+            f"{len(shards)} shard(s) cannot be split over {world_size} rank(s) x {readers} worker(s) = {total} "
+            f"readers in epoch mode: every reader needs at least one shard. Fix: write the dataset as at least "
+            f"{total} shards (python -m data_pipeline.write ... --maxcount <fewer samples per shard>), use fewer "
+            f"workers (num_workers), or use mode='resampled'.")
+    order = shuffled_shards(shards, epoch, seed, shuffle)
+    largest_first = sorted(range(len(order)), key=lambda position: (-order[position].samples, position))
+    sizes = [shard.samples for shard in order]
+    assigned: list[list[int]] = []  # per slot (rank * readers + worker): positions in `order`
+    for rank_positions in _deal(largest_first, sizes, bins=world_size, minimum=readers):
+        assigned.extend(_deal(rank_positions, sizes, bins=readers, minimum=1))
+    loads = [sum(sizes[position] for position in slot) for slot in assigned]
+
+    natural = [math.ceil(load / batch_size) for load in loads]
+    rank_batches = [sum(natural[r * readers:(r + 1) * readers]) for r in range(world_size)]
+    batches_per_epoch = max(rank_batches)
+    quotas = list(natural)
+    for rank in range(world_size):
+        slots = [s for s in range(rank * readers, (rank + 1) * readers) if loads[s] > 0]
+        if not slots:
+            urls = [order[p].url for s in range(rank * readers, (rank + 1) * readers) for p in assigned[s]]
+            raise ValueError(f"rank {rank} would read no samples in epoch {epoch}: its shards {urls} are empty")
+        slots.sort(key=lambda s: (-loads[s], s))
+        for extra in range(batches_per_epoch - rank_batches[rank]):
+            quotas[slots[extra % len(slots)]] += 1
+
+    workers = tuple(
+        WorkerPlan(rank=slot // readers, worker=slot % readers,
+                   shards=tuple(order[position] for position in sorted(assigned[slot])),
+                   samples=loads[slot], batches=quotas[slot])
+        for slot in range(total))
+    return EpochPlan(epoch=epoch, seed=seed, world_size=world_size, num_workers=readers, batch_size=batch_size,
+                     shuffle=shuffle, workers=workers, batches_per_epoch=batches_per_epoch)

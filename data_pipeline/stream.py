@@ -1,0 +1,466 @@
+"""The one function every job uses to read its training or evaluation data: `build_stream`.
+
+Data flow (one DataLoader per rank; every step below the plan runs inside each DataLoader worker process):
+
+    URL (folder with index.json | brace pattern | comma list | list | embedded:NAME)
+      -> load_index: absolute shard URLs + sample counts (index.json, or counted by reading the shards once)
+      -> plan_epoch: shards shuffled with (seed, epoch), identically on every rank; dealt to the
+         world_size x num_workers readers (split by node, then by worker), balanced by sample count
+      -> this worker's shards, opened with fsspec (streaming; `simplecache::` when cache_dir is set), retried
+         with backoff; tar members grouped into raw samples by webdataset's tar iterator
+      -> raw-sample checks (pickle / unexpected / missing members; truncated tar) -> shuffle buffer of raw,
+         undecoded samples seeded by (seed, epoch, rank, worker)
+      -> decode (PIL image -> RGB, cls -> int, json -> dict) -> the job's map_fn -> collate into full batches
+      -> main process: skipped-sample counts are popped from each batch and summed into `stream.skipped`
+
+Epoch mode (`mode="epoch"`): every sample of the dataset is read exactly once per epoch, by exactly one
+(rank, worker), and every rank yields the same number of batches, `batches_per_epoch`, so a collective never
+waits on a rank that ran out of data. Remainder policy: every batch is full; a worker pads its last partial
+batch with repeats of its own samples, and a rank whose workers hold fewer samples than the busiest rank's
+yields extra batches of such repeats, so each rank reaches B = max over ranks of its batches. Repeats carry
+`batch["is_padding"] == True`: training may use them (as DistributedSampler's padding does), evaluation drops
+them and so counts every sample exactly once. Each worker has an exact batch quota (`WorkerPlan.batches`), so a
+rank's total does not depend on how the DataLoader interleaves its workers. A worker whose shards yield fewer
+usable samples than the index lists (corrupt data) pads up to its quota; one that yields more (a stale
+index.json) stops at its quota and counts the rest as skipped ("beyond_index"). Epoch mode needs at least
+world_size x num_workers shards; fewer is a ValueError that says how to fix it.
+
+Resampled mode (`mode="resampled"`): infinite; each (rank, worker) draws shards with replacement from an RNG
+seeded by (seed, epoch, rank, worker), so no two readers share a sequence. No padding; `batches_per_epoch` is None.
+
+Bad data never stops a run: a sample that cannot be used is skipped and counted by reason in `stream.skipped`
+(a Counter): "truncated_tar", "corrupt_image", "corrupt_label", "corrupt_json", "missing_image",
+"missing_label" (when `required` names "cls"), "unexpected_member", "multiple_images", "duplicate_member",
+"pickle_member" (.pyd/.pickle/.pkl are never decoded), "map_error" (map_fn raised), "beyond_index", or the reason
+a map_fn gave in `SkipSample("reason")`. Workers log skipped samples (key and shard URL) at a limited rate.
+"""
+
+import io
+import json
+import logging
+import random
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+from data_pipeline.shards import (
+    IMAGE_EXTENSIONS,
+    PICKLE_EXTENSIONS,
+    DatasetIndex,
+    EpochPlan,
+    ShardInfo,
+    ShardReader,
+    load_index,
+    plan_epoch,
+    readers_per_rank,
+)
+
+logger = logging.getLogger(__name__)
+
+MODES = ("epoch", "resampled")
+SKIPPED_KEY = "__skipped__"  # private batch key: skipped-sample counts since the worker's previous batch
+_LOG_FIRST_SKIPS = 5  # per reason and worker, then one warning every _LOG_EVERY_SKIPS
+_LOG_EVERY_SKIPS = 1000
+
+T = TypeVar("T")
+
+
+@dataclass
+class DataConfig:
+    """The `data.*` section of every job's config; the runtime unpacks it into `build_stream(...)`."""
+
+    train: str  # dataset URL: folder with index.json, brace pattern, "a.tar,b.tar", or embedded:NAME
+    val: str = ""  # evaluation dataset URL; "" = no evaluation data
+    batch_size: int = 64  # samples per batch, per rank
+    num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the main process)
+    mode: str = "epoch"  # "epoch": every sample once per epoch | "resampled": infinite, shards with replacement
+    shuffle_buffer: int = 1000  # raw (undecoded) samples each worker holds for shuffling
+    cache_dir: str = ""  # keep remote shards in this local folder (fsspec simplecache); "" = stream only
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"data.mode must be one of {MODES}, got {self.mode!r}")
+        if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError(f"data.batch_size must be >= 1 and data.num_workers, data.shuffle_buffer >= 0; got "
+                             f"{self.batch_size}, {self.num_workers}, {self.shuffle_buffer}")
+
+
+class SkipSample(Exception):
+    """Raised by a map function (or the decoder) to drop one sample; `reason` is the key it is counted under."""
+
+    def __init__(self, reason: str = "skipped", detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """Decode a raw sample into what a map function receives.
+
+    Args:
+        raw: `{"__key__": str, "__url__": str, suffix: bytes, ...}` as read from a shard.
+
+    Returns:
+        `{"__key__", "__url__", "image": PIL.Image (RGB), "cls": int, "json": dict, "txt": str}`, each member
+        only if present.
+
+    Raises:
+        SkipSample: "corrupt_image" (PIL cannot fully decode it, truncated included), "corrupt_label",
+            "corrupt_json", "corrupt_txt", "pickle_member" or "unexpected_member".
+    """
+    sample: dict[str, Any] = {"__key__": raw["__key__"], "__url__": raw["__url__"]}
+    for suffix, data in raw.items():
+        if suffix.startswith("__"):
+            continue
+        if suffix.rsplit(".", 1)[-1] in PICKLE_EXTENSIONS:
+            raise SkipSample("pickle_member", suffix)
+        if suffix in IMAGE_EXTENSIONS:
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    image.load()  # decode now, so a truncated image fails here rather than in the transform
+                    sample["image"] = image.convert("RGB")
+            except Exception as error:
+                raise SkipSample("corrupt_image", f"{suffix}: {error}") from error
+        elif suffix == "cls":
+            try:
+                sample["cls"] = int(data.decode("ascii").strip())
+            except (UnicodeDecodeError, ValueError) as error:
+                raise SkipSample("corrupt_label", repr(data[:20])) from error
+        elif suffix == "json":
+            try:
+                sample["json"] = json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as error:
+                raise SkipSample("corrupt_json", str(error)) from error
+        elif suffix == "txt":
+            try:
+                sample["txt"] = data.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise SkipSample("corrupt_txt", str(error)) from error
+        else:
+            raise SkipSample("unexpected_member", suffix)
+    return sample
+
+
+def shuffled(samples: Iterable[T], buffer_size: int, rng: random.Random) -> Iterator[T]:
+    """Yield `samples` in random order through a buffer of `buffer_size` items (<= 1: order unchanged)."""
+    if buffer_size <= 1:
+        yield from samples
+        return
+    buffer: list[T] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(buffer_size)
+        yield buffer[index]
+        buffer[index] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class SkipTracker:
+    """Counts skipped samples in one worker: cumulative totals, a delta for the next batch, rate-limited logs."""
+
+    def __init__(self, rank: int, worker: int) -> None:
+        self.rank, self.worker = rank, worker
+        self.total: Counter[str] = Counter()
+        self._since_last_batch: Counter[str] = Counter()
+
+    def __call__(self, reason: str, key: str | None, url: str, detail: str = "", count: int = 1) -> None:
+        before = self.total[reason]
+        self.total[reason] += count
+        self._since_last_batch[reason] += count
+        if before < _LOG_FIRST_SKIPS or before // _LOG_EVERY_SKIPS != self.total[reason] // _LOG_EVERY_SKIPS:
+            logger.warning("rank %d worker %d skipped %s sample%s %s in %s: %s (%d %s so far in this worker)",
+                           self.rank, self.worker, reason, "s" if count > 1 else "", key or f"x{count}", url,
+                           detail, self.total[reason], reason)
+
+    def take(self) -> dict[str, int]:
+        """The counts since the previous call; they travel to the main process inside the next batch."""
+        delta = dict(self._since_last_batch)
+        self._since_last_batch.clear()
+        return delta
+
+
+class ShardBatchDataset(IterableDataset):
+    """The IterableDataset each DataLoader worker iterates: full batches from the shards its plan gives it.
+
+    Yields dicts: the collated map_fn outputs, `"is_padding"`: bool Tensor [batch_size], and SKIPPED_KEY
+    (popped again by `BatchStream`). Set `epoch` before iterating; workers are started per epoch, so they see it.
+    """
+
+    def __init__(self, shards: Sequence[ShardInfo], *, reader: ShardReader, map_fn: Callable[[dict], dict],
+                 collate_fn: Callable[[list], dict] | None, batch_size: int, rank: int, world_size: int,
+                 num_workers: int, mode: str, train: bool, seed: int, shuffle_buffer: int) -> None:
+        super().__init__()
+        self.shards = tuple(shards)
+        self.reader = reader
+        self.map_fn = map_fn
+        self.collate_fn = collate_fn or default_collate
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.readers = readers_per_rank(num_workers)
+        self.mode, self.train, self.seed = mode, train, seed
+        self.shuffle_buffer = shuffle_buffer if train else 0
+        self.epoch = 0
+
+    def plan(self) -> EpochPlan:
+        return plan_epoch(self.shards, self.world_size, self.readers, self.epoch, self.seed, self.batch_size,
+                          shuffle=self.train)
+
+    def _worker_id(self) -> int:
+        info = get_worker_info()
+        if info is None:
+            if self.readers != 1:
+                raise RuntimeError(f"planned for {self.readers} DataLoader workers but iterated in the main "
+                                   f"process; iterate the BatchStream that build_stream returns")
+            return 0
+        if info.num_workers != self.readers:
+            raise RuntimeError(f"planned for {self.readers} workers but the DataLoader has {info.num_workers}")
+        return info.id
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = self._worker_id()
+        skips = SkipTracker(self.rank, worker)
+        if self.mode == "epoch":
+            return self._epoch_batches(worker, skips)
+        return self._resampled_batches(worker, skips)
+
+    def _buffer_rng(self, worker: int) -> random.Random:
+        return random.Random(f"samples-{self.seed}-{self.epoch}-{self.rank}-{worker}")
+
+    def _mapped(self, raw: Iterable[dict], skips: SkipTracker, on_usable: Callable[[], None] | None = None
+                ) -> Iterator[dict]:
+        """Decode and map raw samples; anything that raises is skipped and counted."""
+        for sample in raw:
+            try:
+                item = self.map_fn(decode_sample(sample))
+            except SkipSample as skip:
+                skips(skip.reason, sample["__key__"], sample["__url__"], skip.detail)
+                continue
+            except Exception as error:  # noqa: BLE001 - one bad sample must not stop the run; it is counted
+                skips("map_error", sample["__key__"], sample["__url__"], f"{type(error).__name__}: {error}")
+                continue
+            if on_usable is not None:
+                on_usable()
+            yield item
+
+    def _batch(self, items: list[dict], num_padding: int, skips: SkipTracker) -> dict[str, Any]:
+        batch = self.collate_fn(items)
+        if not isinstance(batch, dict):
+            raise TypeError(f"collate_fn must return a dict, got {type(batch).__name__}")
+        batch["is_padding"] = torch.arange(len(items)) >= len(items) - num_padding
+        batch[SKIPPED_KEY] = skips.take()
+        return batch
+
+    def _epoch_batches(self, worker: int, skips: SkipTracker) -> Iterator[dict[str, Any]]:
+        plan = self.plan().worker(self.rank, worker)
+        if plan.batches == 0:
+            return
+        raw: Iterator[dict] = (sample for shard in plan.shards for sample in self.reader.samples(shard, skips))
+        raw = iter(shuffled(raw, self.shuffle_buffer, self._buffer_rng(worker)))
+        recent: deque[dict] = deque(maxlen=self.batch_size)  # this worker's own samples, repeated as padding
+        pending: list[dict] = []
+        emitted = 0
+        for item in self._mapped(raw, skips):
+            pending.append(item)
+            recent.append(item)
+            if len(pending) < self.batch_size:
+                continue
+            emitted += 1
+            if emitted == plan.batches:
+                # Read whatever remains (normally nothing) so its skips and an early-ending tar are counted
+                # before the last batch carries the counts out.
+                for extra in raw:
+                    skips("beyond_index", extra["__key__"], extra["__url__"], "more samples than index.json lists")
+                yield self._batch(pending, 0, skips)
+                return
+            yield self._batch(pending, 0, skips)
+            pending = []
+        if not recent:
+            raise RuntimeError(
+                f"rank {self.rank} worker {worker} read no usable sample from its {len(plan.shards)} shard(s) "
+                f"{[shard.url for shard in plan.shards]} in epoch {self.epoch}; skipped: {dict(skips.total)}. "
+                f"Check the data with: python -m data_pipeline.inspect URL --verify")
+        repeats = list(recent)
+        next_repeat = 0
+        while emitted < plan.batches:
+            num_padding = self.batch_size - len(pending)
+            for _ in range(num_padding):
+                pending.append(repeats[next_repeat % len(repeats)])
+                next_repeat += 1
+            emitted += 1
+            yield self._batch(pending, num_padding, skips)
+            pending = []
+
+    def _resampled_batches(self, worker: int, skips: SkipTracker) -> Iterator[dict[str, Any]]:
+        shard_rng = random.Random(f"resampled-{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        # Reads (shard draws + raw samples) allowed without one usable sample before the data is declared unusable:
+        # about three passes over the dataset, plus the shuffle buffer's fill.
+        num_samples = sum(shard.samples for shard in self.shards)
+        limit = self.shuffle_buffer + 3 * (num_samples + len(self.shards))
+        reads_since_usable = [0]
+
+        def draws() -> Iterator[dict]:
+            while True:
+                shard = shard_rng.choice(self.shards)
+                reads_since_usable[0] += 1
+                for sample in self.reader.samples(shard, skips):
+                    reads_since_usable[0] += 1
+                    yield sample
+                if reads_since_usable[0] > limit:
+                    raise RuntimeError(
+                        f"rank {self.rank} worker {worker} found no usable sample in {reads_since_usable[0]} reads "
+                        f"from {len(self.shards)} shard(s) drawn with replacement; skipped: {dict(skips.total)}. "
+                        f"Check the data with: python -m data_pipeline.inspect URL --verify")
+
+        def usable() -> None:
+            reads_since_usable[0] = 0
+
+        raw = shuffled(draws(), self.shuffle_buffer, self._buffer_rng(worker))
+        pending: list[dict] = []
+        for item in self._mapped(raw, skips, on_usable=usable):
+            pending.append(item)
+            if len(pending) == self.batch_size:
+                yield self._batch(pending, 0, skips)
+                pending = []
+
+
+class BatchStream:
+    """What `build_stream` returns: iterate it for batches (dicts); call `set_epoch(e)` before each epoch.
+
+    Attributes:
+        skipped: Counter of skipped samples by reason, cumulative, updated as batches arrive.
+        metadata: index.json "metadata" (or {}).
+        num_samples: samples in the whole dataset (all ranks).
+        index: the resolved DatasetIndex (shard URLs and counts).
+    """
+
+    def __init__(self, dataset: ShardBatchDataset, index: DatasetIndex, num_workers: int) -> None:
+        self._dataset = dataset
+        self.index = index
+        self.metadata: dict[str, Any] = index.metadata
+        self.num_samples = index.num_samples
+        self.skipped: Counter[str] = Counter()
+        self._plan: EpochPlan | None = None
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                  pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+    @property
+    def mode(self) -> str:
+        return self._dataset.mode
+
+    @property
+    def epoch(self) -> int:
+        return self._dataset.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shard shuffle (identical on every rank) and sample-shuffle seeds."""
+        if epoch != self._dataset.epoch:
+            self._dataset.epoch = epoch
+            self._plan = None
+
+    @property
+    def plan(self) -> EpochPlan | None:
+        """The current epoch's plan (who reads which shards); None in resampled mode."""
+        if self.mode != "epoch":
+            return None
+        if self._plan is None or self._plan.epoch != self.epoch:
+            self._plan = self._dataset.plan()
+        return self._plan
+
+    @property
+    def batches_per_epoch(self) -> int | None:
+        """Batches every rank yields per epoch (the same on all ranks and in every epoch); None when resampled."""
+        plan = self.plan
+        return None if plan is None else plan.batches_per_epoch
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            raise TypeError("a resampled stream is infinite and has no length")
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        expected = self.batches_per_epoch
+        skipped_before = sum(self.skipped.values())
+        count = 0
+        batches = iter(self._loader)
+        try:
+            for batch in batches:
+                self.skipped.update(batch.pop(SKIPPED_KEY))
+                count += 1
+                yield batch
+        finally:
+            # Stop the workers now when the epoch ends early (an error, or the consumer stopped a resampled
+            # stream): an error's traceback keeps the DataLoader iterator alive, and its eventual __del__ would
+            # join the workers in whichever thread the garbage collector happens to run.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        if expected is not None and count != expected:
+            raise RuntimeError(f"rank {self._dataset.rank} yielded {count} batches in epoch {self.epoch} but the "
+                               f"plan promised {expected}; other ranks would wait for the missing ones")
+        newly_skipped = sum(self.skipped.values()) - skipped_before
+        if newly_skipped:
+            logger.warning("rank %d epoch %d: skipped %d sample(s); totals so far: %s",
+                           self._dataset.rank, self.epoch, newly_skipped, dict(self.skipped))
+
+
+def build_stream(url: str | Sequence[str], map_fn: Callable[[dict], dict], batch_size: int = 64, *,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 2, mode: str = "epoch", train: bool = True,
+                 seed: int = 0, shuffle_buffer: int = 1000, cache_dir: str | None = None,
+                 collate_fn: Callable[[list], dict] | None = None, required: Sequence[str] = ("image",),
+                 open_retries: int = 5, retry_backoff_s: float = 1.0) -> BatchStream:
+    """Build a rank's batch stream over a sharded dataset (see the module docstring for the data flow and policy).
+
+    Args:
+        url: folder with index.json | brace pattern ".../train-{000000..000127}.tar" | "a.tar,b.tar" | list of
+            these | "embedded:NAME" (resolved by data_pipeline.embedded). Any fsspec URL.
+        map_fn: picklable `(sample dict) -> dict` of tensors/numbers; may raise SkipSample("reason").
+        batch_size: samples per batch on this rank.
+        rank, world_size: this process's place among the data-parallel ranks.
+        num_workers: DataLoader worker processes (0 = read in this process).
+        mode: "epoch" (each sample once per epoch, equal batch counts on all ranks) or "resampled" (infinite).
+        train: False = evaluation order (no shard or sample shuffling).
+        seed: base of every shuffle; the same on all ranks.
+        shuffle_buffer: raw samples each worker buffers for shuffling (ignored when train is False).
+        cache_dir: read remote shards through fsspec `simplecache::` into this folder ("" or None: stream only).
+        collate_fn: list of map_fn outputs -> dict; default torch's default_collate.
+        required: members every sample needs ("image", "cls", "json", "txt"); others missing -> skipped.
+        open_retries, retry_backoff_s: attempts to open a URL and the first delay (doubling) between them.
+
+    Raises:
+        ValueError: bad arguments, or (epoch mode) fewer shards than world_size x max(1, num_workers).
+        ShardOpenError: the index or a shard to count cannot be opened (shards opened later raise it in iteration).
+    """
+    if isinstance(url, str) and url.startswith("embedded:"):
+        from data_pipeline import embedded  # lazily: builds the bundled dataset's shards on first use
+
+        url = embedded.resolve(url)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+    reader = ShardReader(cache_dir=cache_dir or None, open_retries=open_retries, retry_backoff_s=retry_backoff_s,
+                         required=tuple(required))
+    index = load_index(url, reader)
+    dataset = ShardBatchDataset(index.shards, reader=reader, map_fn=map_fn, collate_fn=collate_fn,
+                                batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
+                                mode=mode, train=train, seed=seed, shuffle_buffer=shuffle_buffer)
+    stream = BatchStream(dataset, index, num_workers)
+    plan = stream.plan  # epoch mode: raises now, on every rank, if the shards cannot be split
+    if plan is None:
+        logger.info("stream %s: %d shards, %d samples; rank %d/%d resamples shards with replacement",
+                    index.url, len(index.shards), index.num_samples, rank, world_size)
+    else:
+        logger.info("stream %s: %d shards, %d samples; rank %d/%d reads %d samples as %d batches of %d "
+                    "(%d padding) per epoch", index.url, len(index.shards), index.num_samples, rank, world_size,
+                    plan.rank_samples(rank), plan.batches_per_epoch, batch_size, plan.rank_padding(rank))
+    return stream
