@@ -1,0 +1,162 @@
+"""Pretrained encoders -> a timm `VisionTransformer` backbone on disk.
+
+The contract between pretraining and finetuning is a file pair (see DESIGN.md): `backbone.safetensors`, a state
+dict keyed like timm's `VisionTransformer` (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.N.*`,
+`norm.*`), and `backbone.json`: `{"architecture": <timm model name>, "model_kwargs": {...}, "source": "mae", ...}`.
+`load_backbone` rebuilds it with `timm.create_model(architecture, pretrained=False, **model_kwargs)` and a strict
+`load_state_dict`, so a key that does not match fails loudly here rather than silently in a finetune.
+
+Each task maps its own state dict with `encoder_to_timm` (strip wrapper prefixes, drop the pretraining-only
+parts, rename prefixes) and describes its geometry with `vit_config`.
+"""
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "backbone.safetensors"
+CONFIG_NAME = "backbone.json"
+# Prefixes wrappers put in front of every key: DDP / DeepSpeed engines ("module.") and torch.compile ("_orig_mod.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# (embed_dim, depth, num_heads) of timm's named ViT sizes, to give an export the registered name it matches.
+TIMM_VIT_SIZES = {
+    (192, 12, 3): "tiny",
+    (384, 12, 6): "small",
+    (768, 12, 12): "base",
+    (1024, 24, 16): "large",
+    (1280, 32, 16): "huge",
+}
+# Registered timm constructor used when no name matches: `model_kwargs` carry the full geometry and override the
+# registered defaults, so the name is only the entry point.
+GENERIC_ARCHITECTURE = "vit_base_patch16_224"
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Remove "module." / "_orig_mod." from the front of keys (repeatedly: a compiled DDP model has both)."""
+    out = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def encoder_to_timm(
+        state_dict: Mapping[str, Tensor],
+        drop_prefixes: Sequence[str] = (),
+        prefix_map: Mapping[str, str] | None = None,
+) -> dict[str, Tensor]:
+    """Map a pretraining state dict to timm `VisionTransformer` keys.
+
+    Args:
+        state_dict: the task model's state dict, with or without wrapper prefixes ("module.").
+        drop_prefixes: keys starting with any of these (after unwrapping) are pretraining-only and left out,
+            e.g. ("decoder_", "mask_token") for MAE.
+        prefix_map: old prefix -> new prefix, applied (first match wins) to the kept keys,
+            e.g. {"encoder.": ""}.
+
+    Returns:
+        A new dict of detached CPU tensors, contiguous (safetensors refuses views).
+    """
+    prefix_map = prefix_map or {}
+    out = {}
+    for key, value in strip_wrapper_prefixes(state_dict).items():
+        if any(key.startswith(p) for p in drop_prefixes):
+            continue
+        for old, new in prefix_map.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value.detach().cpu().contiguous()
+    return out
+
+
+def timm_architecture(img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int) -> str:
+    """The registered timm ViT whose defaults equal this geometry (e.g. "vit_base_patch16_224"), else a generic one."""
+    size = TIMM_VIT_SIZES.get((embed_dim, depth, num_heads))
+    if size is not None:
+        name = f"vit_{size}_patch{patch_size}_{img_size}"
+        if timm.is_model(name):
+            return name
+    return GENERIC_ARCHITECTURE
+
+
+def vit_config(
+        *,
+        img_size: int,
+        patch_size: int,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        source: str,
+        global_pool: str = "token",
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        **extra_kwargs: Any,
+) -> dict[str, Any]:
+    """The backbone.json dict for a plain pre-norm ViT with a class token and no head.
+
+    `model_kwargs` always spell out the whole geometry, so the model is the same whatever `architecture` is.
+    `global_pool="token"` keeps the final `norm` (timm moves it to `fc_norm` for "avg"; a finetune that wants
+    average pooling builds with `global_pool="avg", fc_norm=False` to reuse these weights). `mean`/`std` are the
+    normalisation the encoder was trained with, passed to timm as `pretrained_cfg_overlay`.
+    """
+    config: dict[str, Any] = {
+        "architecture": timm_architecture(img_size, patch_size, embed_dim, depth, num_heads),
+        "model_kwargs": {
+            "img_size": img_size,
+            "patch_size": patch_size,
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": num_heads,
+            "mlp_ratio": mlp_ratio,
+            "qkv_bias": True,
+            "class_token": True,
+            "global_pool": global_pool,
+            "num_classes": 0,
+            **extra_kwargs,
+        },
+        "source": source,
+    }
+    if mean is not None and std is not None:
+        config["pretrained_cfg_overlay"] = {
+            "mean": list(mean), "std": list(std), "input_size": [3, img_size, img_size],
+        }
+    return config
+
+
+def save_backbone(out_dir: str | Path, state_dict: Mapping[str, Tensor], config: Mapping[str, Any]) -> Path:
+    """Write `backbone.safetensors` and `backbone.json` into `out_dir` (created if needed); returns the folder."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(out_dir / WEIGHTS_NAME),
+              metadata={"source": str(config.get("source", ""))})
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    logger.info("wrote backbone (%d tensors, %s) to %s", len(state_dict), config.get("architecture"), out_dir)
+    return out_dir
+
+
+def load_backbone(path: str | Path) -> nn.Module:
+    """Build the timm model a `save_backbone` folder describes and load its weights strictly."""
+    path = Path(path)
+    config = json.loads((path / CONFIG_NAME).read_text())
+    kwargs = dict(config["model_kwargs"])
+    if "pretrained_cfg_overlay" in config:
+        kwargs["pretrained_cfg_overlay"] = config["pretrained_cfg_overlay"]
+    model = timm.create_model(config["architecture"], pretrained=False, **kwargs)
+    state_dict = load_file(str(path / WEIGHTS_NAME))
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
