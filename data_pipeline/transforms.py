@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
@@ -45,20 +46,30 @@ def _label(sample: dict[str, Any]) -> torch.Tensor:
     return torch.tensor(int(sample["cls"]), dtype=torch.long)
 
 
-class _Normalize:
-    """PIL RGB -> normalised float tensor in one pass: ``(x - 255*mean) / (255*std)``.
+def _chw_float(image: Image.Image) -> torch.Tensor:
+    """PIL RGB [H, W] -> contiguous float32 [3, H, W] with values 0..255.
 
-    Equivalent to ToTensor + Normalize, without the intermediate [0, 1] tensor (one fewer full-image pass,
-    which matters in data-loader workers).
+    ``pil_to_tensor(image).float()`` would keep the HWC strides of the PIL buffer, and stacking such tensors into
+    a batch is a strided gather that cost more than the decode itself in the data-throughput benchmark; one
+    copy into a contiguous CHW tensor makes batching a plain memcpy.
     """
+    hwc = torch.from_numpy(np.array(image, dtype=np.uint8))  # a writable copy: from_numpy warns on read-only arrays
+    out = torch.empty((3, hwc.shape[0], hwc.shape[1]), dtype=torch.float32)
+    out.copy_(hwc.permute(2, 0, 1))  # dtype and layout converted in one pass
+    return out
+
+
+class _Normalize:
+    """PIL RGB -> normalised float tensor: ``(x - 255*mean) / (255*std)``, the same as ToTensor + Normalize
+    without the intermediate [0, 1] tensor."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean = torch.tensor([255.0 * m for m in mean]).view(3, 1, 1)
         self.std = torch.tensor([255.0 * s for s in std]).view(3, 1, 1)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """image: PIL RGB [H, W] -> [3, H, W] float32."""
-        return F.pil_to_tensor(image).float().sub_(self.mean).div_(self.std)
+        """image: PIL RGB [H, W] -> [3, H, W] float32, contiguous."""
+        return _chw_float(image).sub_(self.mean).div_(self.std)
 
 
 class _SampleTransform:
@@ -74,22 +85,29 @@ class MAETrainTransform(_SampleTransform):
 
     Args:
         img_size: output side S.
-        scale: range of the crop's area as a fraction of the image (MAE: 0.2-1; lower hurts, paper Table 1f).
+        scale: range of the crop's area as a fraction of the image (MAE uses 0.2-1).
         mean: per-channel normalisation mean (of [0, 1] pixels).
         std: per-channel normalisation std.
+        normalize: False returns the crop as uint8 [3, S, S] (0..255) for normalising on the accelerator:
+            a quarter of the bytes to batch and move between processes (see bench/RESULTS.md).
     """
 
     def __init__(self, img_size: int, scale: tuple[float, float] = (0.2, 1.0),
-                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
+                 normalize: bool = True) -> None:
         self.img_size = img_size
         self.scale = tuple(scale)
         self.mean, self.std = tuple(mean), tuple(std)
+        self.normalize = normalize
         self._crop = T.RandomResizedCrop(img_size, scale=self.scale, interpolation=T.InterpolationMode.BICUBIC)
         self._flip = T.RandomHorizontalFlip()
         self._normalize = _Normalize(mean, std)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {"image": self._normalize(self._flip(self._crop(_rgb(sample["image"]))))}
+        crop = self._flip(self._crop(_rgb(sample["image"])))
+        if not self.normalize:
+            return {"image": torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1).contiguous()}
+        return {"image": self._normalize(crop)}
 
 
 class EvalTransform(_SampleTransform):
@@ -150,7 +168,7 @@ class BEiTTwoViewTransform(_SampleTransform):
         tokens = image.resize((self.tokenizer_size, self.tokenizer_size), Image.Resampling.LANCZOS, box=box)
         if torch.rand(()).item() < self.hflip:  # torch's RNG, which DataLoader seeds per worker
             patch, tokens = F.hflip(patch), F.hflip(tokens)
-        return {"image": self._normalize(patch), "tokenizer_image": F.pil_to_tensor(tokens).float().div_(255.0)}
+        return {"image": self._normalize(patch), "tokenizer_image": _chw_float(tokens).div_(255.0)}
 
 
 class ClassificationTrainTransform(_SampleTransform):

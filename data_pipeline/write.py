@@ -346,7 +346,7 @@ def write_shards(
     }
     with fs.open(f"{root}/{INDEX_NAME}", "w") as f:
         json.dump(index, f, indent=1)
-    log.info("wrote %d samples in %d shards (%.1f MB) to %s", written, len(shards), index["num_bytes"] / 1e6,
+    log.debug("wrote %d samples in %d shards (%.1f MB) to %s", written, len(shards), index["num_bytes"] / 1e6,
              out_url)
     return WriteResult(index=index, url=out_url, skipped=skipped)
 

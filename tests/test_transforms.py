@@ -37,6 +37,7 @@ def _sample(image: Image.Image, cls: int | None = 3) -> dict:
 
 TRANSFORMS = {
     "mae": lambda: MAETrainTransform(64, mean=MEAN, std=STD),
+    "mae_uint8": lambda: MAETrainTransform(64, normalize=False),
     "eval": lambda: EvalTransform(64, mean=MEAN, std=STD),
     "eval_label": lambda: EvalTransform(64, with_label=True),
     "beit": lambda: BEiTTwoViewTransform(64, 32),
@@ -45,6 +46,7 @@ TRANSFORMS = {
 }
 EXPECTED = {
     "mae": {"image": (3, 64, 64)},
+    "mae_uint8": {"image": (3, 64, 64)},
     "eval": {"image": (3, 64, 64)},
     "eval_label": {"image": (3, 64, 64), "label": ()},
     "beit": {"image": (3, 64, 64), "tokenizer_image": (3, 32, 32)},
@@ -59,7 +61,9 @@ def test_shapes_dtypes_and_pickle(name, photo):
     for image in (photo, photo.convert("L").resize((50, 90))):  # landscape RGB, portrait greyscale
         out = transform(_sample(image))
         assert {k: tuple(v.shape) for k, v in out.items()} == EXPECTED[name]
-        assert out["image"].dtype == torch.float32
+        assert out["image"].dtype == (torch.uint8 if name == "mae_uint8" else torch.float32)
+        # contiguous CHW: batching channels-last tensors is a slow strided gather
+        assert all(v.is_contiguous() for v in out.values())
         if "label" in out:
             assert out["label"].dtype == torch.int64 and out["label"].item() == 3
     clone = pickle.loads(pickle.dumps(transform))
@@ -79,6 +83,10 @@ def test_normalisation_matches_torchvision(photo):
     expected = ref(photo)
     # scale 1 with ratio 4/3 is the whole image; compare up to the flip
     assert min((ours - expected).abs().max(), (ours - expected.flip(-1)).abs().max()) < 1e-4
+    torch.manual_seed(1)
+    raw = MAETrainTransform(64, scale=(1.0, 1.0), mean=MEAN, std=STD, normalize=False)(_sample(photo))["image"]
+    assert torch.allclose((raw.float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1),
+                          ours, atol=1e-4)
 
 
 def test_mae_crop_area_within_scale(photo, monkeypatch):
