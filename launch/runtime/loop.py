@@ -1,0 +1,432 @@
+"""`run_job`: configuration -> process group -> task, streams, DeepSpeed engine -> training loop -> export.
+
+One optimizer step = `engine.grad_accum` micro-batches: for each, the next batch from the stream (set_epoch at
+epoch boundaries), tensors moved to the device, `task.training_step(engine, batch)`, `engine.backward(loss)`,
+`engine.step()` (DeepSpeed steps the optimizer at the accumulation boundary). The lr for that boundary is set
+before its first micro-batch. Every rank runs the same collectives in the same order: logging all-reduces,
+evaluation, reconstruction pictures (a forward, which ZeRO-3 needs on all ranks), checkpoints and the export.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from launch.runtime import checkpoint, config, distributed, engine as engine_lib, tracking
+from launch.runtime.config import ConfigError, JobConfig, ParsedArgs
+
+logger = logging.getLogger(__name__)
+
+
+def run_job(*, job: str, task_config: type, build_task: Callable[[Any], Any], argv: list[str] | None = None,
+            archs: dict[str, dict] | None = None) -> int:
+    """Parse the command line and run the job; returns the process exit code (0 ok, 2 config error, 1 failure)."""
+    tracking.setup_logging(distributed.rank_from_env())
+    try:
+        cfg, args = config.parse_args(job, task_config, argv, archs)
+    except ConfigError as e:
+        # before any process group: one paragraph, no traceback
+        logger.error("%s: config error: %s (see --help)", job, e)
+        return 2
+    world = distributed.init()
+    tracking.setup_logging(world.rank)
+    try:
+        return Trainer(job, cfg, args, build_task, world).run()
+    except ConfigError as e:
+        logger.error("%s: config error: %s", job, e)
+        return 2
+    except DataError as e:
+        logger.error("%s: %s", job, e)
+        return 1
+    finally:
+        distributed.shutdown(world)
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be opened (wrong URL, no index, unreadable shards)."""
+
+
+def to_device(batch: dict[str, Any], device: torch.device, float_dtype: torch.dtype) -> dict[str, Any]:
+    """Tensors to `device` (non-blocking from pinned memory); floating ones cast to the engine's compute dtype."""
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            v = v.to(device, non_blocking=v.is_pinned())
+            if v.is_floating_point() and v.dtype != float_dtype:
+                v = v.to(float_dtype)
+        out[k] = v
+    return out
+
+
+class DeviceLoader:
+    """Iterates a stream, handing out batches already on the device (what task.evaluate receives)."""
+
+    def __init__(self, stream: Any, device: torch.device, float_dtype: torch.dtype) -> None:
+        self.stream, self.device, self.float_dtype = stream, device, float_dtype
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.stream:
+            yield to_device(batch, self.device, self.float_dtype)
+
+
+class DataPosition:
+    """Endless batches from a stream with its position: (epoch, batches consumed in that epoch).
+
+    Epoch mode: an epoch is exactly `stream.batches_per_epoch` batches on every rank; `set_epoch` is called at
+    each boundary, and a resumed run skips the consumed batches of its epoch (fast-forward: they are read and
+    dropped). Resampled mode has no epochs: a resumed run draws a new sequence with `set_epoch(resume step)`.
+    """
+
+    def __init__(self, stream: Any, epoch: int = 0, batch_in_epoch: int = 0) -> None:
+        self.stream = stream
+        self.epoch = epoch
+        self.batch_in_epoch = batch_in_epoch
+        self.resampled = stream.batches_per_epoch is None
+        self._it: Iterator | None = None
+        self.wait_s = 0.0  # cumulative time spent waiting for batches
+
+    def _start_epoch(self, skip: int) -> None:
+        self.stream.set_epoch(self.epoch)
+        self._it = iter(self.stream)
+        for _ in range(skip):
+            next(self._it)
+
+    def __next__(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        if self._it is None:
+            skip = 0 if self.resampled else self.batch_in_epoch
+            if skip:
+                logger.info("data: skipping %d consumed batches of epoch %d", skip, self.epoch)
+            self._start_epoch(skip)
+        per_epoch = self.stream.batches_per_epoch
+        if per_epoch is not None and self.batch_in_epoch >= per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self._start_epoch(0)
+        try:
+            batch = next(self._it)
+        except StopIteration:  # a stream shorter than it announced: start the next epoch anyway
+            logger.warning("data: epoch %d ended after %d batches", self.epoch, self.batch_in_epoch)
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self._start_epoch(0)
+            batch = next(self._it)
+        self.batch_in_epoch += 1
+        self.wait_s += time.perf_counter() - t0
+        return batch
+
+
+@dataclass
+class Window:
+    """What accumulates between two logged steps."""
+
+    steps: int = 0
+    step_time_s: float = 0.0
+    wait_s: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    micro_batches: int = 0
+
+    def add_metrics(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + float(v)
+        self.micro_batches += 1
+
+
+class Trainer:
+    def __init__(self, job: str, cfg: JobConfig, args: ParsedArgs, build_task: Callable[[Any], Any],
+                 world: distributed.World) -> None:
+        self.job, self.cfg, self.args, self.world = job, cfg, args, world
+        self.build_task = build_task
+        self.run_dir = Path(cfg.run.dir) / job / cfg.run.name
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # --- setup ---------------------------------------------------------------------------------------------
+
+    def _build_stream(self, url: str, map_fn: Callable, train: bool) -> Any:
+        from data_pipeline.stream import build_stream
+
+        d, w = self.cfg.data, self.world
+        try:
+            return build_stream(url, map_fn=map_fn, batch_size=d.batch_size, rank=w.rank, world_size=w.world_size,
+                                num_workers=d.num_workers, mode=d.mode if train else "epoch", train=train,
+                                seed=self.cfg.run.seed, shuffle_buffer=d.shuffle_buffer, cache_dir=d.cache_dir or None)
+        except OSError as e:
+            raise DataError(f"data.{'train' if train else 'val'}={url}: cannot open the dataset ({e})") from None
+        except ValueError as e:
+            raise ConfigError(f"data.{'train' if train else 'val'}={url}: {e}") from None
+
+    def _prepare_run_dir(self, fresh: bool) -> None:
+        """A fresh run into a run dir that holds an earlier one moves the earlier one aside (nothing is deleted)."""
+        if self.world.is_main and fresh and self.run_dir.is_dir() and any(self.run_dir.iterdir()):
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime((self.run_dir / "config.yaml").stat().st_mtime)
+                                  if (self.run_dir / "config.yaml").exists() else time.localtime())
+            aside = self.run_dir.with_name(f"{self.run_dir.name}-{stamp}")
+            n = 1
+            while aside.exists():
+                aside, n = self.run_dir.with_name(f"{self.run_dir.name}-{stamp}.{n}"), n + 1
+            shutil.move(str(self.run_dir), str(aside))
+            logger.warning("run.resume=%s: starting a new run; the earlier run in %s was moved to %s "
+                           "(run.resume=auto continues a run)", self.cfg.run.resume, self.run_dir, aside)
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+
+    def setup(self) -> None:
+        cfg, world = self.cfg, self.world
+        target = checkpoint.resume_target(cfg.run.resume, self.ckpt_dir)
+        if cfg.run.resume == "auto" and target is None:
+            logger.info("run.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_dir)
+        if target is not None:
+            checkpoint.check_resumable(target[0] / target[1], cfg.to_dict(), world.world_size)
+        self._prepare_run_dir(fresh=target is None and cfg.run.resume in ("auto", "none"))
+
+        if not world.on_gpu:
+            threads = distributed.share_cpu_cores(cfg.data.num_workers)
+            if threads:
+                logger.info("CPU: %d compute thread(s) per rank (OMP_NUM_THREADS overrides)", threads)
+        # the same seed on every rank while the model is built (identical initial weights), then seed + rank
+        distributed.seed_all(cfg.run.seed)
+        self.task = self.build_task(cfg.model)
+        distributed.seed_all(cfg.run.seed + world.rank)
+
+        self.train_stream = self._build_stream(cfg.data.train, self.task.train_transform, train=True)
+        self.val_stream = (self._build_stream(cfg.data.val, self.task.eval_transform, train=False)
+                           if cfg.data.val else None)
+        precision = config.resolve_precision(cfg.engine.precision, world.on_gpu,
+                                             world.on_gpu and torch.cuda.is_bf16_supported())
+        self.derived = config.resolve(cfg, job=self.job, preset=self.args.preset, run_dir=str(self.run_dir),
+                                      world_size=world.world_size,
+                                      batches_per_epoch=self.train_stream.batches_per_epoch,
+                                      num_samples=self.train_stream.num_samples, device=str(world.device),
+                                      precision=precision)
+        self.float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+        ds_config = config.deepspeed_config(cfg, world.on_gpu)
+        if self.args.deepspeed_config:
+            for key, value in tracking.flatten(self.args.deepspeed_config).items():
+                old = tracking.flatten(ds_config).get(key, "(unset)")
+                logger.info("--deepspeed_config %s: %s: %s -> %s", self.args.deepspeed_config_path, key, old, value)
+            ds_config = config.deep_merge(ds_config, self.args.deepspeed_config)
+        self.ds_config = ds_config
+
+        o = cfg.optim
+        groups = engine_lib.param_groups(self.task.param_groups(), o.weight_decay)
+        optimizer = engine_lib.build_optimizer(groups, lr=self.derived.lr, betas=o.betas, eps=o.eps,
+                                               weight_decay=o.weight_decay, on_gpu=world.on_gpu)
+        self.engine = engine_lib.initialize(self.task.model, optimizer, ds_config)
+
+        self.step, epoch, batch_in_epoch = 0, 0, 0
+        if target is not None:
+            load_dir, tag = target
+            logger.info("resuming from %s", load_dir / tag)
+            state = checkpoint.load(self.engine, load_dir, tag)
+            self.step = int(state["step"])
+            epoch, batch_in_epoch = int(state["data"]["epoch"]), int(state["data"]["batch_in_epoch"])
+            rngs = state.get("rng", [])
+            if len(rngs) == world.world_size:
+                checkpoint.set_rng_state(rngs[world.rank], world.device)
+            else:
+                logger.warning("resume: checkpoint from %d ranks, now %d; RNGs reseeded", len(rngs),
+                               world.world_size)
+                distributed.seed_all(cfg.run.seed + world.rank + world.world_size * self.step)
+            if self.train_stream.batches_per_epoch is None:  # resampled: a new draw instead of a replay
+                epoch, batch_in_epoch = self.step, 0
+        self.data = DataPosition(self.train_stream, epoch, batch_in_epoch)
+
+        if world.is_main:
+            (self.run_dir / "config.yaml").write_text(config.dump_yaml(cfg))
+            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        self.tracker = tracking.Tracker(self.run_dir, enabled=world.is_main, resume_step=self.step)
+        self.tracker.text("config", "\n".join("    " + line for line in config.dump_yaml(cfg).splitlines()))
+        d = self.derived
+        logger.info("%s: %d rank(s) on %s, %s, ZeRO-%d; global batch %d = %d per rank x %d accum x %d ranks; "
+                    "lr %.3g (base_lr %.3g per %d); %d steps (%d warmup)%s; run dir %s",
+                    self.job, world.world_size, world.device, d.precision, cfg.engine.zero_stage, d.global_batch,
+                    cfg.data.batch_size, cfg.engine.grad_accum, world.world_size, d.lr, cfg.optim.base_lr,
+                    config.LR_REFERENCE_BATCH, d.total_steps, d.warmup_steps,
+                    f", {d.batches_per_epoch} batches per epoch" if d.batches_per_epoch else "", self.run_dir)
+
+        self.peak = tracking.peak_flops(torch.cuda.get_device_name(world.device), d.precision) if world.on_gpu \
+            else None
+        self.flops_per_sample = self.task.flops_per_sample() if self.peak else None
+        self.fixed_batch = self._fixed_batch()
+
+    def _fixed_batch(self) -> dict[str, Any] | None:
+        """The batch the reconstruction pictures are drawn from: the first val batch, else the first train batch."""
+        stream = self.val_stream if self.val_stream is not None else self.train_stream
+        if stream is self.train_stream:
+            return None  # taken from the first training batch, not from an extra pass over the data
+        stream.set_epoch(0)
+        return to_device(next(iter(stream)), self.world.device, self.float_dtype)
+
+    # --- the loop ------------------------------------------------------------------------------------------
+
+    def lr_for(self, step: int) -> float:
+        d = self.derived
+        return engine_lib.lr_at(step, peak=d.lr, total=d.total_steps, warmup=d.warmup_steps,
+                                min_lr=self.cfg.optim.min_lr)
+
+    def train_step(self, window: Window, want_grad_norm: bool) -> float | None:
+        """One optimizer step over grad_accum micro-batches; the local grad norm when DeepSpeed computes none."""
+        engine, accum = self.engine, self.cfg.engine.grad_accum
+        engine_lib.set_lr(engine.optimizer, self.lr_for(self.step))
+        local_norm = None
+        for micro in range(accum):
+            wait0 = self.data.wait_s
+            batch = next(self.data)
+            window.wait_s += self.data.wait_s - wait0
+            batch = to_device(batch, self.world.device, self.float_dtype)
+            if self.fixed_batch is None:
+                self.fixed_batch = {k: v[:8].clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+            loss, metrics = self.task.training_step(engine, batch)
+            engine.backward(loss)
+            if want_grad_norm and micro == accum - 1 and self.cfg.engine.zero_stage == 0:
+                local_norm = engine_lib.local_grad_norm(engine.module)
+            engine.step()
+            window.add_metrics({"loss": float(loss.detach().float().item()), **metrics})
+        return local_norm
+
+    def log(self, window: Window, grad_norm: float | None) -> dict[str, float]:
+        """All-reduce the window's means over ranks and write them (rank 0). Collective."""
+        cfg, d, w = self.cfg, self.derived, self.world
+        keys = sorted(window.metrics)
+        n = max(1, window.micro_batches)
+        step_time = window.step_time_s / max(1, window.steps)
+        reduced = distributed.all_reduce_mean([window.metrics[k] / n for k in keys]
+                                              + [window.wait_s / max(window.step_time_s, 1e-9), step_time],
+                                              w.device)
+        means = dict(zip(keys, reduced[:len(keys)]))
+        wait_frac, step_time = reduced[len(keys):]
+        per_rank = cfg.data.batch_size * cfg.engine.grad_accum / step_time
+        values = {f"train/{k}": v for k, v in means.items()}
+        values.update({"train/lr": self.lr_for(self.step - 1), "train/epoch": self.data.epoch
+                       + self.data.batch_in_epoch / (d.batches_per_epoch or math.inf),
+                       "perf/images_per_s": per_rank * w.world_size, "perf/images_per_s_per_rank": per_rank,
+                       "perf/step_time_s": step_time, "perf/data_wait_frac": wait_frac})
+        engine_norm = engine_lib.grad_norm(self.engine)
+        norm = engine_norm if engine_norm is not None else grad_norm
+        if norm is not None:
+            values["train/grad_norm"] = norm
+        loss_scale = getattr(self.engine.optimizer, "loss_scale", None) if self.engine.fp16_enabled() else None
+        if loss_scale is not None:
+            values["train/loss_scale"] = float(loss_scale)
+        mem_tag, mem = tracking.memory_gib(w.device)
+        values[mem_tag] = mem
+        if self.peak and self.flops_per_sample:
+            values["perf/mfu"] = self.flops_per_sample * per_rank / self.peak
+        skipped: dict[str, int] = {}
+        for counts in distributed.all_gather_object(dict(self.train_stream.skipped)):
+            for reason, count in counts.items():
+                skipped[reason] = skipped.get(reason, 0) + count
+        values.update({f"data/skipped/{r}": float(c) for r, c in sorted(skipped.items())})
+        self.tracker.scalars(self.step, values)
+        self.tracker.progress(self.step, d.total_steps, values, eta_s=(d.total_steps - self.step) * step_time)
+        return values
+
+    def evaluate(self) -> dict[str, float]:
+        if self.val_stream is None:
+            return {}
+        t0 = time.perf_counter()
+        self.val_stream.set_epoch(0)
+        results = self.task.evaluate(self.engine, DeviceLoader(self.val_stream, self.world.device, self.float_dtype))
+        values = {f"val/{k.removeprefix('val_')}": float(v) for k, v in results.items()}
+        self.tracker.scalars(self.step, values)
+        logger.info("eval step %d: %s (%.1f s)", self.step, "  ".join(f"{k} {v:.4f}" for k, v in values.items()),
+                    time.perf_counter() - t0)
+        return values
+
+    def pictures(self) -> None:
+        if self.fixed_batch is not None:
+            self.tracker.images(self.step, self.task.images(self.engine, self.fixed_batch))
+
+    def client_state(self) -> dict[str, Any]:
+        return {"step": self.step,
+                "data": {"epoch": self.data.epoch, "batch_in_epoch": self.data.batch_in_epoch},
+                "world_size": self.world.world_size,
+                "rng": distributed.all_gather_object(checkpoint.rng_state(self.world.device)),
+                "config": self.cfg.to_dict()}
+
+    def save(self) -> Path:
+        t0 = time.perf_counter()
+        path = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.client_state(), keep=self.cfg.ckpt.keep,
+                               local_rank=self.world.local_rank)
+        logger.info("checkpoint %s (%.1f s)", path, time.perf_counter() - t0)
+        return path
+
+    def export(self) -> Path | None:
+        """Backbone from the consolidated fp32 weights: run_dir/export/backbone.safetensors + backbone.json."""
+        from safetensors.torch import save_file
+
+        state = engine_lib.full_state_dict(self.engine, self.world.is_main)
+        out_dir = self.run_dir / "export"
+        if self.world.is_main:
+            tensors, meta = self.task.export(state)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()},
+                      str(out_dir / "backbone.safetensors"))
+            (out_dir / "backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
+        distributed.barrier()
+        return out_dir
+
+    def run(self) -> int:
+        self.setup()
+        cfg, d, log_cfg = self.cfg, self.derived, self.cfg.log
+        start_step, t_start = self.step, time.perf_counter()
+        first_loss = last_values = None
+        saved_at = None
+        window = Window()
+        if self.step >= d.total_steps:
+            logger.info("run already at step %d of %d: nothing to train", self.step, d.total_steps)
+        while self.step < d.total_steps:
+            t0 = time.perf_counter()
+            log_now = (self.step + 1) % log_cfg.every == 0 or self.step + 1 == d.total_steps
+            local_norm = self.train_step(window, want_grad_norm=log_now)
+            self.step += 1
+            window.steps += 1
+            window.step_time_s += time.perf_counter() - t0
+            if log_now:
+                last_values = self.log(window, local_norm)
+                window = Window()
+                loss = last_values["train/loss"]
+                first_loss = loss if first_loss is None else first_loss
+                if not math.isfinite(loss):
+                    logger.error("loss is %s at step %d; stopping (lower optim.base_lr, or engine.grad_clip > 0)",
+                                 loss, self.step)
+                    return 1
+            last = self.step == d.total_steps
+            if self.val_stream is not None and log_cfg.eval_every and self.step % log_cfg.eval_every == 0 \
+                    and not last:
+                self.evaluate()
+            if log_cfg.images_every and self.step % log_cfg.images_every == 0 and not last:
+                self.pictures()
+            if cfg.ckpt.every and self.step % cfg.ckpt.every == 0 and not last:
+                self.save()
+                saved_at = self.step
+        final = self.evaluate()
+        self.pictures()
+        if saved_at != self.step:
+            self.save()
+        export_dir = self.export()
+        if self.world.is_main:
+            metrics = {k: v for k, v in {**(last_values or {}), **final}.items()
+                       if k in ("train/loss", "val/loss") or k.startswith("val/")}
+            hparams = {k: v for k, v in tracking.flatten(cfg.to_dict()).items() if v is not None}
+            self.tracker.hparams(hparams, metrics)
+        self.tracker.close()
+        elapsed = time.perf_counter() - t_start
+        steps_done = self.step - start_step
+        if first_loss is not None and last_values is not None:
+            logger.info("done: %d steps in %s; train loss %.4f -> %.4f%s", steps_done,
+                        tracking.format_duration(elapsed), first_loss, last_values["train/loss"],
+                        f"; val loss {final['val/loss']:.4f}" if "val/loss" in final else "")
+        logger.info("TensorBoard:  tensorboard --logdir %s", self.run_dir / "tb")
+        logger.info("checkpoint:   %s", self.ckpt_dir / checkpoint.tag_for(self.step))
+        logger.info("backbone:     %s (+ backbone.json)", export_dir / "backbone.safetensors")
+        logger.info("convert:      python launch/convert_checkpoint.py %s --out %s", self.run_dir,
+                    self.run_dir / "export")
+        return 0
