@@ -178,22 +178,44 @@ def test_precision_auto():
 
 def test_deepspeed_config_file_merges(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 2.0,
-                                "train_micro_batch_size_per_gpu": 32}))
+    path.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000, "stage": 1},
+                                "train_micro_batch_size_per_gpu": 32, "fp16": {"loss_scale_window": 100},
+                                "activation_checkpointing": {"partition_activations": False}}))
     cfg, args = parse("--deepspeed_config", str(path), "engine.zero_stage=1", "data.batch_size=32")
     config.resolve(cfg, job=JOB, preset="tiny", run_dir="x", world_size=1, batches_per_epoch=10, num_samples=None,
                    device="cpu", precision="fp32")
     merged = config.deep_merge(config.deepspeed_config(cfg, on_gpu=False), args.deepspeed_config)
     assert merged["zero_optimization"]["stage"] == 1 and merged["zero_optimization"]["reduce_bucket_size"] == 1000
-    assert merged["gradient_clipping"] == 2.0 and merged["data_types"]["grad_accum_dtype"] == "fp32"
+    assert merged["zero_optimization"]["contiguous_gradients"] is True  # deep: the generated keys stay
+    assert merged["fp16"]["loss_scale_window"] == 100 and merged["fp16"]["enabled"] is False
+    assert merged["activation_checkpointing"] == {"partition_activations": False}
+    assert merged["gradient_clipping"] == 0.0 and merged["data_types"]["grad_accum_dtype"] == "fp32"
 
-    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "scheduler": {"type": "WarmupLR"}}))
-    with pytest.raises(ConfigError, match="set data.batch_size instead") as info:
+
+@pytest.mark.parametrize("user,message", [
+    ({"train_micro_batch_size_per_gpu": 4}, "set data.batch_size instead"),
+    ({"gradient_accumulation_steps": 2}, "set engine.grad_accum instead"),
+    ({"zero_optimization": {"stage": 3}}, "set engine.zero_stage instead"),
+    ({"gradient_clipping": 1.0}, "set engine.grad_clip instead"),
+    ({"bf16": {"enabled": True}}, "set engine.precision instead"),
+    ({"train_batch_size": 256}, "train_batch_size"),
+    ({"scheduler": {"type": "WarmupLR"}}, "'scheduler' block"),
+    ({"optimizer": {"type": "Adam"}}, "'optimizer' block"),
+])
+def test_deepspeed_config_cannot_contradict_the_job(tmp_path, user, message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    with pytest.raises(ConfigError, match=message):
         parse("--deepspeed_config", str(path))
-    assert "scheduler" in str(info.value)
+
+
+def test_deepspeed_config_file_errors(tmp_path):
+    path = tmp_path / "ds.json"
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         parse("--deepspeed_config", str(path))
+    with pytest.raises(ConfigError, match="no such file"):
+        parse("--deepspeed_config", str(tmp_path / "missing.json"))
 
 
 def test_local_rank_is_accepted():

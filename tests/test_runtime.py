@@ -155,6 +155,13 @@ def test_single_process_run_then_resume(photo_shards, tmp_path, caplog):
                         weights_only=True)
     assert states["step"] == 8 and states["global_steps"] == 8 and states["data"]["batch_in_epoch"] == 8
 
+    # run.resume=PATH starts a new run dir from another run's checkpoint
+    assert main(tiny_run_args(photo_shards.url, tmp_path / "runs", **{"optim.max_steps": 9, "run.name": "branch",
+                                                                       "run.resume": ckpt_dir})) == 0
+    branch = tmp_path / "runs" / "pretrain_mae" / "branch"
+    assert [r["step"] for r in read_jsonl(branch / "metrics.jsonl") if "train/loss" in r] == [9]
+    assert (ckpt_dir / "latest").read_text().strip() == "step00000008"  # the source run is left alone
+
     # a checkpoint of another model is refused with a message, not a state-dict traceback
     caplog.clear()
     assert main(tiny_run_args(photo_shards.url, tmp_path / "runs", **{"optim.max_steps": 10, "run.resume": "auto",
@@ -168,13 +175,19 @@ def test_single_process_run_then_resume(photo_shards, tmp_path, caplog):
     assert len(aside) == 1 and (aside[0] / "checkpoints" / "step00000008").is_dir()
 
 
-def test_grad_accum_and_epochs(photo_shards, tmp_path):
-    """Epoch mode with accumulation: 32 samples / 4 per batch = 8 batches per epoch = 4 optimizer steps."""
+def test_grad_accum_and_epochs(photo_shards, tmp_path, caplog):
+    """Epoch mode with accumulation: 32 samples / 4 per batch = 8 batches per epoch = 4 optimizer steps.
+    Also: a --deepspeed_config file is merged into what DeepSpeed gets, and logged."""
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 12345}}))
     args = tiny_run_args(photo_shards.url, tmp_path, **{"optim.max_steps": 0, "optim.epochs": 1.5,
                                                         "optim.warmup_steps": 0, "engine.grad_accum": 2,
                                                         "data.val": "", "log.images_every": 0, "ckpt.every": 0})
-    assert main(args) == 0
+    assert main(["--deepspeed_config", str(ds_json)] + args) == 0
     run_dir = tmp_path / "pretrain_mae" / "t"
+    ds = json.loads((run_dir / "deepspeed_config.json").read_text())
+    assert ds["zero_optimization"] == {**ds["zero_optimization"], "stage": 1, "reduce_bucket_size": 12345}
+    assert any("zero_optimization.reduce_bucket_size" in r.getMessage() for r in caplog.records)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["derived"]["total_steps"] == 6 and cfg["derived"]["batches_per_epoch"] == 8
     assert cfg["derived"]["global_batch"] == 8

@@ -124,11 +124,11 @@ def resume_target(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     if (path / "latest").is_file():
         tag = latest_tag(path)
         if tag is None:
-            raise FileNotFoundError(f"run.resume={resume}: 'latest' names a checkpoint that is not there")
+            raise ConfigError(f"run.resume={resume}: 'latest' names a checkpoint that is not there")
         return path, tag
     if any((path / name).is_file() for name in MODEL_STATES):
         return path.parent, path.name
-    raise FileNotFoundError(f"run.resume={resume}: neither a checkpoints folder (with 'latest') nor a checkpoint")
+    raise ConfigError(f"run.resume={resume}: neither a checkpoints folder (with 'latest') nor a checkpoint folder")
 
 
 def check_resumable(tag_dir: Path, cfg: dict[str, Any], world_size: int) -> None:

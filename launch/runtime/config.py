@@ -389,7 +389,8 @@ def check(cfg: JobConfig) -> None:
         url = getattr(cfg.data, key)
         missing = missing_local_path(url)
         if missing:
-            errors.append(f"data.{key}={url} does not exist" if missing == url else f"data.{key}={url}: {missing} does not exist")
+            where = "" if missing == url else f": {missing}"
+            errors.append(f"data.{key}={url}{where} does not exist")
     if cfg.run.resume not in ("auto", "none") and not Path(cfg.run.resume).exists():
         errors.append(f"run.resume={cfg.run.resume}: no such checkpoint directory (or use auto | none)")
     if errors:
@@ -481,19 +482,28 @@ def load_deepspeed_json(path: str) -> dict[str, Any]:
 
 
 def check_deepspeed_overrides(cfg: JobConfig, user: dict[str, Any]) -> None:
-    """Refuse user DeepSpeed keys that would disagree with the job config (batch, accumulation, lr schedule)."""
+    """Refuse user DeepSpeed keys that the job config owns (batch, accumulation, ZeRO stage, precision, clipping,
+    optimizer, lr schedule): the run's config.yaml must stay the truth. Everything else merges."""
     errors = []
-    owned = {"train_micro_batch_size_per_gpu": ("data.batch_size", cfg.data.batch_size),
-             "gradient_accumulation_steps": ("engine.grad_accum", cfg.engine.grad_accum)}
-    for ds_key, (key, value) in owned.items():
-        if ds_key in user and user[ds_key] != value:
-            errors.append(f"--deepspeed_config sets {ds_key}={user[ds_key]} but {key}={value}; set {key} instead")
+    owned = {("train_micro_batch_size_per_gpu",): ("data.batch_size", cfg.data.batch_size),
+             ("gradient_accumulation_steps",): ("engine.grad_accum", cfg.engine.grad_accum),
+             ("gradient_clipping",): ("engine.grad_clip", cfg.engine.grad_clip),
+             ("zero_optimization", "stage"): ("engine.zero_stage", cfg.engine.zero_stage)}
+    for path, (key, value) in owned.items():
+        node: Any = user
+        for part in path:
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        if node is not KeyError and node != value:
+            errors.append(f"--deepspeed_config sets {'.'.join(path)}={node} but {key}={value}; set {key} instead")
+    for block in ("bf16", "fp16"):
+        if isinstance(user.get(block), dict) and "enabled" in user[block]:
+            errors.append(f"--deepspeed_config sets {block}.enabled; set engine.precision instead")
     if "train_batch_size" in user:
         errors.append("--deepspeed_config sets train_batch_size; set data.batch_size (per rank) and "
                       "engine.grad_accum instead")
-    for ds_key in ("optimizer", "scheduler"):
-        if ds_key in user:
-            errors.append(f"--deepspeed_config has a '{ds_key}' block; the job builds AdamW and sets the "
+    for block in ("optimizer", "scheduler"):
+        if block in user:
+            errors.append(f"--deepspeed_config has a '{block}' block; the job builds AdamW and sets the "
                           "warmup-cosine lr itself (optim.*)")
     if errors:
         raise ConfigError("; ".join(errors))

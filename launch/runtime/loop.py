@@ -35,6 +35,7 @@ def run_job(*, job: str, task_config: type, build_task: Callable[[Any], Any], ar
         # before any process group: one paragraph, no traceback
         logger.error("%s: config error: %s (see --help)", job, e)
         return 2
+    threads = torch.get_num_threads()
     world = distributed.init()
     tracking.setup_logging(world.rank)
     try:
@@ -47,6 +48,7 @@ def run_job(*, job: str, task_config: type, build_task: Callable[[Any], Any], ar
         return 1
     finally:
         distributed.shutdown(world)
+        torch.set_num_threads(threads)  # share_cpu_cores may have changed it; a caller's process keeps its own
 
 
 class DataError(RuntimeError):
@@ -100,12 +102,14 @@ class DataPosition:
 
     def __next__(self) -> dict[str, Any]:
         t0 = time.perf_counter()
+        per_epoch = self.stream.batches_per_epoch
         if self._it is None:
+            if per_epoch is not None and self.batch_in_epoch >= per_epoch:  # resumed at the end of an epoch
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             skip = 0 if self.resampled else self.batch_in_epoch
             if skip:
                 logger.info("data: skipping %d consumed batches of epoch %d", skip, self.epoch)
             self._start_epoch(skip)
-        per_epoch = self.stream.batches_per_epoch
         if per_epoch is not None and self.batch_in_epoch >= per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self._start_epoch(0)

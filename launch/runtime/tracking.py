@@ -96,7 +96,8 @@ class Tracker:
                 rows = [r for r in jsonl.read_text().splitlines() if r and json.loads(r)["step"] <= resume_step]
                 jsonl.write_text("".join(r + "\n" for r in rows))
             # purge_step: TensorBoard hides what the earlier run logged after the resume step
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tb"),
+                                        purge_step=resume_step + 1 if resume_step else None)
             self._jsonl = open(jsonl, "a", buffering=1)
 
     def text(self, tag: str, text: str) -> None:
