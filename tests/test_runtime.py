@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -142,6 +143,8 @@ def test_single_process_run_then_resume(photo_shards, tmp_path, caplog):
     assert not any(k.startswith(("decoder", "mask_token")) for k in backbone)
     torch.testing.assert_close(backbone["patch_embed.proj.weight"],
                                states["module"]["patch_embed.proj.weight"].float())
+    vit = timm.create_model(meta["architecture"], pretrained=False, **meta["model_kwargs"])
+    vit.load_state_dict(backbone, strict=True)  # the contract with finetuning: a timm ViT, every key matched
 
     # run.resume=auto continues from step 6 to 8: same data position, RNG, and metrics rows kept
     caplog.clear()
