@@ -300,23 +300,27 @@ class ShardBatchDataset(IterableDataset):
 
     def _resampled_batches(self, worker: int, skips: SkipTracker) -> Iterator[dict[str, Any]]:
         shard_rng = random.Random(f"resampled-{self.seed}-{self.epoch}-{self.rank}-{worker}")
-        # Reads (shard draws + raw samples) allowed without one usable sample before the data is declared unusable:
-        # about three passes over the dataset, plus the shuffle buffer's fill.
+        # Raw samples allowed without one usable sample before the data is declared unusable: the shuffle buffer's
+        # fill plus about three passes over the dataset. Shards that hold no sample at all are counted apart
+        # (three consecutive rounds of empty draws), so tiny datasets with a large buffer are not misjudged.
         num_samples = sum(shard.samples for shard in self.shards)
-        limit = self.shuffle_buffer + 3 * (num_samples + len(self.shards))
+        limit = self.shuffle_buffer + 3 * num_samples
         reads_since_usable = [0]
 
         def draws() -> Iterator[dict]:
+            empty_draws = 0
             while True:
                 shard = shard_rng.choice(self.shards)
-                reads_since_usable[0] += 1
+                read_any = False
                 for sample in self.reader.samples(shard, skips):
+                    read_any = True
                     reads_since_usable[0] += 1
                     yield sample
-                if reads_since_usable[0] > limit:
+                empty_draws = 0 if read_any else empty_draws + 1
+                if reads_since_usable[0] > limit or empty_draws > 3 * len(self.shards):
                     raise RuntimeError(
-                        f"rank {self.rank} worker {worker} found no usable sample in {reads_since_usable[0]} reads "
-                        f"from {len(self.shards)} shard(s) drawn with replacement; skipped: {dict(skips.total)}. "
+                        f"rank {self.rank} worker {worker} found no usable sample in {reads_since_usable[0]} samples "
+                        f"read from {len(self.shards)} shard(s) drawn with replacement; skipped: {dict(skips.total)}. "
                         f"Check the data with: python -m data_pipeline.inspect URL --verify")
 
         def usable() -> None:

@@ -174,6 +174,14 @@ def test_resampled_streams_differ_per_rank_and_worker(uneven_dataset):
     assert rank0 != first_batches(0, epoch=1)
 
 
+def test_resampled_small_dataset_with_a_large_shuffle_buffer(shard_factory):
+    """Filling a buffer larger than the dataset re-reads shards many times; that is not 'unusable data'."""
+    dataset = shard_factory.classification(sizes=(4, 4))
+    stream = build_stream(dataset.url, to_item, batch_size=4, num_workers=0, mode="resampled", shuffle_buffer=1000)
+    batch = next(iter(stream))
+    assert len(batch["key"]) == 4
+
+
 def test_bad_samples_are_skipped_and_counted(bad_dataset):
     stream = build_stream(bad_dataset.url, to_item_failing_on_some, batch_size=2, num_workers=2, train=False,
                           required=("image", "cls"))
