@@ -255,7 +255,9 @@ class MAETask:
 
         self.cfg = cfg
         self.model = MaskedAutoencoderViT(cfg)
-        self.train_transform: Callable[[dict], dict] = MAETrainTransform(cfg.img_size)
+        # uint8 crops cross the worker -> main -> device boundary (4x fewer bytes than float32, the largest data
+        # throughput gain measured in bench/RESULTS.md); they are normalised on the device in `pixels`.
+        self.train_transform: Callable[[dict], dict] = MAETrainTransform(cfg.img_size, normalize=False)
         self.eval_transform: Callable[[dict], dict] = EvalTransform(cfg.img_size)
         self.mean = IMAGENET_DEFAULT_MEAN  # what both transforms normalise with; images() undoes it
         self.std = IMAGENET_DEFAULT_STD
@@ -290,8 +292,17 @@ class MAETask:
             {"params": decay, "weight_decay": WEIGHT_DECAY},
         ]
 
+    def pixels(self, images: Tensor) -> Tensor:
+        """Normalised float images: uint8 [N, 3, H, W] (0..255) are scaled and normalised here, on their device;
+        floating images (the eval transform's) are already normalised and pass through."""
+        if images.is_floating_point():
+            return images
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1) * 255.0
+        return (images.float() - mean) / std
+
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        loss, _, _ = model(batch["image"])
+        loss, _, _ = model(self.pixels(batch["image"]))
         return loss, {"loss": loss.detach().item()}
 
     def _eval_noise(self, generator: torch.Generator, n: int, device: torch.device) -> Tensor:
@@ -310,7 +321,7 @@ class MAETask:
         generator = torch.Generator().manual_seed(EVAL_NOISE_SEED)
         total = count = None
         for batch in loader:
-            imgs = batch["image"]
+            imgs = self.pixels(batch["image"])
             _, pred, mask = model(imgs, noise=self._eval_noise(generator, imgs.shape[0], imgs.device))
             loss = per_patch_loss(imgs, pred, self.cfg.patch_size, self.cfg.norm_pix_loss)  # [N, L]
             per_sample = (loss * mask).sum(dim=1) / mask.sum(dim=1)  # [N]
@@ -337,7 +348,7 @@ class MAETask:
         patch's mean and variance (as MAE's visualisation does), so colour and brightness of removed patches are
         borrowed from the original and only their structure is the model's.
         """
-        imgs = batch["image"][:NUM_VIS_IMAGES]
+        imgs = self.pixels(batch["image"][:NUM_VIS_IMAGES])
         was_training = model.training
         model.eval()
         noise = self._eval_noise(torch.Generator().manual_seed(EVAL_NOISE_SEED), imgs.shape[0], imgs.device)

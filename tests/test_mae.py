@@ -317,3 +317,18 @@ def test_preset_parameter_counts_match_transformers(name):
 
 def test_default_config_is_tiny_preset():
     assert MAEConfig() == MAEConfig(**MAE_ARCHS["tiny"])
+
+
+def test_uint8_batches_are_normalised_on_the_device_like_the_float_transform():
+    """The train stream ships uint8 crops; `pixels` must give what the float transform's Normalize gives."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    task = MAETask(MAEConfig(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, decoder_embed_dim=16,
+                             decoder_depth=1, decoder_num_heads=2))
+    assert task.train_transform.normalize is False
+    raw = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(task.pixels(raw), (raw.float() / 255 - mean) / std, rtol=1e-5, atol=1e-5)
+    already = torch.randn(2, 3, 16, 16)
+    assert task.pixels(already) is already
