@@ -82,14 +82,18 @@ def encoder_to_timm(
     return out
 
 
-def timm_architecture(img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int) -> str:
-    """The registered timm ViT whose defaults equal this geometry (e.g. "vit_base_patch16_224"), else a generic one."""
+def timm_architecture(img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
+                      template: str = "vit_{size}_patch{patch}_{img}", generic: str = GENERIC_ARCHITECTURE) -> str:
+    """The registered timm model whose defaults equal this geometry (e.g. "vit_base_patch16_224"), else `generic`.
+
+    `template` names another family with the same sizes, e.g. "deit_{size}_distilled_patch{patch}_{img}".
+    """
     size = TIMM_VIT_SIZES.get((embed_dim, depth, num_heads))
     if size is not None:
-        name = f"vit_{size}_patch{patch_size}_{img_size}"
+        name = template.format(size=size, patch=patch_size, img=img_size)
         if timm.is_model(name):
             return name
-    return GENERIC_ARCHITECTURE
+    return generic
 
 
 def vit_config(

@@ -1,0 +1,26 @@
+"""The jobs this project runs, by the name the runtime records in a checkpoint (`config["derived"]["job"]`).
+
+Tools that start from a checkpoint rather than a command line (launch/convert_checkpoint.py) look the job up here to
+rebuild its task from the saved `model.*` section. A new job adds one entry.
+"""
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from torch import Tensor, nn
+
+from pretrain.mae import MAE_ARCHS, MAEConfig, MAETask
+from pretrain.reference_checkpoints import mae_encoder_features
+
+
+class Job(NamedTuple):
+    task_config: type                          # the model.* dataclass (MAEConfig, ...)
+    build_task: Callable[[Any], Any]           # task_config instance -> Task
+    archs: dict[str, dict[str, Any]] | None    # named architectures (model.arch=NAME), or None
+    # task.model, imgs [N, C, H, W] -> encoder features [N, T, D] equal to the exported timm model's forward_features;
+    # None: the converter cannot compare features for this job
+    encoder_features: Callable[[nn.Module, Tensor], Tensor] | None = None
+
+
+JOBS: dict[str, Job] = {
+    "pretrain_mae": Job(MAEConfig, MAETask, MAE_ARCHS, mae_encoder_features),
+}
