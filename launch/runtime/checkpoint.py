@@ -25,6 +25,8 @@ from launch.runtime.config import ConfigError
 logger = logging.getLogger(__name__)
 
 TAG_PATTERN = re.compile(r"^step(\d+)$")
+# The checkpoint ckpt.best_metric keeps: never pruned (not a step tag), never named by `latest`.
+BEST_TAG = "best"
 # The file holding module weights and client state: one per checkpoint, or one per rank under ZeRO-3.
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
@@ -68,10 +70,14 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], *, keep: int,
-         local_rank: int) -> Path:
-    """Save on ALL ranks (DeepSpeed's collective save), then prune to the `keep` newest (0 = keep all)."""
-    tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
+         local_rank: int, tag: str | None = None) -> Path:
+    """Save on ALL ranks (DeepSpeed's collective save), then prune to the `keep` newest (0 = keep all).
+
+    `tag` names a checkpoint outside the step sequence (BEST_TAG): `latest` is left pointing where it was.
+    """
+    named = tag is not None
+    tag = tag or tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=not named)
     distributed.barrier()
     if keep > 0 and local_rank == 0:
         prune(ckpt_dir, keep)

@@ -64,6 +64,10 @@ class OptimConfig:
     epochs: float = 0.0                 # converted with the stream's batches_per_epoch
     warmup_steps: int = 0               # linear warmup, optimizer steps; when > 0 it wins over `warmup_epochs`
     warmup_epochs: float = 0.0
+    # adamw: torch AdamW (betas, eps); lars: timm's LARS (momentum, trust coefficient 0.001; MAE's linear probe),
+    # which normalises whole tensors and so needs engine.zero_stage=0; sgd: torch SGD with momentum
+    optimizer: Literal["adamw", "lars", "sgd"] = "adamw"
+    momentum: float = 0.9              # lars and sgd only
 
 
 @dataclass(kw_only=True)
@@ -81,12 +85,17 @@ class LogConfig:
     every: int = 10          # steps between console lines, TensorBoard scalars and metrics.jsonl rows
     eval_every: int = 0      # steps between validations (data.val set); 0 = only at the end
     images_every: int = 0    # steps between reconstruction grids; 0 = only at the end
+    eval_every_epoch: bool = False   # also validate at the end of every epoch of data.train (MAE's finetuning)
 
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
     every: int = 1000        # steps between checkpoints; one is always written at the end
     keep: int = 3            # newest checkpoints kept; 0 = keep all
+    # a validation metric ("top1" or "val/top1"); each evaluation that improves it saves checkpoints/best and
+    # exports the weights to export_best/ (backbone.json records the metric and step); "" = off
+    best_metric: str = ""
+    best_mode: Literal["max", "min"] = "max"
 
 
 @dataclass(kw_only=True)
@@ -375,7 +384,8 @@ def check(cfg: JobConfig) -> None:
     non_negative = {"optim.base_lr": cfg.optim.base_lr, "optim.lr": cfg.optim.lr, "optim.min_lr": cfg.optim.min_lr,
                     "optim.weight_decay": cfg.optim.weight_decay, "optim.max_steps": cfg.optim.max_steps,
                     "optim.epochs": cfg.optim.epochs, "optim.warmup_steps": cfg.optim.warmup_steps,
-                    "optim.warmup_epochs": cfg.optim.warmup_epochs, "engine.grad_clip": cfg.engine.grad_clip,
+                    "optim.warmup_epochs": cfg.optim.warmup_epochs, "optim.momentum": cfg.optim.momentum,
+                    "engine.grad_clip": cfg.engine.grad_clip,
                     "log.eval_every": cfg.log.eval_every, "log.images_every": cfg.log.images_every,
                     "ckpt.every": cfg.ckpt.every, "ckpt.keep": cfg.ckpt.keep, "data.num_workers": cfg.data.num_workers}
     errors += [f"{k}={v} must be >= 0" for k, v in non_negative.items() if v < 0]
@@ -391,6 +401,9 @@ def check(cfg: JobConfig) -> None:
         if missing:
             where = "" if missing == url else f": {missing}"
             errors.append(f"data.{key}={url}{where} does not exist")
+    if cfg.optim.optimizer == "lars" and cfg.engine.zero_stage != 0:
+        errors.append(f"optim.optimizer=lars needs engine.zero_stage=0 (LARS scales each tensor by its own norm; ZeRO "
+                      f"{cfg.engine.zero_stage} flattens and partitions the parameter groups)")
     if cfg.run.resume not in ("auto", "none") and not Path(cfg.run.resume).exists():
         errors.append(f"run.resume={cfg.run.resume}: no such checkpoint directory (or use auto | none)")
     if errors:
@@ -426,7 +439,7 @@ def missing_local_path(url: str) -> str | None:
 
 # --- command line -----------------------------------------------------------------------------------------------
 
-def _help_epilog(task_config: type, archs: dict | None) -> str:
+def _help_epilog(task_config: type, archs: dict | None, aliases: dict[str, str] | None = None) -> str:
     lines = ["keys (section.field=value; defaults before the preset):"]
     for name, cls in sections(task_config).items():
         for f in dataclasses.fields(cls):
@@ -435,28 +448,33 @@ def _help_epilog(task_config: type, archs: dict | None) -> str:
                          if default != "(required)" else f"  {name}.{f.name}  (required)")
     if archs:
         lines.append(f"  model.arch = one of {', '.join(archs)} (sets the model's architecture fields)")
+    for short, key in (aliases or {}).items():
+        lines.append(f"  {short}=VALUE is short for {key}=VALUE")
     return "\n".join(lines)
 
 
 def parse_args(job: str, task_config: type, argv: list[str] | None = None,
-               archs: dict[str, dict] | None = None) -> tuple[JobConfig, ParsedArgs]:
+               archs: dict[str, dict] | None = None,
+               aliases: dict[str, str] | None = None) -> tuple[JobConfig, ParsedArgs]:
     """Command line -> validated JobConfig (not yet resolved) and the launcher's arguments.
 
-    Raises ConfigError for anything wrong in the configuration; argparse itself exits 2 on malformed flags.
+    `aliases` maps short command-line keys to full ones (finetune_cls: {"mode": "model.mode"}, so `mode=linprobe`
+    works). Raises ConfigError for anything wrong in the configuration; argparse itself exits 2 on malformed flags.
     """
     parser = argparse.ArgumentParser(
         prog=f"{job}", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"{job}: key=value overrides over a preset (launch/presets/{job}/*.yaml).",
-        epilog=_help_epilog(task_config, archs))
+        epilog=_help_epilog(task_config, archs, aliases))
     parser.add_argument("--preset", default=DEFAULT_PRESET, help="preset name or YAML path (default: %(default)s)")
     parser.add_argument("--deepspeed_config", default="", help="DeepSpeed JSON merged over the generated config")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; unused "
                         "(ranks come from LOCAL_RANK/RANK)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after --preset
 
     path = preset_path(job, args.preset)
-    items = load_preset(path) + [parse_override(o) for o in args.overrides]
+    overrides = [parse_override(o) for o in args.overrides]
+    items = load_preset(path) + [((aliases or {}).get(k, k), v) for k, v in overrides]
     cfg = build(task_config, items, archs)
     preset = path.stem if path.parent == PRESETS_DIR / job else str(path)
     if not cfg.run.name:

@@ -144,6 +144,14 @@ def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DeepSpeed, unlike DDP, never syncs them,
+    so each rank's statistics follow its own data; evaluation uses rank 0's, the ones checkpoints and exports hold."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]

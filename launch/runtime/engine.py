@@ -1,6 +1,7 @@
 """The DeepSpeed engine around a task's model, its AdamW, and the per-step learning rate.
 
-DeepSpeed gets a client optimizer (torch AdamW on the task's parameter groups, fused on CUDA) and no scheduler:
+DeepSpeed gets a client optimizer (optim.optimizer: torch AdamW on the task's parameter groups, fused on CUDA; or
+timm's LARS / torch SGD) and no scheduler:
 the runtime sets the lr of every param group before each optimizer step (linear warmup, then half-cycle cosine
 to min_lr, per iteration as MAE's `lr_sched.adjust_learning_rate`), scaled by the group's `lr_scale` (layer
 decay in finetuning). Under ZeRO the wrapper's `param_groups` are the real optimizer's groups, so setting them
@@ -62,9 +63,24 @@ def param_groups(task_groups: list[dict], weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
-                    weight_decay: float, on_gpu: bool) -> torch.optim.AdamW:
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                             **({"fused": True} if on_gpu else {}))
+                    weight_decay: float, on_gpu: bool, name: str = "adamw",
+                    momentum: float = 0.9) -> torch.optim.Optimizer:
+    """The client optimizer DeepSpeed steps: AdamW (fused on CUDA), timm's LARS or SGD with momentum.
+
+    LARS (You et al. 2017; MAE's linear probe, util/lars.py) multiplies each tensor's update by
+    0.001 * |w| / |g| where the group has weight decay or sets `always_adapt` (MAE adapts every >= 2-D tensor
+    and no 1-D one); timm's implementation equals MAE's when the decay is 0.
+    """
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                 **({"fused": True} if on_gpu else {}))
+    if name == "lars":
+        from timm.optim import Lars
+
+        return Lars(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coeff=0.001)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r} (adamw | lars | sgd)")
 
 
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> Any:

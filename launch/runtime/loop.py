@@ -5,6 +5,16 @@ epoch boundaries), tensors moved to the device, `task.training_step(engine, batc
 `engine.step()` (DeepSpeed steps the optimizer at the accumulation boundary). The lr for that boundary is set
 before its first micro-batch. Every rank runs the same collectives in the same order: logging all-reduces,
 evaluation, reconstruction pictures (a forward, which ZeRO-3 needs on all ranks), checkpoints and the export.
+
+Optional task hooks (a task without them runs unchanged):
+    on_dataset(metadata)        the train set's index.json metadata, before the engine is built; a ValueError
+                                is a configuration error (exit 2), e.g. a class count that does not match
+    after_step(model, step)     after each optimizer step (step counts from 1), e.g. an EMA of the weights
+    extra_state() -> dict       tensors and plain values saved in every checkpoint's client state (EMA weights),
+    load_extra_state(state)     and given back on resume
+Evaluation runs every `log.eval_every` steps, at the end of every epoch with `log.eval_every_epoch`, and at the
+end. With `ckpt.best_metric`, each evaluation that improves that metric saves checkpoints/best and exports the
+weights to export_best/.
 """
 from __future__ import annotations
 
@@ -26,11 +36,14 @@ logger = logging.getLogger(__name__)
 
 
 def run_job(*, job: str, task_config: type, build_task: Callable[[Any], Any], argv: list[str] | None = None,
-            archs: dict[str, dict] | None = None) -> int:
-    """Parse the command line and run the job; returns the process exit code (0 ok, 2 config error, 1 failure)."""
+            archs: dict[str, dict] | None = None, aliases: dict[str, str] | None = None) -> int:
+    """Parse the command line and run the job; returns the process exit code (0 ok, 2 config error, 1 failure).
+
+    `aliases`: short command-line keys for full ones, e.g. {"mode": "model.mode"}.
+    """
     tracking.setup_logging(distributed.rank_from_env())
     try:
-        cfg, args = config.parse_args(job, task_config, argv, archs)
+        cfg, args = config.parse_args(job, task_config, argv, archs, aliases)
     except ConfigError as e:
         # before any process group: one paragraph, no traceback
         logger.error("%s: config error: %s (see --help)", job, e)
@@ -201,6 +214,11 @@ class Trainer:
         self.train_stream = self._build_stream(cfg.data.train, self.task.train_transform, train=True)
         self.val_stream = (self._build_stream(cfg.data.val, self.task.eval_transform, train=False)
                            if cfg.data.val else None)
+        if hasattr(self.task, "on_dataset"):
+            try:
+                self.task.on_dataset(dict(self.train_stream.metadata))
+            except ValueError as e:
+                raise ConfigError(f"data.train={cfg.data.train}: {e}") from None
         precision = config.resolve_precision(cfg.engine.precision, world.on_gpu,
                                              world.on_gpu and torch.cuda.is_bf16_supported())
         self.derived = config.resolve(cfg, job=self.job, preset=self.args.preset, run_dir=str(self.run_dir),
@@ -221,10 +239,13 @@ class Trainer:
         o = cfg.optim
         groups = engine_lib.param_groups(self.task.param_groups(), o.weight_decay)
         optimizer = engine_lib.build_optimizer(groups, lr=self.derived.lr, betas=o.betas, eps=o.eps,
-                                               weight_decay=o.weight_decay, on_gpu=world.on_gpu)
+                                               weight_decay=o.weight_decay, on_gpu=world.on_gpu, name=o.optimizer,
+                                               momentum=o.momentum)
         self.engine = engine_lib.initialize(self.task.model, optimizer, ds_config)
 
         self.step, epoch, batch_in_epoch = 0, 0, 0
+        self.best: dict[str, Any] | None = None   # {"metric", "value", "step"} of the best evaluation so far
+        self._best_missing_warned = False
         if target is not None:
             load_dir, tag = target
             logger.info("resuming from %s", load_dir / tag)
@@ -240,7 +261,11 @@ class Trainer:
                 distributed.seed_all(cfg.run.seed + world.rank + world.world_size * self.step)
             if self.train_stream.batches_per_epoch is None:  # resampled: a new draw instead of a replay
                 epoch, batch_in_epoch = self.step, 0
+            if "task" in state and hasattr(self.task, "load_extra_state"):
+                self.task.load_extra_state(state["task"])
+            self.best = state.get("best") or None
         self.data = DataPosition(self.train_stream, epoch, batch_in_epoch)
+        self._epochs_evaluated = self.epochs_completed()
 
         if world.is_main:
             (self.run_dir / "config.yaml").write_text(config.dump_yaml(cfg))
@@ -269,6 +294,26 @@ class Trainer:
         return to_device(next(iter(stream)), self.world.device, self.float_dtype)
 
     # --- the loop ------------------------------------------------------------------------------------------
+
+    def epochs_completed(self) -> int:
+        """Whole epochs of data.train consumed so far. A resampled stream has no epochs of its own: there an epoch
+        is num_samples / (batch_size x world_size) micro-batches, as for optim.epochs."""
+        per_epoch = self.train_stream.batches_per_epoch
+        if per_epoch is not None:
+            return self.data.epoch + (1 if self.data.batch_in_epoch >= per_epoch else 0)
+        micro = max(1, (self.train_stream.num_samples or 0) // (self.cfg.data.batch_size * self.world.world_size))
+        return self.step * self.cfg.engine.grad_accum // micro
+
+    def eval_due(self) -> bool:
+        """Whether this step ends a validation interval (log.eval_every steps, or an epoch with eval_every_epoch)."""
+        every = self.cfg.log.eval_every
+        due = bool(every) and self.step % every == 0
+        if self.cfg.log.eval_every_epoch:
+            done = self.epochs_completed()
+            if done > self._epochs_evaluated:
+                self._epochs_evaluated = done
+                due = True
+        return due
 
     def lr_for(self, step: int) -> float:
         d = self.derived
@@ -336,24 +381,57 @@ class Trainer:
         if self.val_stream is None:
             return {}
         t0 = time.perf_counter()
+        distributed.broadcast_buffers(self.engine.module)
         self.val_stream.set_epoch(0)
         results = self.task.evaluate(self.engine, DeviceLoader(self.val_stream, self.world.device, self.float_dtype))
         values = {f"val/{k.removeprefix('val_')}": float(v) for k, v in results.items()}
         self.tracker.scalars(self.step, values)
         logger.info("eval step %d: %s (%.1f s)", self.step, "  ".join(f"{k} {v:.4f}" for k, v in values.items()),
                     time.perf_counter() - t0)
+        self.keep_best(values)
         return values
+
+    def keep_best(self, values: dict[str, float]) -> None:
+        """With ckpt.best_metric: when `values` improve it, save checkpoints/best and export to export_best/.
+
+        Collective (every rank holds the same all-reduced values, so all take the same branch).
+        """
+        name = self.cfg.ckpt.best_metric
+        if not name:
+            return
+        key = "val/" + name.removeprefix("val/").removeprefix("val_")
+        if key not in values:
+            if not self._best_missing_warned:
+                logger.warning("ckpt.best_metric=%s: the evaluation reports no %s (it has %s); no best checkpoint",
+                               name, key, ", ".join(values))
+                self._best_missing_warned = True
+            return
+        value = values[key]
+        if self.best is not None and self.best["metric"] == key:  # a resumed run may select by another metric
+            better = value > self.best["value"] if self.cfg.ckpt.best_mode == "max" else value < self.best["value"]
+            if not better:
+                return
+        self.best = {"metric": key, "value": value, "step": self.step}
+        path = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.client_state(), keep=0,
+                               local_rank=self.world.local_rank, tag=checkpoint.BEST_TAG)
+        out = self.export(self.run_dir / "export_best", extra={"best": self.best})
+        logger.info("best %s %.4f at step %d: %s, %s", key, value, self.step, path, out)
 
     def pictures(self) -> None:
         if self.fixed_batch is not None:
             self.tracker.images(self.step, self.task.images(self.engine, self.fixed_batch))
 
     def client_state(self) -> dict[str, Any]:
-        return {"step": self.step,
-                "data": {"epoch": self.data.epoch, "batch_in_epoch": self.data.batch_in_epoch},
-                "world_size": self.world.world_size,
-                "rng": distributed.all_gather_object(checkpoint.rng_state(self.world.device)),
-                "config": self.cfg.to_dict()}
+        state = {"step": self.step,
+                 "data": {"epoch": self.data.epoch, "batch_in_epoch": self.data.batch_in_epoch},
+                 "world_size": self.world.world_size,
+                 "rng": distributed.all_gather_object(checkpoint.rng_state(self.world.device)),
+                 "config": self.cfg.to_dict()}
+        if self.best is not None:
+            state["best"] = dict(self.best)
+        if hasattr(self.task, "extra_state"):
+            state["task"] = self.task.extra_state()
+        return state
 
     def save(self) -> Path:
         t0 = time.perf_counter()
@@ -362,14 +440,16 @@ class Trainer:
         logger.info("checkpoint %s (%.1f s)", path, time.perf_counter() - t0)
         return path
 
-    def export(self) -> Path | None:
-        """Backbone from the consolidated fp32 weights: run_dir/export/backbone.safetensors + backbone.json."""
+    def export(self, out_dir: Path | None = None, extra: dict[str, Any] | None = None) -> Path:
+        """Backbone from the consolidated fp32 weights: out_dir (run_dir/export) / backbone.safetensors +
+        backbone.json, with `extra` added to the json. Collective."""
         from safetensors.torch import save_file
 
         state = engine_lib.full_state_dict(self.engine, self.world.is_main)
-        out_dir = self.run_dir / "export"
+        out_dir = out_dir or self.run_dir / "export"
         if self.world.is_main:
             tensors, meta = self.task.export(state)
+            meta = {**meta, **(extra or {})}
             out_dir.mkdir(parents=True, exist_ok=True)
             save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()},
                       str(out_dir / "backbone.safetensors"))
@@ -391,6 +471,8 @@ class Trainer:
             log_now = (self.step + 1) % log_cfg.every == 0 or self.step + 1 == d.total_steps
             local_norm = self.train_step(window, want_grad_norm=log_now)
             self.step += 1
+            if hasattr(self.task, "after_step"):
+                self.task.after_step(self.engine, self.step)
             window.steps += 1
             window.step_time_s += time.perf_counter() - t0
             if log_now:
@@ -403,8 +485,7 @@ class Trainer:
                                  loss, self.step)
                     return 1
             last = self.step == d.total_steps
-            if self.val_stream is not None and log_cfg.eval_every and self.step % log_cfg.eval_every == 0 \
-                    and not last:
+            if self.eval_due() and self.val_stream is not None and not last:
                 self.evaluate()
             if log_cfg.images_every and self.step % log_cfg.images_every == 0 and not last:
                 self.pictures()
@@ -427,7 +508,10 @@ class Trainer:
         if first_loss is not None and last_values is not None:
             logger.info("done: %d steps in %s; train loss %.4f -> %.4f%s", steps_done,
                         tracking.format_duration(elapsed), first_loss, last_values["train/loss"],
-                        f"; val loss {final['val/loss']:.4f}" if "val/loss" in final else "")
+                        "".join(f"; {k} {v:.4f}" for k, v in final.items()))
+        if self.best is not None:
+            logger.info("best:         %s %.4f at step %d (checkpoints/%s, %s)", self.best["metric"],
+                        self.best["value"], self.best["step"], checkpoint.BEST_TAG, self.run_dir / "export_best")
         logger.info("TensorBoard:  tensorboard --logdir %s", self.run_dir / "tb")
         logger.info("checkpoint:   %s", self.ckpt_dir / checkpoint.tag_for(self.step))
         logger.info("backbone:     %s (+ backbone.json)", export_dir / "backbone.safetensors")

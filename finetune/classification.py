@@ -1,0 +1,502 @@
+"""Image classification on a timm model: end-to-end finetuning (MAE / BEiT recipe) or a linear probe.
+
+Finetuning (He et al. 2021, arXiv 2111.06377 appendix A.2; facebookresearch/mae main_finetune.py; BEiT, Bao et al.
+2021, arXiv 2106.08254): the backbone's position table resampled to the new image size, a new head
+(trunc-normal std 2e-5), global average pooling of the patch tokens into a new `fc_norm` (or the class token),
+layer-wise lr decay (timm's `param_groups_layer_decay`; the runtime applies each group's `lr_scale`), drop path,
+RandAugment + RandomErasing (timm's `create_transform`), Mixup/CutMix with label smoothing (timm's `Mixup` +
+`SoftTargetCrossEntropy`; `LabelSmoothingCrossEntropy` when mixing is off), an optional EMA of the weights
+(timm's `ModelEmaV3`, evaluated beside the model), top-1/top-5 over all ranks.
+
+Linear probe (MAE main_linprobe.py): the trunk frozen and kept in eval mode, its pooled feature (class token or
+the backbone's own pooling) through BatchNorm1d without affine parameters (eps 1e-6) and a Linear head
+(trunc-normal std 0.01); crop + flip only; plain cross-entropy. The export folds the BatchNorm into the head, so
+the result is a plain timm classifier.
+
+The model comes from `model.init` (finetune/backbone.py): a backbone folder, `none` (a ViT from scratch: learned
+or sin-cos positions, class token or not, patchify or convolutional stem), or `timm:NAME` (any timm architecture,
+random weights). Top-1/top-5 are percentages, as in MAE's and timm's logs.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
+from timm.layers import to_2tuple, trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.utils import ModelEmaV3
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from finetune import backbone as bb
+
+logger = logging.getLogger(__name__)
+
+# The image side of a from-scratch model when model.img_size is 0 (the embedded digits are 32 x 32).
+SCRATCH_IMG_SIZE = 32
+# Marks the decayed parameter groups; the runtime puts optim.weight_decay on every group with a non-zero value.
+WEIGHT_DECAY = 0.05
+# The confusion matrix gets class names and per-cell counts up to these many classes (beyond, only colours).
+CONFUSION_LABELS_MAX = 30
+CONFUSION_COUNTS_MAX = 20
+
+
+@dataclass
+class ClassificationConfig:
+    """The `model.*` section of the finetune_cls job.
+
+    Defaults: MAE's finetuning recipe (the settings its ViT-B/L/H runs share) on a small from-scratch ViT; the
+    presets change what differs (tiny: a light recipe for the embedded digits on the CPU; vit_b16: ViT-B's layer
+    decay and size; linprobe, vit_b16_linprobe: MAE's probe).
+    """
+
+    # where the weights come from: a folder with backbone.json + backbone.safetensors (or a run dir with export/),
+    # "none" (a ViT from scratch, the fields below), or "timm:NAME" (any timm architecture, random weights)
+    init: str = "none"
+    mode: Literal["finetune", "linprobe"] = "finetune"   # linprobe: frozen trunk + BatchNorm + linear head
+    num_classes: int = 10          # must equal the train set's class count (index.json metadata) when it has one
+    img_size: int = 0              # input side, px; 0 = the backbone's (init=DIR), the architecture's (timm:NAME),
+                                   # 32 (none); another size resamples the backbone's position table
+    # --- a ViT from scratch (init=none) ---
+    patch_size: int = 4            # pixels per token side (the conv stem's total stride)
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    pos_embed: Literal["learn", "sincos"] = "learn"   # sincos: fixed 2-D table, not trained (SimpleViT)
+    class_token: bool = True       # False needs global_pool=avg (SimpleViT)
+    # channels of Xiao et al.'s 3x3 stride-2 conv + BN + ReLU layers (log2(patch_size) of them, then a 1x1 conv to
+    # embed_dim) replacing the patchify stem; () = patchify
+    conv_stem: tuple[int, ...] = ()
+    # --- head ---
+    # finetune: avg = mean of the patch tokens into a new fc_norm (MAE), token = class token after the final norm.
+    # linprobe uses the backbone's own pooling (backbone.json), this one only with init=none
+    global_pool: Literal["avg", "token"] = "avg"
+    head_init_std: float = 0.0     # trunc-normal std of the new head; 0 = MAE's: 2e-5 finetune, 0.01 linprobe
+    # --- finetuning recipe (linprobe uses MAE's probe recipe instead: crop + flip, cross-entropy) ---
+    layer_decay: float = 0.75      # lr scale of layer i of L = decay^(L - i) (embeddings 0, blocks 1..depth); 1 = off
+    drop_path: float = 0.1         # stochastic depth, rising linearly to this over the blocks
+    mixup: float = 0.8             # Mixup alpha; 0 = off
+    cutmix: float = 1.0            # CutMix alpha; 0 = off
+    mixup_prob: float = 1.0        # probability of mixing a batch
+    mixup_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
+    label_smoothing: float = 0.1
+    auto_augment: str = "rand-m9-mstd0.5-inc1"   # timm RandAugment spec; "" = off
+    reprob: float = 0.25           # RandomErasing probability (pixel mode)
+    crop_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop area range (train, both modes)
+    hflip: float = 0.5             # horizontal flip probability (train, both modes); 0 where a mirror changes the class
+    crop_pct: float = 0.875        # eval: resize to img_size / crop_pct, centre crop img_size
+    ema_decay: float = 0.0         # EMA of the weights per optimizer step (e.g. 0.9999); 0 = off; needs ZeRO <= 2
+    grad_checkpointing: bool = False   # recompute each block in backward (memory for ViT-L/H)
+
+    def __post_init__(self) -> None:
+        errors = []
+        init = self.init.strip()
+        if init.startswith("timm:"):
+            if not timm.is_model(init[5:]):
+                close = timm.list_models(f"*{init[5:]}*")[:5]
+                errors.append(f"model.init={init}: {init[5:]!r} is not a timm architecture"
+                              + (f" (e.g. {', '.join(close)})" if close else ""))
+        elif init != "none":
+            try:
+                bb.find_backbone(init)
+            except ValueError as e:
+                errors.append(f"model.init={init}: {e}")
+        if not self.class_token and self.global_pool == "token":
+            errors.append("model.global_pool=token needs model.class_token=true")
+        if self.conv_stem and 2 ** len(self.conv_stem) != self.patch_size:
+            errors.append(f"model.conv_stem={list(self.conv_stem)} has {len(self.conv_stem)} stride-2 layers; "
+                          f"model.patch_size={self.patch_size} needs log2(patch_size) of them")
+        if self.num_classes < 2:
+            errors.append(f"model.num_classes={self.num_classes} must be >= 2")
+        if not 0 < self.layer_decay <= 1:
+            errors.append(f"model.layer_decay={self.layer_decay} must be in (0, 1]")
+        if not 0 <= self.ema_decay < 1:
+            errors.append(f"model.ema_decay={self.ema_decay} must be in [0, 1)")
+        if errors:
+            raise ValueError("; ".join(errors))
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module                  # the timm model (finetune) or trunk (linprobe: num_classes 0)
+    meta: dict[str, Any]              # backbone.json of what `model` is (architecture, model_kwargs, extras)
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    report: bb.LoadReport | None = None
+
+
+def build_model(cfg: ClassificationConfig, load: bool = True) -> BuiltModel:
+    """The model `cfg.init` names, with cfg's image size, pooling, head (num_classes, or 0 for a probe's trunk) and
+    drop path; the backbone's weights loaded when `load`. Its `meta` is the backbone.json of the built model."""
+    probe = cfg.mode == "linprobe"
+    num_classes = 0 if probe else cfg.num_classes
+    drop_path = 0.0 if probe else cfg.drop_path
+    init = cfg.init.strip()
+    if init.startswith("timm:"):
+        name = init[5:]
+        kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": drop_path}
+        if cfg.img_size:
+            kwargs["img_size"] = cfg.img_size
+        model, used = bb.create_timm(name, **kwargs)
+        pcfg = model.pretrained_cfg
+        img_size = cfg.img_size or int(pcfg.get("input_size", (3, 224, 224))[-1])
+        meta = {"architecture": name, "model_kwargs": bb.export_kwargs(used)}
+        return BuiltModel(model, meta, img_size, tuple(pcfg.get("mean", IMAGENET_DEFAULT_MEAN)),
+                          tuple(pcfg.get("std", IMAGENET_DEFAULT_STD)))
+    if init == "none":
+        img_size = cfg.img_size or SCRATCH_IMG_SIZE
+        meta = bb.scratch_vit_config(img_size=img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                                     depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                                     class_token=cfg.class_token, global_pool=cfg.global_pool,
+                                     num_classes=num_classes, pos_embed=cfg.pos_embed, conv_stem=cfg.conv_stem)
+        model = bb.create_from_config(meta, drop_path_rate=drop_path)
+        return BuiltModel(model, meta, img_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+    folder = bb.find_backbone(init)
+    source = bb.read_config(folder)
+    kwargs = dict(source.get("model_kwargs", {}))
+    overrides: dict[str, Any] = {"num_classes": num_classes}
+    if cfg.img_size:
+        overrides["img_size"] = cfg.img_size
+    if not probe:  # a probe reads the feature the backbone was trained to give; a finetune picks its pooling
+        overrides.update(global_pool=cfg.global_pool, fc_norm=cfg.global_pool != "token")
+    model = bb.create_from_config(source, drop_path_rate=drop_path, **overrides)
+    report = bb.load_weights(model, load_file(str(folder / bb.WEIGHTS_NAME)), source) if load else None
+    if probe and report is not None and report.missing:
+        # a probe trains nothing but its head: a pooling norm the backbone lacks would stay random (mae#186)
+        raise ValueError(f"model.init={init}: the backbone lacks {report.missing} for its own pooling "
+                         f"({kwargs.get('global_pool')}); a linear probe cannot train them")
+    meta = {k: v for k, v in source.items() if k in ("architecture", "embed_layer", "pos_embed")}
+    meta["model_kwargs"] = bb.export_kwargs({**kwargs, **overrides})
+    img_size = cfg.img_size or int(to_2tuple(kwargs.get("img_size", 224))[0])
+    overlay = source.get("pretrained_cfg_overlay", {})
+    return BuiltModel(model, meta, img_size, tuple(overlay.get("mean", IMAGENET_DEFAULT_MEAN)),
+                      tuple(overlay.get("std", IMAGENET_DEFAULT_STD)), report)
+
+
+class LinearProbe(nn.Module):
+    """Frozen trunk + BatchNorm1d(affine=False) + Linear: images [N, 3, H, W] -> logits [N, K].
+
+    The trunk stays in eval mode (BatchNorm statistics, dropout, drop path) whatever `train()` is called with, and
+    runs without autograd: only the BatchNorm statistics and the head learn.
+    """
+
+    def __init__(self, trunk: nn.Module, num_classes: int, init_std: float = 0.01) -> None:
+        super().__init__()
+        self.trunk = trunk.requires_grad_(False).eval()
+        features = trunk.num_features
+        self.bn = nn.BatchNorm1d(features, affine=False, eps=1e-6)
+        self.head = nn.Linear(features, num_classes)
+        trunc_normal_(self.head.weight, std=init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def train(self, mode: bool = True) -> "LinearProbe":
+        super().train(mode)
+        self.trunk.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            features = self.trunk(x)  # [N, D]: pooled, normalised pre-logits (the trunk has no head)
+        return self.head(self.bn(features.to(self.head.weight.dtype)))
+
+    def folded_head(self) -> tuple[Tensor, Tensor]:
+        """The head with the BatchNorm's running statistics folded in (see `fold_batchnorm`)."""
+        return fold_batchnorm(self.head.weight, self.head.bias, self.bn.running_mean, self.bn.running_var,
+                              self.bn.eps)
+
+
+def fold_batchnorm(weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor,
+                   eps: float) -> tuple[Tensor, Tensor]:
+    """Linear(BatchNorm1d(x)) without affine, in eval mode, as one Linear: weight [K, D], bias [K], running
+    statistics [D] -> (weight [K, D], bias [K]) with `x @ weight.T + bias` equal to the pair (float32)."""
+    scale = torch.rsqrt(running_var.float() + eps)  # [D]
+    folded = weight.float() * scale
+    return folded, bias.float() - folded @ running_mean.float()
+
+
+def classification_features(model: nn.Module, imgs: Tensor) -> Tensor:
+    """Token features [N, T, D] of the task's model (finetune or probe), equal to the exported timm model's
+    `forward_features(imgs)`; imgs: [N, 3, H, W] normalised."""
+    trunk = model.trunk if isinstance(model, LinearProbe) else model
+    return trunk.forward_features(imgs)
+
+
+def render_confusion(confusion: Tensor, names: list[str]) -> Tensor:
+    """confusion: [K, K] counts (rows true, columns predicted) -> [3, H, W] float image in [0, 1].
+
+    Rows are normalised (colour = fraction of that true class); counts are written in the cells for few classes.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = confusion.double().cpu().numpy()
+    k = counts.shape[0]
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = min(12.0, 3.0 + 0.35 * k)
+    fig = Figure(figsize=(side, side), dpi=80)
+    canvas = FigureCanvasAgg(fig)  # renders off-screen, whatever matplotlib backend the process chose
+    ax = fig.add_subplot()
+    ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    total = counts.sum()
+    ax.set_title(f"top-1 {100 * np.trace(counts) / max(total, 1):.1f}% of {int(total)}")
+    if k <= CONFUSION_LABELS_MAX:
+        ax.set_xticks(range(k), names, rotation=90, fontsize=8)
+        ax.set_yticks(range(k), names, fontsize=8)
+    if k <= CONFUSION_COUNTS_MAX:
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())  # [H, W, 4] uint8
+    return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).float() / 255.0
+
+
+class ClassificationTask:
+    """Finetuning or linear probing for the shared runtime (contracts.md: the Task interface)."""
+
+    def __init__(self, cfg: ClassificationConfig) -> None:
+        from data_pipeline.transforms import ClassificationEvalTransform, ClassificationTrainTransform
+
+        self.cfg = cfg
+        self.probe = cfg.mode == "linprobe"
+        built = build_model(cfg)
+        self.meta = built.meta
+        self.img_size, self.mean, self.std = built.img_size, built.mean, built.std
+        self.class_names = [str(i) for i in range(cfg.num_classes)]
+        if self.probe:
+            self.model: nn.Module = LinearProbe(built.model, cfg.num_classes, cfg.head_init_std or 0.01)
+        else:
+            self.model = built.model
+            head = self.model.get_classifier()
+            if isinstance(head, nn.Linear):  # MAE: trunc_normal_(head.weight, std=2e-5)
+                trunc_normal_(head.weight, std=cfg.head_init_std or 2e-5)
+                nn.init.zeros_(head.bias)
+            if cfg.grad_checkpointing:
+                self.model.set_grad_checkpointing(True)
+
+        if self.probe:  # MAE's probe: RandomResizedCrop + flip, nothing else
+            self.train_transform: Callable[[dict], dict] = ClassificationTrainTransform(
+                self.img_size, auto_augment=None, re_prob=0.0, scale=cfg.crop_scale, color_jitter=0.0,
+                hflip=cfg.hflip, mean=self.mean, std=self.std)
+        else:
+            self.train_transform = ClassificationTrainTransform(
+                self.img_size, auto_augment=cfg.auto_augment or None, re_prob=cfg.reprob, scale=cfg.crop_scale,
+                hflip=cfg.hflip, mean=self.mean, std=self.std)
+        self.eval_transform: Callable[[dict], dict] = ClassificationEvalTransform(
+            self.img_size, crop_pct=cfg.crop_pct, mean=self.mean, std=self.std)
+
+        mixing = not self.probe and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0
+        self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                           switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.label_smoothing,
+                           num_classes=cfg.num_classes) if mixing else None
+        if mixing:  # the smoothing is in the mixed soft targets
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif not self.probe and cfg.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        # an fp32 copy: a bf16 EMA at decay 0.9999 would round every update away
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, dtype=torch.float32) if cfg.ema_decay > 0 else None
+        self.confusion: Tensor | None = None   # [K, K] of the last evaluation (rows true, columns predicted)
+        self._odd_batch_warned = False
+        self._flops: float | None = None
+
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        logger.info("%s: %s from %s, %d px, %d classes, %.2fM parameters (%.2fM trained)%s", cfg.mode,
+                    self.meta["architecture"], cfg.init, self.img_size, cfg.num_classes, total / 1e6,
+                    trainable / 1e6, f", EMA {cfg.ema_decay}" if self.ema else "")
+        if self.probe:
+            logger.info("linprobe: MAE's probe recipe (crop + flip, cross-entropy); model.mixup, cutmix, "
+                        "label_smoothing, auto_augment, reprob, drop_path and layer_decay are not used")
+
+    # --- the runtime's hooks --------------------------------------------------------------------------------
+
+    def on_dataset(self, metadata: dict[str, Any]) -> None:
+        """Check the train set against the head: a classification set with num_classes classes; keep the names."""
+        kind = metadata.get("kind")
+        if kind not in (None, "classification"):
+            raise ValueError(f"a {kind} dataset; finetune_cls needs classification shards (with a cls member)")
+        classes = metadata.get("classes")
+        if classes:
+            if len(classes) != self.cfg.num_classes:
+                raise ValueError(f"{len(classes)} classes in its index.json but model.num_classes="
+                                 f"{self.cfg.num_classes}; set model.num_classes={len(classes)}")
+            self.class_names = [str(c) for c in classes]
+
+    def param_groups(self) -> list[dict]:
+        """Finetune: timm's layer-decay groups (each with `lr_scale`; no decay for 1-D tensors, position table,
+        class token), or its weight-decay groups with layer_decay 1. Probe: the head only; the weight is
+        LARS-adapted (MAE's LARS adapts every >= 2-D tensor), the bias neither adapted nor decayed."""
+        if self.probe:
+            head = self.model.head
+            return [{"params": [head.weight], "weight_decay": WEIGHT_DECAY, "always_adapt": True},
+                    {"params": [head.bias], "weight_decay": 0.0}]
+        no_decay = sorted(self.model.no_weight_decay()) if hasattr(self.model, "no_weight_decay") else []
+        if self.cfg.layer_decay < 1:
+            return param_groups_layer_decay(self.model, weight_decay=WEIGHT_DECAY, no_weight_decay_list=no_decay,
+                                            layer_decay=self.cfg.layer_decay)
+        return param_groups_weight_decay(self.model, weight_decay=WEIGHT_DECAY, no_weight_decay_list=no_decay)
+
+    def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        images, labels = batch["image"], batch["label"]
+        metrics: dict[str, float] = {}
+        if self.mixup is not None:
+            if images.shape[0] % 2:  # timm mixes a batch with its reverse: it needs pairs
+                if not self._odd_batch_warned:
+                    logger.warning("Mixup/CutMix need an even batch: dropping the last sample of odd batches "
+                                   "(set data.batch_size even)")
+                    self._odd_batch_warned = True
+                images, labels = images[:-1], labels[:-1]
+            images, target = self.mixup(images, labels)  # target: [N, K] soft labels
+        else:
+            target = labels
+        logits = model(images).float()
+        loss = self.criterion(logits, target)
+        if self.mixup is None:
+            metrics["top1"] = 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
+        return loss, metrics
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Update the EMA after each optimizer step (step counts from 1)."""
+        if self.ema is None:
+            return
+        module = getattr(model, "module", model)
+        if any(hasattr(p, "ds_id") for p in module.parameters()):
+            raise RuntimeError("model.ema_decay > 0 needs whole parameters on every rank: engine.zero_stage <= 2 "
+                               "(ZeRO-3 partitions them)")
+        self._ema_to(next(module.parameters()).device)
+        self.ema.update(module, step)
+
+    def _ema_to(self, device: torch.device) -> nn.Module:
+        if next(self.ema.module.parameters()).device != device:
+            self.ema.module.to(device)
+        return self.ema.module
+
+    def extra_state(self) -> dict[str, Any]:
+        """The EMA weights (saved in every checkpoint, so a resumed run continues the same average)."""
+        if self.ema is None:
+            return {}
+        return {"ema": {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()}}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" in state:
+            self.ema.module.load_state_dict(state["ema"])
+        elif self.ema is not None:
+            logger.warning("resume: the checkpoint holds no EMA; the EMA restarts from the current weights")
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any) -> dict[str, float]:
+        """Loss (plain cross-entropy), top-1 and top-5 (%) over the non-padding samples of all ranks; with an EMA
+        the same for its weights (`*_ema`). Keeps the confusion matrix for `images`. Collective."""
+        was_training = model.training
+        model.eval()
+        k = self.cfg.num_classes
+        topk = min(5, k)
+        device = next(self.model.parameters()).device
+        ema = self._ema_to(device) if self.ema is not None else None
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if ema is not None and distributed:  # each rank averaged its own BatchNorm statistics: use rank 0's
+            for buffer in ema.buffers():
+                dist.broadcast(buffer.data, src=0)
+        sums = torch.zeros(8 if ema is not None else 4, dtype=torch.float64, device=device)
+        confusion = torch.zeros(k, k, dtype=torch.int64, device=device)
+        for batch in loader:
+            images, labels = batch["image"], batch["label"]
+            keep = ~batch["is_padding"].to(labels.device).bool() if "is_padding" in batch \
+                else torch.ones_like(labels, dtype=torch.bool)
+            images, labels = images[keep], labels[keep]
+            if labels.numel() == 0:
+                continue
+            outputs = [model(images).float()]
+            if ema is not None:
+                outputs.append(ema(images.float()).float())
+            for i, logits in enumerate(outputs):
+                sums[4 * i:4 * i + 4] += self._batch_sums(logits, labels, topk)
+            pred = outputs[0].argmax(dim=-1)
+            confusion.view(-1).index_add_(0, labels * k + pred, torch.ones_like(labels))
+        model.train(was_training)
+        if distributed:
+            dist.all_reduce(sums)
+            dist.all_reduce(confusion)
+        self.confusion = confusion.cpu()
+        results = {}
+        for i, suffix in enumerate(("", "_ema")[:len(sums) // 4]):
+            loss, top1, top5, count = sums[4 * i:4 * i + 4].tolist()
+            n = max(count, 1.0)
+            results.update({f"val_loss{suffix}": loss / n if count else math.nan,
+                            f"val_top1{suffix}": 100.0 * top1 / n, f"val_top5{suffix}": 100.0 * top5 / n})
+        return results
+
+    @staticmethod
+    def _batch_sums(logits: Tensor, labels: Tensor, topk: int) -> Tensor:
+        """logits [N, K], labels [N] -> [loss sum, top-1 correct, top-k correct, N] (float64)."""
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        top = logits.topk(topk, dim=-1).indices  # [N, topk]
+        hits = top == labels[:, None]
+        return torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=-1).sum().double(),
+                            torch.tensor(float(labels.numel()), dtype=torch.float64, device=logits.device)])
+
+    def images(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The last evaluation's confusion matrix as a [3, H, W] picture (nothing before the first evaluation)."""
+        if self.confusion is None:
+            return {}
+        return {"confusion_matrix": render_confusion(self.confusion, self.class_names)}
+
+    def export(self, state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
+        """The trained classifier with timm keys (backbone + head) and its backbone.json (num_classes, classes).
+
+        Finetune: the model's own keys. Probe: the trunk's keys and `head.*` = the BatchNorm folded into the
+        linear head. Either loads with `timm.create_model(architecture, **model_kwargs)` (plus the conv stem /
+        sin-cos extras through finetune.backbone.create_from_config).
+        """
+        state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        if self.probe:
+            weight, bias = fold_batchnorm(state["head.weight"], state["head.bias"], state["bn.running_mean"],
+                                          state["bn.running_var"], self.model.bn.eps)
+            tensors = {k[6:]: v for k, v in state.items() if k.startswith("trunk.")}
+            tensors.update({"head.weight": weight, "head.bias": bias})
+        else:
+            tensors = dict(state)
+        meta = copy.deepcopy(self.meta)
+        meta["model_kwargs"]["num_classes"] = self.cfg.num_classes
+        meta["pretrained_cfg_overlay"] = {"mean": list(self.mean), "std": list(self.std),
+                                          "input_size": [3, self.img_size, self.img_size],
+                                          "crop_pct": self.cfg.crop_pct, "interpolation": "bicubic",
+                                          "num_classes": self.cfg.num_classes}
+        meta.update(source="finetune_cls", mode=self.cfg.mode, init=self.cfg.init, classes=self.class_names)
+        return {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+                for k, v in tensors.items()}, meta
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs (forward + backward) for one image, counted by FlopCounterMode on a meta-device copy."""
+        if self._flops is None:
+            with torch.device("meta"):
+                model = build_model(self.cfg, load=False).model
+                if self.probe:
+                    model = LinearProbe(model, self.cfg.num_classes)
+                # two images: a training-mode BatchNorm (the probe's) refuses a batch of one
+                images = torch.zeros(2, 3, self.img_size, self.img_size)
+            with FlopCounterMode(display=False) as counter:
+                model(images).float().sum().backward()  # a probe's backward stops at its head
+            self._flops = float(counter.get_total_flops()) / 2
+        return self._flops
