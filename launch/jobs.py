@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
+from finetune.classification import ClassificationConfig, ClassificationTask, classification_features
 from pretrain.mae import MAE_ARCHS, MAEConfig, MAETask
 from pretrain.reference_checkpoints import mae_encoder_features
 
@@ -23,4 +24,5 @@ class Job(NamedTuple):
 
 JOBS: dict[str, Job] = {
     "pretrain_mae": Job(MAEConfig, MAETask, MAE_ARCHS, mae_encoder_features),
+    "finetune_cls": Job(ClassificationConfig, ClassificationTask, None, classification_features),
 }
