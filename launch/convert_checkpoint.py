@@ -18,7 +18,7 @@ The job that wrote it (client state config `derived.job`, else the run's config.
 
 A file: a published MAE / BEiT / DeiT checkpoint (see pretrain/reference_checkpoints.py), detected by its keys.
 
-Then the backbone is reloaded with `pretrain.export.load_backbone` (strict) and its features are compared with the
+Then the backbone is reloaded (strict) with `finetune.backbone.create_from_config` and its features are compared with the
 source model's on a random input; the max abs difference is logged. Exit codes: 0 done, 1 features differ by more
 than --atol, 2 nothing to convert (no checkpoint, unknown tag, unknown format, unknown job).
 """
@@ -38,12 +38,14 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import load_file
 from torch import Tensor
 
+from finetune.backbone import create_from_config, read_config
 from launch.jobs import JOBS
 from launch.runtime import checkpoint, config, tracking
 from launch.runtime.config import ConfigError
-from pretrain.export import load_backbone, save_backbone
+from pretrain.export import save_backbone
 from pretrain.reference_checkpoints import (UnknownFormatError, import_reference, load_checkpoint_file,
                                             source_features)
 
@@ -259,9 +261,16 @@ def convert_file(path: Path, num_heads: int | None) -> Converted:
     return Converted(imported.state_dict, backbone, source_features(imported))
 
 
+def reload_backbone(out_dir: Path) -> torch.nn.Module:
+    """The timm model backbone.json describes (conv stem and sin-cos positions included), loaded strictly."""
+    model = create_from_config(read_config(out_dir))
+    model.load_state_dict(load_file(str(out_dir / "backbone.safetensors")), strict=True)
+    return model
+
+
 def compare_features(out_dir: Path, features: Callable[[Tensor], Tensor], seed: int = 0) -> float:
     """Max |timm backbone features - source features| on a random batch (timm's forward_features, strict load)."""
-    model = load_backbone(out_dir).eval()
+    model = reload_backbone(out_dir).eval()
     input_size = model.pretrained_cfg.get("input_size") or (3, 224, 224)
     imgs = torch.randn(CHECK_BATCH, *input_size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -306,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_check:
             return 0
         if converted.features is None:
-            load_backbone(args.out)
+            reload_backbone(args.out)
             logger.warning("timm check: strict reload done; no source features to compare for this job")
             return 0
         diff = compare_features(args.out, converted.features)
