@@ -12,6 +12,9 @@ Optional task hooks (a task without them runs unchanged):
     after_step(model, step)     after each optimizer step (step counts from 1), e.g. an EMA of the weights
     extra_state() -> dict       tensors and plain values saved in every checkpoint's client state (EMA weights),
     load_extra_state(state)     and given back on resume
+    train_collate, eval_collate picklable callables(list of map_fn outputs) -> batch, run in the data workers
+                                (default: torch's default_collate), e.g. per-batch degradations, detection targets
+    export_name                 basename of the exported files (default "backbone": backbone.safetensors + .json)
 Evaluation runs every `log.eval_every` steps, at the end of every epoch with `log.eval_every_epoch`, and at the
 end. With `ckpt.best_metric`, each evaluation that improves that metric saves checkpoints/best and exports the
 weights to export_best/.
@@ -69,15 +72,28 @@ class DataError(RuntimeError):
 
 
 def to_device(batch: dict[str, Any], device: torch.device, float_dtype: torch.dtype) -> dict[str, Any]:
-    """Tensors to `device` (non-blocking from pinned memory); floating ones cast to the engine's compute dtype."""
+    """Tensors to `device` (non-blocking from pinned memory); top-level floating ones cast to the engine's compute
+    dtype. Tensors nested in lists and dicts (detection targets: boxes) move without a cast: they are labels."""
     out = {}
     for k, v in batch.items():
         if torch.is_tensor(v):
             v = v.to(device, non_blocking=v.is_pinned())
             if v.is_floating_point() and v.dtype != float_dtype:
                 v = v.to(float_dtype)
+        elif isinstance(v, (list, tuple, dict)):
+            v = _nested_to(v, device)
         out[k] = v
     return out
+
+
+def _nested_to(value: Any, device: torch.device) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device, non_blocking=value.is_pinned())
+    if isinstance(value, dict):
+        return {k: _nested_to(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_nested_to(v, device) for v in value)
+    return value
 
 
 class DeviceLoader:
@@ -171,7 +187,8 @@ class Trainer:
         try:
             return build_stream(url, map_fn=map_fn, batch_size=d.batch_size, rank=w.rank, world_size=w.world_size,
                                 num_workers=d.num_workers, mode=d.mode if train else "epoch", train=train,
-                                seed=self.cfg.run.seed, shuffle_buffer=d.shuffle_buffer, cache_dir=d.cache_dir or None)
+                                seed=self.cfg.run.seed, shuffle_buffer=d.shuffle_buffer, cache_dir=d.cache_dir or None,
+                                collate_fn=getattr(self.task, "train_collate" if train else "eval_collate", None))
         except OSError as e:
             raise DataError(f"data.{'train' if train else 'val'}={url}: cannot open the dataset ({e})") from None
         except ValueError as e:
@@ -331,7 +348,8 @@ class Trainer:
             window.wait_s += self.data.wait_s - wait0
             batch = to_device(batch, self.world.device, self.float_dtype)
             if self.fixed_batch is None:
-                self.fixed_batch = {k: v[:8].clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+                self.fixed_batch = {k: v[:8].clone() if torch.is_tensor(v) else v[:8] if isinstance(v, list) else v
+                                    for k, v in batch.items()}
             loss, metrics = self.task.training_step(engine, batch)
             engine.backward(loss)
             if want_grad_norm and micro == accum - 1 and self.cfg.engine.zero_stage == 0:
@@ -440,9 +458,13 @@ class Trainer:
         logger.info("checkpoint %s (%.1f s)", path, time.perf_counter() - t0)
         return path
 
+    @property
+    def export_name(self) -> str:
+        return getattr(self.task, "export_name", "backbone")
+
     def export(self, out_dir: Path | None = None, extra: dict[str, Any] | None = None) -> Path:
         """Backbone from the consolidated fp32 weights: out_dir (run_dir/export) / backbone.safetensors +
-        backbone.json, with `extra` added to the json. Collective."""
+        backbone.json (or the task's `export_name`), with `extra` added to the json. Collective."""
         from safetensors.torch import save_file
 
         state = engine_lib.full_state_dict(self.engine, self.world.is_main)
@@ -450,10 +472,11 @@ class Trainer:
         if self.world.is_main:
             tensors, meta = self.task.export(state)
             meta = {**meta, **(extra or {})}
+            name = self.export_name
             out_dir.mkdir(parents=True, exist_ok=True)
             save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()},
-                      str(out_dir / "backbone.safetensors"))
-            (out_dir / "backbone.json").write_text(json.dumps(meta, indent=2) + "\n")
+                      str(out_dir / f"{name}.safetensors"))
+            (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
         distributed.barrier()
         return out_dir
 
@@ -514,7 +537,7 @@ class Trainer:
                         self.best["value"], self.best["step"], checkpoint.BEST_TAG, self.run_dir / "export_best")
         logger.info("TensorBoard:  tensorboard --logdir %s", self.run_dir / "tb")
         logger.info("checkpoint:   %s", self.ckpt_dir / checkpoint.tag_for(self.step))
-        logger.info("backbone:     %s (+ backbone.json)", export_dir / "backbone.safetensors")
+        logger.info("export:       %s (+ %s.json)", export_dir / f"{self.export_name}.safetensors", self.export_name)
         logger.info("convert:      python launch/convert_checkpoint.py %s --out %s", self.run_dir,
                     self.run_dir / "export")
         return 0
