@@ -1,0 +1,1 @@
+"""IPT: multi-task image restoration (denoising, super-resolution, deraining); see finetune/ipt/task.py."""
