@@ -17,7 +17,9 @@ The names and what they hold are in :data:`REGISTRY`; ``NAME_val`` is always the
 * ``fashion_mnist`` / ``fashion_mnist_val``: Fashion-MNIST train (60,000) / test (10,000) from Debian's
   ``dataset-fashion-mnist``, 28x28 RGB PNG.
 * ``trees`` / ``trees_val``: NEON aerial RGB with tree-crown boxes bundled in deepforest: 400x400 tiles (stride
-  200, boxes clipped, slivers dropped) of the two large YELL images for training; OSBS_029 (61 boxes) held out.
+  200, boxes clipped, slivers dropped) of the two large YELL images for training; the two annotated 400x400 images
+  of other sites, OSBS_029 (61 boxes) and SOAP_061 (37 boxes, "Alive" and "Dead" trees, both "tree" here), held
+  out as their 200x200 quadrants (8 images in 8 shards, so 2 ranks x 2 workers can read them in epoch mode).
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ class EmbeddedDataset:
         description: one line saying what the dataset is.
         build: seed -> Source (metadata plus samples in write order).
         shards: number of shards to aim for: epoch-mode streams need at least ranks x workers shards, so
-            16-32 lets up to 8 ranks with 2 workers read every split except the one-image trees_val.
+            16-32 lets up to 8 ranks with 2 workers read every split; trees_val has 8 (its 8 images).
         prefix: shard name prefix.
         version: bump when the content changes; a cached copy with another version is rebuilt.
     """
@@ -248,7 +250,8 @@ def _fashion_source(split: str, seed: int) -> Source:
 TREE_TILE = 400
 TREE_STRIDE = 200
 TREE_TRAIN_IMAGES = ("2019_YELL_2_528000_4978000_image_crop2", "2019_YELL_2_541000_4977000_image_crop")
-TREE_VAL_IMAGES = ("OSBS_029",)
+TREE_VAL_IMAGES = ("OSBS_029", "SOAP_061")
+TREE_VAL_TILE = 200   # the held-out images are cut into quadrants: more shards than one image would give
 # a clipped box survives if it keeps this much of its area and is at least this many pixels on each side
 TREE_MIN_KEPT_AREA = 0.4
 TREE_MIN_SIDE = 4
@@ -308,12 +311,19 @@ def _trees_source(split: str, seed: int) -> Source:
 
     if split == "val":
         for stem in TREE_VAL_IMAGES:
-            path = data_dir / f"{stem}.png"
-            with Image.open(path) as im:
-                w, h = im.size
-            boxes = [[float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
-                     for x0, y0, x1, y1 in read_voc_boxes(data_dir / f"{stem}.xml")]
-            add_image(path.name, w, h, boxes, path.read_bytes)  # a whole image: its own bytes, not re-encoded
+            with Image.open(data_dir / f"{stem}.png") as im:
+                pixels = np.asarray(im.convert("RGB"))
+            boxes_all = read_voc_boxes(data_dir / f"{stem}.xml")
+            h, w = pixels.shape[:2]
+            for y0 in range(0, h, TREE_VAL_TILE):
+                for x0 in range(0, w, TREE_VAL_TILE):
+                    tw, th = min(TREE_VAL_TILE, w - x0), min(TREE_VAL_TILE, h - y0)
+                    boxes = _clip_boxes(boxes_all, x0, y0, tw, th)
+
+                    def read(p: np.ndarray = pixels, x: int = x0, y: int = y0, tw: int = tw, th: int = th) -> bytes:
+                        return encode_image(Image.fromarray(p[y:y + th, x:x + tw]), "png")[0]  # lossless
+
+                    add_image(f"{stem}_x{x0}_y{y0}.png", tw, th, boxes, read)
     else:
         for stem in TREE_TRAIN_IMAGES:
             with Image.open(data_dir / f"{stem}.png") as im:
@@ -363,8 +373,8 @@ REGISTRY: dict[str, EmbeddedDataset] = {
         f"tree-crown boxes: {TREE_TILE}px tiles of 2 YELL aerial images; pip install --no-deps deepforest",
         partial(_trees_source, "train"), shards=16),
     "trees_val": EmbeddedDataset(
-        "tree-crown boxes: deepforest's OSBS_029 (400px, 61 boxes), held out (one image, so one shard)",
-        partial(_trees_source, "val"), shards=1, prefix="val"),
+        f"tree-crown boxes: {TREE_VAL_TILE}px quadrants of deepforest's OSBS_029 and SOAP_061 (400px, 61 + 37 "
+        "boxes), held out", partial(_trees_source, "val"), shards=8, prefix="val", version=2),
 }
 
 

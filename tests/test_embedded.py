@@ -118,10 +118,12 @@ def test_cli_writes_embedded_dataset_anywhere(tmp_path, cache):
 def test_trees_detection_boxes(cache):
     index, val = _samples(Path(embedded.resolve("embedded:trees_val")))
     assert index["metadata"]["categories"] == [{"id": 1, "name": "tree"}]
-    (target,) = [json.loads(s["json"]) for s in val]
-    assert target["file_name"] == "OSBS_029.png" and (target["width"], target["height"]) == (400, 400)
-    assert len(target["boxes"]) == 61 and set(target["category_ids"]) == {1}
-    assert target["boxes"][0] == [203, 67, 24, 23]  # OSBS_029.xml's first box, xyxy 203,67,227,90
+    assert len(index["shards"]) == index["num_samples"] == 8  # the quadrants of OSBS_029 and SOAP_061
+    targets = {t["file_name"]: t for t in (json.loads(s["json"]) for s in val)}
+    assert all((t["width"], t["height"]) == (200, 200) and set(t["category_ids"]) <= {1} for t in targets.values())
+    # OSBS_029.xml's first box, xyxy 203,67,227,90, lies in the top-right quadrant
+    assert [3, 67, 24, 23] in targets["OSBS_029_x200_y0.png"]["boxes"]
+    assert 61 <= sum(len(t["boxes"]) for n, t in targets.items() if n.startswith("OSBS")) <= 61 + 10
 
     index, train = _samples(Path(embedded.resolve("embedded:trees")))
     assert index["num_samples"] == len(train) > 100

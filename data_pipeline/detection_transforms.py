@@ -1,0 +1,188 @@
+"""Box-aware augmentation for detection samples, and the collate that pads a batch of images with a mask.
+
+DETR's data recipe (facebookresearch/detr datasets/coco.py `make_coco_transforms`, datasets/transforms.py,
+util/misc.py `nested_tensor_from_tensor_list`) on torchvision's box-aware transforms (torchvision.transforms.v2 with
+`tv_tensors.BoundingBoxes`: flips, resizes and crops move the boxes with the pixels):
+
+    train: horizontal flip (0.5), then with probability 0.5 either
+             a resize of the shorter side to one of `scales` (longer side capped at `max_size`), or
+             a resize to one of `crop_resize`, a random crop of side in `crop_size` (DETR's RandomSizeCrop),
+             then the multi-scale resize;
+           boxes cut by the crop are clipped, those left without area dropped, crowd boxes left out (DETR trains
+           without them).
+    eval:  the shorter side resized to `size` (longer side capped at `max_size`); crowd boxes kept, flagged, for
+           COCO evaluation.
+
+A detection sample's json is the writer's (contracts.md): `image_id`, `width`, `height`, `boxes` (COCO xywh in
+pixels), `category_ids`, `iscrowd`, `area`. The transforms give `{"image": [3, H, W] normalised float32, "target":
+{...}}` with target:
+
+    boxes         float32 [N, 4]  (cx, cy, w, h) normalised by the transformed image's (W, H)  (DETR's targets)
+    category_ids  int64 [N]       the dataset's category ids, as written (the task maps them to its classes)
+    iscrowd       int64 [N]
+    area          float32 [N]     box areas in original pixels (COCO's size buckets)
+    orig_boxes    float32 [N, 4]  eval only: the json's xywh boxes in original pixels (COCO ground truth)
+    image_id      int64 []
+    orig_size     int64 [2]       (h, w) of the stored image
+    size          int64 [2]       (h, w) after the transform, before padding
+
+`PadCollate` stacks such samples into `{"image": [B, 3, H, W], "mask": [B, H, W] bool (True = padding),
+"targets": [target, ...]}`, H and W the batch maxima rounded up to a multiple of `size_divisibility`.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import tv_tensors
+from torchvision.ops import box_convert
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from data_pipeline.stream import SkipSample
+
+__all__ = ["RandomSizeCrop", "DetectionTrainTransform", "DetectionEvalTransform", "PadCollate", "read_target"]
+
+# DETR's COCO recipe (datasets/coco.py): the multi-scale shorter sides, the cap on the longer side, the resize
+# before the random crop and the crop's side range.
+DETR_SCALES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+DETR_MAX_SIZE = 1333
+DETR_CROP_RESIZE = (400, 500, 600)
+DETR_CROP_SIZE = (384, 600)
+
+
+def read_target(sample: dict[str, Any]) -> tuple[Image.Image, dict[str, Any]]:
+    """(RGB image, target with "boxes" as tv_tensors.BoundingBoxes in XYWH pixels) of a decoded detection sample.
+
+    Raises SkipSample("no_detection_json") for a sample without the writer's detection json.
+    """
+    meta = sample.get("json")
+    if not isinstance(meta, dict) or "boxes" not in meta:
+        raise SkipSample("no_detection_json", f"{sample.get('__key__', '?')} has no detection json")
+    image = sample["image"] if sample["image"].mode == "RGB" else sample["image"].convert("RGB")
+    w, h = image.size
+    boxes = torch.tensor(meta["boxes"], dtype=torch.float32).reshape(-1, 4)
+    n = len(boxes)
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYWH", canvas_size=(h, w)),
+        "category_ids": torch.tensor(meta.get("category_ids", []), dtype=torch.int64).reshape(n),
+        "iscrowd": torch.tensor(meta.get("iscrowd", [0] * n), dtype=torch.int64).reshape(n),
+        "area": torch.tensor(meta.get("area", (boxes[:, 2] * boxes[:, 3]).tolist()), dtype=torch.float32).reshape(n),
+        "image_id": torch.tensor(int(meta.get("image_id", -1)), dtype=torch.int64),
+        "orig_size": torch.tensor([h, w], dtype=torch.int64),
+    }
+    return image, target
+
+
+def _per_box(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """The per-box tensors SanitizeBoundingBoxes filters along with the boxes (inputs: (image, target))."""
+    target = inputs[1]
+    return tuple(target[k] for k in ("category_ids", "iscrowd", "area", "orig_boxes") if k in target)
+
+
+class RandomSizeCrop:
+    """A random crop of width in [min_size, min(W, max_size)] and height in [min_size, min(H, max_size)], anywhere
+    in the image (DETR's RandomSizeCrop); boxes cropped with the pixels (clipped to the window)."""
+
+    def __init__(self, min_size: int, max_size: int) -> None:
+        self.min_size, self.max_size = min_size, max_size
+
+    def __call__(self, image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        h, w = F.get_size(image)
+        cw = random.randint(min(self.min_size, w), min(w, self.max_size))
+        ch = random.randint(min(self.min_size, h), min(h, self.max_size))
+        top, left = random.randint(0, h - ch), random.randint(0, w - cw)
+        target = dict(target)
+        target["boxes"] = F.clamp_bounding_boxes(F.crop(target["boxes"], top, left, ch, cw))
+        return F.crop(image, top, left, ch, cw), target
+
+
+class _Normalised:
+    """Shared tail of both transforms: clip and drop empty boxes, boxes to normalised cxcywh, pixels normalised."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.sanitize = v2.SanitizeBoundingBoxes(min_size=1.0, min_area=1.0, labels_getter=_per_box)
+
+    def finish(self, image: Image.Image, target: dict[str, Any], sanitize: bool = True) -> dict[str, Any]:
+        target["boxes"] = F.clamp_bounding_boxes(target["boxes"])
+        if sanitize:
+            image, target = self.sanitize(image, target)
+        h, w = F.get_size(image)
+        xyxy = box_convert(target["boxes"].as_subclass(torch.Tensor), "xywh", "xyxy")
+        boxes = box_convert(xyxy, "xyxy", "cxcywh") / torch.tensor([w, h, w, h], dtype=torch.float32)
+        target = {**target, "boxes": boxes.float(), "size": torch.tensor([h, w], dtype=torch.int64)}
+        pixels = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
+        return {"image": F.normalize(pixels, self.mean, self.std).contiguous(), "target": target}
+
+
+class DetectionTrainTransform(_Normalised):
+    """DETR's training augmentation (see the module docstring); picklable map_fn for the stream."""
+
+    def __init__(self, scales: Sequence[int] = DETR_SCALES, max_size: int = DETR_MAX_SIZE,
+                 crop_resize: Sequence[int] = DETR_CROP_RESIZE, crop_size: tuple[int, int] = DETR_CROP_SIZE,
+                 hflip: float = 0.5, crop_prob: float = 0.5, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
+        super().__init__(mean, std)
+        multiscale = v2.RandomShortestSize(list(scales), max_size=max_size, antialias=True)
+        steps: list[Any] = [v2.RandomHorizontalFlip(hflip)]
+        if crop_prob > 0:
+            cropped = v2.Compose([v2.RandomShortestSize(list(crop_resize), antialias=True),
+                                  RandomSizeCrop(*crop_size), multiscale])
+            steps.append(v2.RandomChoice([multiscale, cropped], p=[1 - crop_prob, crop_prob]))
+        else:
+            steps.append(multiscale)
+        self.augment = v2.Compose(steps)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        image, target = read_target(sample)
+        keep = target["iscrowd"] == 0  # DETR trains without crowd regions
+        target.update({k: target[k][keep] for k in ("category_ids", "iscrowd", "area")})
+        target["boxes"] = tv_tensors.wrap(target["boxes"][keep], like=target["boxes"])
+        image, target = self.augment(image, target)
+        return self.finish(image, target)
+
+
+class DetectionEvalTransform(_Normalised):
+    """The shorter side resized to `size` (longer side capped at `max_size`); every box kept, with its original
+    xywh in `orig_boxes` for the COCO ground truth. Picklable map_fn for the stream."""
+
+    def __init__(self, size: int = 800, max_size: int = DETR_MAX_SIZE, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
+        super().__init__(mean, std)
+        self.resize = v2.Resize(size, max_size=max_size, antialias=True)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        image, target = read_target(sample)
+        target["orig_boxes"] = target["boxes"].as_subclass(torch.Tensor).clone()
+        image, target = self.resize(image, target)
+        return self.finish(image, target, sanitize=False)  # the ground truth stays whole (COCO scores all of it)
+
+
+class PadCollate:
+    """Detection samples -> {"image": [B, 3, H, W], "mask": [B, H, W] bool, "targets": [dict, ...]}.
+
+    Images are zero-padded at the bottom and right to the batch's largest height and width, rounded up to a
+    multiple of `size_divisibility` (the backbone's patch, or the coarsest feature stride); `mask` is True on the
+    padding (DETR's NestedTensor convention). Picklable: it runs in the data-loader workers.
+    """
+
+    def __init__(self, size_divisibility: int = 1) -> None:
+        self.size_divisibility = max(1, int(size_divisibility))
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        d = self.size_divisibility
+        h = max(s["image"].shape[1] for s in samples)
+        w = max(s["image"].shape[2] for s in samples)
+        h, w = -(-h // d) * d, -(-w // d) * d
+        images = torch.zeros(len(samples), 3, h, w, dtype=samples[0]["image"].dtype)
+        mask = torch.ones(len(samples), h, w, dtype=torch.bool)
+        for i, s in enumerate(samples):
+            _, sh, sw = s["image"].shape
+            images[i, :, :sh, :sw] = s["image"]
+            mask[i, :sh, :sw] = False
+        return {"image": images, "mask": mask, "targets": [s["target"] for s in samples]}
