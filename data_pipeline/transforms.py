@@ -12,17 +12,24 @@ Recipes:
         flip, one RandomResizedCrop box resized twice: bicubic for the ViT, lanczos for the tokenizer.
     DeiT / finetuning (Touvron et al. 2021): timm's ``create_transform`` with RandAugment rand-m9-mstd0.5-inc1,
         random erasing 0.25 (pixel mode), bicubic.
+    DeiT III (Touvron et al. 2022, arXiv 2204.07118; facebookresearch/deit ``augment.py``): 3-Augment,
+        RandomResizedCrop (or Simple Random Crop) + flip, then one of grayscale / solarize / Gaussian blur, colour
+        jitter 0.3, normalise.
+    Repeated augmentation (Hoffer et al. 2020 "batch augmentation"; DeiT's RASampler): ``RepeatedViews`` returns k
+        independent views of a sample, ``flatten_views`` (a collate function) lays them out as k images per sample.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import random
+
 import numpy as np
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
 __all__ = [
@@ -31,6 +38,9 @@ __all__ = [
     "BEiTTwoViewTransform",
     "ClassificationTrainTransform",
     "ClassificationEvalTransform",
+    "ThreeAugmentTransform",
+    "RepeatedViews",
+    "flatten_views",
 ]
 
 
@@ -206,3 +216,87 @@ class ClassificationEvalTransform(EvalTransform):
     def __init__(self, img_size: int, crop_pct: float = 0.875, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD, interpolation: str = "bicubic") -> None:
         super().__init__(img_size, crop_pct=crop_pct, mean=mean, std=std, with_label=True, interpolation=interpolation)
+
+
+class ThreeAugmentTransform(_SampleTransform):
+    """DeiT III's 3-Augment (facebookresearch/deit ``augment.py`` new_data_aug_generator) -> ``{"image", "label"}``.
+
+    1. RandomResizedCrop (bicubic, `scale`) or, with `simple_random_crop`, the "SRC" of the ImageNet-21k runs:
+       resize the shorter side to `img_size` + random crop with 4-px reflect padding; then a horizontal flip.
+    2. Exactly one of: grayscale (3 channels), solarize (threshold 128), Gaussian blur (radius uniform in 0.1-2).
+    3. ColorJitter(`color_jitter`) on brightness, contrast and saturation (0 = off).
+    4. Normalise; random erasing with probability `re_prob` (DeiT III uses none).
+    The random choices use Python's and torch's RNGs, which the DataLoader seeds per worker.
+    """
+
+    def __init__(self, img_size: int, scale: tuple[float, float] = (0.08, 1.0), color_jitter: float = 0.3,
+                 hflip: float = 0.5, simple_random_crop: bool = False, re_prob: float = 0.0,
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
+        self.img_size = img_size
+        self.scale = tuple(scale)
+        self.color_jitter = color_jitter
+        self.hflip = hflip
+        self.simple_random_crop = simple_random_crop
+        self.re_prob = re_prob
+        self.mean, self.std = tuple(mean), tuple(std)
+        bicubic = T.InterpolationMode.BICUBIC
+        crop = ([T.Resize(img_size, interpolation=bicubic), T.RandomCrop(img_size, padding=4, padding_mode="reflect")]
+                if simple_random_crop else [T.RandomResizedCrop(img_size, scale=self.scale, interpolation=bicubic)])
+        self._primary = T.Compose([*crop, T.RandomHorizontalFlip(hflip)])
+        self._jitter = T.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter > 0 else None
+        self._grayscale = T.Grayscale(num_output_channels=3)
+        self._normalize = _Normalize(mean, std)
+        self._erase = T.RandomErasing(p=re_prob, value="random") if re_prob > 0 else None
+
+    def _one_of_three(self, image: Image.Image) -> Image.Image:
+        choice = random.randrange(3)
+        if choice == 0:
+            return self._grayscale(image)
+        if choice == 1:
+            return ImageOps.solarize(image, threshold=128)
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+        image = self._one_of_three(self._primary(_rgb(sample["image"])))
+        if self._jitter is not None:
+            image = self._jitter(image)
+        out = self._normalize(image)
+        if self._erase is not None:
+            out = self._erase(out)
+        return {"image": out, "label": _label(sample)}
+
+
+class RepeatedViews(_SampleTransform):
+    """`repeats` independent draws of `transform` on one sample, stacked: ``{"image": [k, 3, H, W], "label"}``.
+
+    The repeated augmentation of DeiT (Hoffer et al. 2020, Berman et al. 2019) in a streaming pipeline, where no
+    sampler can repeat indices: the views are made in the data worker that decoded the image (one decode, k
+    augmentations) and `flatten_views` turns a batch of B samples into B * k images.
+    """
+
+    def __init__(self, transform: Any, repeats: int) -> None:
+        if repeats < 1:
+            raise ValueError(f"repeats={repeats} must be >= 1")
+        self.transform = transform
+        self.repeats = repeats
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+        views = [self.transform(sample) for _ in range(self.repeats)]
+        out = {"image": torch.stack([v["image"] for v in views])}
+        if "label" in views[0]:
+            out["label"] = views[0]["label"]
+        return out
+
+
+def flatten_views(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Collate `RepeatedViews` outputs: B samples of [k, 3, H, W] -> ``{"image": [B*k, 3, H, W], "label": [B*k]}``.
+
+    Sample-major: rows i*k .. i*k + k - 1 are the views of sample i, so with an even B, timm's Mixup (which pairs
+    row j with row B*k - 1 - j) never mixes two views of one image.
+    """
+    images = torch.cat([item["image"] for item in items])
+    out = {"image": images}
+    if "label" in items[0]:
+        k = items[0]["image"].shape[0]
+        out["label"] = torch.stack([item["label"] for item in items]).repeat_interleave(k)
+    return out

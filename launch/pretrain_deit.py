@@ -1,0 +1,112 @@
+"""DeiT: a ViT student with a distillation token trained against a frozen teacher (Touvron et al., arXiv 2012.12877).
+
+The embedded default (CPU, minutes): train a teacher on the digits with finetune_cls, then distil a small ViT from it:
+    python launch/finetune_cls.py model.init=timm:resnet18 run.name=teacher
+    python launch/pretrain_deit.py teacher=runs/finetune_cls/teacher/export_best
+    python launch/pretrain_deit.py teacher=timm:resnet18 teacher_weights=teacher.safetensors distill=soft
+    python launch/pretrain_deit.py distill=none run.name=no_distill                        # plain DeiT training
+The paper's recipe on GPU nodes (DeiT-B distilled from its RegNetY-16GF; DeiT III):
+    deepspeed --hostfile hostfile launch/pretrain_deit.py --preset deit_b16 teacher=timm:regnety_160 \
+        teacher_weights=/ckpt/regnety_160-a5fe301d.pth data.train=s3://bucket/imagenet/train data.val=...
+    deepspeed --hostfile hostfile launch/pretrain_deit.py --preset deit3_b16 data.train=... data.val=...
+Short keys: teacher, teacher_weights, distill (= model.*). runs/pretrain_deit/<run.name>/ holds config.yaml, tb/,
+checkpoints/, metrics.jsonl and export/: backbone.safetensors + .json (a plain timm ViT for finetune_cls
+model.init=) and classifier.safetensors + .json (the whole student, timm's deit_*_distilled_* keys).
+"""
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from finetune import backbone as bb
+from launch import convert_checkpoint
+from launch.runtime import checkpoint, config, distributed, run_job
+from launch.runtime.config import ConfigError
+from pretrain.deit import CLASSIFIER_NAME, DEIT_ARCHS, DeiTConfig, DeiTTask, Teacher
+from pretrain.reference_checkpoints import UnknownFormatError, load_checkpoint_file
+
+JOB = "pretrain_deit"
+ALIASES = {"teacher": "model.teacher", "teacher_weights": "model.teacher_weights", "distill": "model.distill"}
+logger = logging.getLogger(JOB)
+
+
+def load_teacher(cfg: DeiTConfig) -> Teacher:
+    """The classifier `model.teacher` names, weights loaded strictly; ConfigError (exit 2) when it cannot be one.
+
+    A folder: a finetune_cls export (backbone.json keeps its head, num_classes and normalisation), built with
+    finetune.backbone.create_from_config (conv stems, sin-cos tables). timm:NAME: timm's architecture with
+    num_classes = model.num_classes and the state dict of teacher_weights (safetensors, or a weights-only torch file;
+    a {"model": ...} wrapper such as DeiT's regnety_160 checkpoint is unwrapped).
+    """
+    spec = cfg.teacher.strip()
+    try:
+        if spec.startswith("timm:"):
+            model, _ = bb.create_timm(spec[5:], num_classes=cfg.num_classes)
+            state = load_checkpoint_file(cfg.teacher_weights)
+            pcfg = model.pretrained_cfg
+            mean, std = tuple(pcfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(pcfg.get("std", IMAGENET_DEFAULT_STD))
+            name = f"{spec} ({cfg.teacher_weights})"
+        else:
+            folder = bb.find_backbone(spec)
+            meta = bb.read_config(folder)
+            classes = meta.get("model_kwargs", {}).get("num_classes", 0)
+            if not classes:
+                raise ConfigError(f"model.teacher={spec}: {folder} is a backbone without a classifier head "
+                                  "(num_classes 0); a teacher must classify: give a finetune_cls export")
+            model = bb.create_from_config(meta)
+            state = load_file(str(folder / bb.WEIGHTS_NAME))
+            overlay = meta.get("pretrained_cfg_overlay", {})
+            mean = tuple(overlay.get("mean", model.pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN)))
+            std = tuple(overlay.get("std", model.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD)))
+            name = f"{meta['architecture']} from {folder}"
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (OSError, UnknownFormatError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"model.teacher={spec}: cannot load it ({str(e).splitlines()[0][:400]})") from None
+    if missing or unexpected:
+        raise ConfigError(f"model.teacher={spec}: the weights do not fit {name}: missing {missing[:8]}, "
+                          f"unexpected {unexpected[:8]}")
+    num_classes = model.num_classes if hasattr(model, "num_classes") else None
+    if num_classes != cfg.num_classes:
+        raise ConfigError(f"model.teacher={spec} has {num_classes} classes, the student model.num_classes="
+                          f"{cfg.num_classes}")
+    # a ViT reads a fixed grid (its position table); a CNN reads any size
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None and getattr(model, "dynamic_img_size", False):
+        img_size = None
+    return Teacher(model, mean, std, int(img_size[0]) if img_size is not None else None, name)
+
+
+def build_task(cfg: DeiTConfig) -> DeiTTask:
+    return DeiTTask(cfg, load_teacher=load_teacher)
+
+
+def export_classifier(argv: list[str] | None) -> None:
+    """Write export/classifier.safetensors + .json (the whole student, timm keys) from the run's final checkpoint,
+    through the converter's consolidation (any ZeRO stage). Rank 0, after the run."""
+    cfg, _ = config.parse_args(JOB, DeiTConfig, argv, DEIT_ARCHS, ALIASES)
+    run_dir = Path(cfg.run.dir) / JOB / cfg.run.name
+    ckpt_dir, tag, _ = convert_checkpoint.locate(run_dir, "latest")
+    states = torch.load(checkpoint.model_states_file(ckpt_dir / tag), map_location="cpu", weights_only=True)
+    tensors, meta = DeiTTask(cfg.model).export_classifier(convert_checkpoint.consolidate(ckpt_dir / tag, states))
+    out = run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{CLASSIFIER_NAME}.safetensors"))
+    (out / f"{CLASSIFIER_NAME}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    logger.info("classifier:   %s (%s, timm keys with both heads)", out / f"{CLASSIFIER_NAME}.safetensors",
+                meta["architecture"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    code = run_job(job=JOB, task_config=DeiTConfig, build_task=build_task, argv=argv, archs=DEIT_ARCHS,
+                   aliases=ALIASES)
+    if code == 0 and distributed.rank_from_env() == 0:
+        export_classifier(argv)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
