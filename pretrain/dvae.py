@@ -432,10 +432,14 @@ def load_tokenizer(folder: str | Path) -> DiscreteVAE:
         raise FileNotFoundError(f"{folder} has {meta_path.name} but no {weights_path.name}")
     model = DiscreteVAE(cfg)
     state = _strip_module(load_file(str(weights_path)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{weights_path} does not match {meta_path.name}: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{weights_path} does not match {meta_path.name}: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}, shapes (file vs config) {shapes[:3]}")
+    model.load_state_dict(state)
     return model.eval().requires_grad_(False)
 
 
@@ -551,8 +555,7 @@ class DVAETask:
             return {"psnr": float("nan")}
         mean = (sums[:4] / n).tolist()
         return {"psnr": mean[0], "psnr_soft": mean[1], "psnr_mean_colour": mean[2], "psnr_bicubic": mean[3],
-                "perplexity": code_perplexity(counts).item(), "codes_used": (counts > 0).double().mean().item(),
-                "temperature": self.temperature}
+                "perplexity": code_perplexity(counts).item(), "codes_used": (counts > 0).double().mean().item()}
 
     @torch.no_grad()
     def images(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
