@@ -206,3 +206,149 @@ def test_self_ensemble_of_an_equivariant_model_is_the_model():
         torch.testing.assert_close(metrics.self_ensemble(net, x), net(x), rtol=1e-5, atol=1e-6)
         skewed = torch.nn.Conv2d(3, 3, 3, padding=1).eval()
         assert (metrics.self_ensemble(skewed, x) - skewed(x)).abs().max() > 1e-4
+
+
+# --- the model -----------------------------------------------------------------------------------------------------
+
+from finetune import backbone as bb  # noqa: E402
+from finetune.ipt.model import IPT, IPTArch, load_ipt_export, load_vit_body, patch_contrastive_loss  # noqa: E402
+from finetune.ipt.task import CleanCrop, DegradeBatch, DegradeEval, IPTConfig, IPTTask  # noqa: E402
+
+TINY_ARCH = dict(img_size=12, n_feats=8, patch_dim=2, num_heads=2, enc_layers=2, dec_layers=1, head_kernel=3)
+
+
+def test_model_shapes_per_task_and_fixed_body_size():
+    torch.manual_seed(0)
+    model = IPT(IPTArch(**TINY_ARCH, tasks=["denoise30", "sr2", "sr3", "sr4", "derain"])).eval()
+    x = torch.rand(2, 3, 12, 12) * 255
+    for name, scale in (("denoise30", 1), ("sr2", 2), ("sr3", 3), ("sr4", 4), ("derain", 1)):
+        out, tokens = model(x, name, return_features=True)
+        assert out.shape == (2, 3, 12 * scale, 12 * scale) and tokens.shape == (2, 36, 32)
+    assert torch.equal(model(x, 1), model(x, "sr2")) and torch.equal(model(x, torch.tensor([1, 1])), model(x, "sr2"))
+    # the task embedding enters the decoder: two tasks with the same head and tail weights still differ
+    model.heads["derain"].load_state_dict(model.heads["denoise30"].state_dict())
+    model.tails["derain"].load_state_dict(model.tails["denoise30"].state_dict())
+    assert not torch.allclose(model(x, "derain"), model(x, "denoise30"))
+    with pytest.raises(ValueError, match="tiled_forward"):
+        model(torch.rand(1, 3, 16, 16), "sr2")
+    # whole-image inference of a larger image through tiles
+    big = torch.rand(1, 3, 30, 20) * 255
+    with torch.no_grad():
+        out = metrics.tiled_forward(lambda t: model(t, "sr2"), big, tile=12, overlap=4, scale=2)
+        assert out.shape == (1, 3, 60, 40)
+        # one tile covering the image: tiled == whole
+        torch.testing.assert_close(metrics.tiled_forward(lambda t: model(t, "sr2"), x, tile=12, overlap=4,
+                                                         scale=2), model(x, "sr2"))
+
+
+def mindspore_supcon(features: np.ndarray, temperature: float = 0.07) -> float:
+    """mindspore-ai/models research/cv/IPT src/loss.py SupConLoss (contrast_mode "all"), in NumPy: features
+    [B, V, D] with positives = the same batch index; contrast rows ordered view-major (cat(unbind(features, 1)))."""
+    f = features / np.linalg.norm(features, axis=2, keepdims=True)
+    b, v, _ = f.shape
+    contrast = np.concatenate([f[:, i] for i in range(v)])
+    logits = contrast @ contrast.T / temperature
+    logits = logits - logits.max(axis=1, keepdims=True)
+    mask = np.tile(np.eye(b), (v, v))
+    logits_mask = 1 - np.eye(b * v)
+    mask = mask * logits_mask
+    log_prob = logits - np.log((np.exp(logits) * logits_mask).sum(1, keepdims=True) + 1e-8)
+    return float((-(mask * log_prob).sum(1) / mask.sum(1)).mean())
+
+
+def test_contrastive_loss_equals_ipts_supcon():
+    feats = torch.randn(3, 5, 16, dtype=torch.float64)
+    ours = patch_contrastive_loss(feats).item()
+    assert ours == pytest.approx(mindspore_supcon(feats.numpy()), rel=1e-5)
+    # patches of one image identical, images orthogonal: the minimum, log(4 positives); shuffled identities: more
+    basis = torch.eye(16)[:3]
+    aligned = basis[:, None, :].expand(3, 5, 16)
+    assert patch_contrastive_loss(aligned).item() == pytest.approx(math.log(4), abs=1e-3)
+    assert patch_contrastive_loss(aligned.transpose(0, 1).reshape(3, 5, 16)).item() > math.log(4) + 3
+
+
+def test_train_collate_draws_one_task_per_batch_and_the_right_sizes():
+    crop = CleanCrop(48)
+    photo = __import__("PIL.Image", fromlist=["Image"]).fromarray(RNG.integers(0, 256, (60, 70, 3), dtype=np.uint8))
+    items = [crop({"image": photo}) for _ in range(4)]
+    assert items[0]["image"].shape == (3, 48, 48) and items[0]["image"].dtype == torch.uint8
+    collate = DegradeBatch(["denoise30", "sr2", "sr4", "derain"], img_size=12)
+    seen = set()
+    torch.manual_seed(1)
+    for _ in range(24):
+        batch = collate(items)
+        t = int(batch["task"][0])
+        assert (batch["task"] == t).all() and batch["task"].shape == (4,)
+        scale = (1, 2, 4, 1)[t]
+        assert batch["input"].shape == (4, 3, 12, 12) and batch["target"].shape == (4, 3, 12 * scale, 12 * scale)
+        assert batch["target"].dtype == torch.uint8 and batch["input"].dtype == torch.float32
+        seen.add(t)
+    assert seen == {0, 1, 2, 3}
+    # workers and ranks seed torch differently: different task sequences
+    sequences = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        sequences.append([int(collate(items)["task"][0]) for _ in range(8)])
+    assert sequences[0] != sequences[1]
+    with pytest.raises(Exception, match="smaller_than_crop"):
+        CleanCrop(96)({"image": photo})
+
+
+def test_eval_inputs_are_seeded_by_key():
+    photo = __import__("PIL.Image", fromlist=["Image"]).fromarray(RNG.integers(0, 256, (50, 40, 3), dtype=np.uint8))
+    ev = DegradeEval(["denoise50", "sr3", "derain"], eval_size=36)
+    a, b = ev({"__key__": "a", "image": photo}), ev({"__key__": "a", "image": photo})
+    c = ev({"__key__": "c", "image": photo})
+    assert a["hr"].shape == (3, 36, 36) and a["inputs"]["sr3"].shape == (3, 12, 12)
+    for t in ("denoise50", "derain"):
+        assert torch.equal(a["inputs"][t], b["inputs"][t]) and not torch.equal(a["inputs"][t], c["inputs"][t])
+    whole = DegradeEval(["sr2", "sr3"], eval_size=0)({"__key__": "a", "image": photo})
+    assert whole["hr"].shape == (3, 48, 36)  # cropped to multiples of lcm(2, 3) = 6
+
+
+def test_export_import_round_trip_single_task(tmp_path):
+    """A multi-task model exported as the runtime does (ipt.safetensors + ipt.json) loads into a single-task model by
+    name: the body and sr2's head/tail/embedding equal, so its sr2 output is the same; a task the export lacks is
+    new."""
+    torch.manual_seed(0)
+    cfg = IPTConfig(tasks=("denoise30", "sr2", "derain"), **TINY_ARCH)
+    multi = IPTTask(cfg)
+    tensors, meta = multi.export(multi.model.state_dict())
+    save_file(tensors, str(tmp_path / "ipt.safetensors"))
+    (tmp_path / "ipt.json").write_text(json.dumps(meta))
+    single = IPTTask(IPTConfig(init=str(tmp_path), tasks=("sr2", "sr4"), img_size=24))   # geometry from ipt.json
+    assert single.arch.img_size == 12 and single.arch.tasks == ["sr2", "sr4"]
+    x = torch.rand(2, 3, 12, 12) * 255
+    with torch.no_grad():
+        torch.testing.assert_close(single.model.eval()(x, "sr2"), multi.model.eval()(x, "sr2"), rtol=0, atol=0)
+    report = load_ipt_export(IPT(single.arch), tmp_path)
+    assert any(k.startswith("heads.sr4.") for k in report.new) and "body.task_embed.sr4" in report.new
+    assert any(k.startswith("heads.denoise30.") for k in report.unused)
+    assert not [k for k in report.new if k.startswith("body.") and "task_embed" not in k]
+
+
+def test_vit_backbone_maps_onto_the_encoder(tmp_path):
+    """A timm ViT of this project's backbone format (32 wide = 8 features x 2 x 2) initialises the encoder: its first
+    blocks compute exactly what the ViT's do; its patch table is resampled to the body's grid."""
+    torch.manual_seed(0)
+    meta = bb.scratch_vit_config(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=4.0,
+                                 class_token=True, global_pool="token", num_classes=0)
+    vit = bb.create_from_config(meta).eval()
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / bb.WEIGHTS_NAME))
+    (tmp_path / bb.CONFIG_NAME).write_text(json.dumps(meta))
+    model = IPT(IPTArch(**TINY_ARCH, tasks=["sr2"])).eval()
+    report = load_vit_body(model, tmp_path)
+    tokens = torch.randn(2, 36, 32)
+    for i in range(2):
+        torch.testing.assert_close(model.body.encoder[i](tokens), vit.blocks[i](tokens), rtol=0, atol=0)
+    assert "body.pos_embed" in report.loaded and model.body.pos_embed.shape == (1, 36, 32)
+    assert {"cls_token", "norm.weight", "patch_embed.proj.weight"} <= set(report.unused)
+    assert any(k.startswith("blocks.2.") for k in report.unused)
+    assert any(k.startswith("body.decoder.") for k in report.new) and any(k.startswith("heads.") for k in report.new)
+    with pytest.raises(ValueError, match="n_feats x patch_dim"):
+        load_vit_body(IPT(IPTArch(**{**TINY_ARCH, "n_feats": 12}, tasks=["sr2"])), tmp_path)
+    with pytest.raises(ValueError, match="num_heads=2"):
+        load_vit_body(IPT(IPTArch(**{**TINY_ARCH, "num_heads": 4}, tasks=["sr2"])), tmp_path)
+    # through the job's config: model.init=<backbone folder>
+    task = IPTTask(IPTConfig(init=str(tmp_path), tasks=("denoise30",), **TINY_ARCH))
+    torch.testing.assert_close(task.model.body.encoder[1].mlp.fc1.weight, vit.blocks[1].mlp.fc1.weight)
