@@ -40,7 +40,7 @@ from typing import Any
 import timm
 import torch
 from safetensors.torch import load_file
-from timm.layers import HybridEmbed, resample_abs_pos_embed, to_2tuple
+from timm.layers import HybridEmbed, resample_abs_pos_embed, resize_rel_pos_bias_table, to_2tuple
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor, nn
@@ -143,6 +143,12 @@ def create_from_config(meta: Mapping[str, Any], **overrides: Any) -> nn.Module:
     is `timm.create_model(meta["architecture"], **model_kwargs)`.
     """
     kwargs = {**meta.get("model_kwargs", {}), **overrides}
+    if is_beit(meta):
+        # timm's Beit spells VisionTransformer's pooling-norm switch `use_fc_norm` and has no `class_token`
+        if "fc_norm" in kwargs:
+            kwargs["use_fc_norm"] = kwargs.pop("fc_norm")
+        if kwargs.pop("class_token", True) is False:
+            raise ValueError(f"{meta['architecture']}: BEiT always has a class token (class_token=false)")
     embed = meta.get("embed_layer")
     if embed:
         if embed.get("type") != "conv_stem":
@@ -157,6 +163,11 @@ def create_from_config(meta: Mapping[str, Any], **overrides: Any) -> nn.Module:
     if meta.get("pos_embed") == "sincos":
         set_sincos_pos_embed(model)
     return model
+
+
+def is_beit(meta: Mapping[str, Any]) -> bool:
+    """Whether backbone.json names timm's `Beit` (beit_*, beitv2_*): relative position tables, q/v biases."""
+    return str(meta.get("architecture", "")).startswith("beit")
 
 
 def set_sincos_pos_embed(model: nn.Module) -> None:
@@ -203,6 +214,22 @@ def resample_pos_embed(pos_embed: Tensor, model: nn.Module, old_grid: tuple[int,
                                   num_prefix_tokens=num_prefix, interpolation="bicubic", antialias=True)
 
 
+def resize_rel_pos_tables(state: dict[str, Tensor], model: nn.Module) -> tuple[int, tuple[int, int]] | None:
+    """BEiT's per-block relative position tables [(2h-1)(2w-1) + 3, heads] resized in place (timm's
+    `resize_rel_pos_bias_table`: unilm's geometric interpolation of the (2h-1) x (2w-1) grid, the 3 class-token rows
+    kept) when the model's token grid differs. Returns (tables resized, new grid) or None."""
+    targets = {k: v for k, v in model.state_dict().items() if k.endswith("relative_position_bias_table")}
+    resized = 0
+    for key, target in targets.items():
+        if key in state and state[key].shape != target.shape:
+            window = tuple(model.patch_embed.grid_size)
+            state[key] = resize_rel_pos_bias_table(state[key], new_window_size=window, new_bias_shape=target.shape)
+            resized += 1
+    for key in [k for k in state if k.endswith("relative_position_index")]:
+        del state[key]  # timm rebuilds the index buffers for its grid (non-persistent)
+    return (resized, tuple(model.patch_embed.grid_size)) if resized else None
+
+
 def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], meta: Mapping[str, Any],
                  keep_head: bool = False) -> LoadReport:
     """Load a backbone's weights into `model` (built for its own image size, pooling and head).
@@ -224,6 +251,9 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], meta: Mappi
             resampled = (grid_size(meta) or (0, 0), tuple(model.patch_embed.grid_size))
             logger.info("position embeddings resampled from a %dx%d to a %dx%d grid (bicubic)", *resampled[0],
                         *resampled[1])
+    tables = resize_rel_pos_tables(state, model)
+    if tables:
+        logger.info("relative position tables resized to the model's grid (%s): %d", tables[1], tables[0])
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches

@@ -4,11 +4,13 @@ Tools that start from a checkpoint rather than a command line (launch/convert_ch
 rebuild its task from the saved `model.*` section. A new job adds one entry.
 """
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
 from finetune.classification import ClassificationConfig, ClassificationTask, classification_features
+from pretrain.beit import BEIT_ARCHS, BEiTConfig, BEiTTask, beit_encoder_features
 from pretrain.mae import MAE_ARCHS, MAEConfig, MAETask
 from pretrain.reference_checkpoints import mae_encoder_features
 
@@ -24,5 +26,7 @@ class Job(NamedTuple):
 
 JOBS: dict[str, Job] = {
     "pretrain_mae": Job(MAEConfig, MAETask, MAE_ARCHS, mae_encoder_features),
+    # the export needs no tokenizer: the saved config holds the LM head's resolved vocab_size
+    "pretrain_beit": Job(BEiTConfig, partial(BEiTTask, load_tokenizer=False), BEIT_ARCHS, beit_encoder_features),
     "finetune_cls": Job(ClassificationConfig, ClassificationTask, None, classification_features),
 }

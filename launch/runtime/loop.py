@@ -225,7 +225,10 @@ class Trainer:
                 logger.info("CPU: %d compute thread(s) per rank (OMP_NUM_THREADS overrides)", threads)
         # the same seed on every rank while the model is built (identical initial weights), then seed + rank
         distributed.seed_all(cfg.run.seed)
-        self.task = self.build_task(cfg.model)
+        try:
+            self.task = self.build_task(cfg.model)
+        except (ValueError, FileNotFoundError) as e:  # the task's own checks of its model.* values and files
+            raise ConfigError(str(e)) from None
         distributed.seed_all(cfg.run.seed + world.rank)
 
         self.train_stream = self._build_stream(cfg.data.train, self.task.train_transform, train=True)
