@@ -64,6 +64,8 @@ def load_teacher(cfg: DeiTConfig) -> Teacher:
             std = tuple(overlay.get("std", model.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD)))
             name = f"{meta['architecture']} from {folder}"
         missing, unexpected = model.load_state_dict(state, strict=False)
+    except ConfigError:
+        raise
     except (OSError, UnknownFormatError, ValueError, RuntimeError) as e:
         raise ConfigError(f"model.teacher={spec}: cannot load it ({str(e).splitlines()[0][:400]})") from None
     if missing or unexpected:
@@ -96,8 +98,8 @@ def export_classifier(argv: list[str] | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{CLASSIFIER_NAME}.safetensors"))
     (out / f"{CLASSIFIER_NAME}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    logger.info("classifier:   %s (%s, timm keys with both heads)", out / f"{CLASSIFIER_NAME}.safetensors",
-                meta["architecture"])
+    logger.info("classifier:   %s (timm %s with its head%s)", out / f"{CLASSIFIER_NAME}.safetensors",
+                meta["architecture"], "s" if cfg.model.distilled else "")
 
 
 def main(argv: list[str] | None = None) -> int:
