@@ -255,6 +255,33 @@ def test_export_round_trips(tmp_path):
     assert deit_ti.export_classifier(deit_ti.model.state_dict())[1]["architecture"] == "deit_tiny_distilled_patch16_224"
 
 
+def test_deit3_options_train_and_export(tmp_path):
+    """DeiT III: 3-Augment views, BCE on the binarised mixed targets, LayerScale and a class-free position table; the
+    plain export loads strictly into timm with the same features; the classifier is timm's deit_* layout."""
+    task = DeiTTask(tiny_cfg(distill="none", teacher="", teacher_weights="", loss="bce", label_smoothing=0.0,
+                             augment="3aug", reprob=0.0, layer_scale=1e-4, no_embed_class=True, repeats=2, mixup=0.0,
+                             cutmix=0.0))
+    assert task.model.pos_embed.shape[1] == 16 and task.model.blocks[0].ls1.gamma.mean().item() == pytest.approx(1e-4)
+    batch = task.train_collate([task.train_transform({"image": _pil(i), "cls": i % NUM_CLASSES}) for i in range(4)])
+    logits_input = []
+    task.model.head.register_forward_hook(lambda m, args, out: logits_input.append(out.detach()))
+    loss, _ = task.training_step(task.model, batch)
+    loss.backward()
+    z = logits_input[0].double().numpy()
+    y = np.eye(NUM_CLASSES)[batch["label"].numpy()]
+    bce = np.mean(np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0) - z * y)  # BCE with logits, mean over N x K
+    assert loss.item() == pytest.approx(bce, rel=1e-5)
+    tensors, meta = task.export(task.model.state_dict())
+    plain = strict_load_backbone(save_backbone(tmp_path / "b", tensors, meta)).eval()
+    task.model.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.forward_features(images), task.model.forward_features(images))
+    tensors, meta = task.export_classifier(task.model.state_dict())
+    model = timm.create_model(meta["architecture"], pretrained=False, **meta["model_kwargs"])
+    model.load_state_dict(tensors, strict=True)
+
+
 # --- whole runs ----------------------------------------------------------------------------------------------------
 
 @pytest.fixture
