@@ -340,12 +340,13 @@ class DeiTTask:
         self._odd_batch_warned = False
         self._flops: float | None = None
         n = sum(p.numel() for p in self.model.parameters())
-        logger.info("DeiT: %s student, %d px / patch %d, %.2fM parameters, %d classes; distill=%s%s; %d view(s) per "
+        if cfg.distill == "soft":
+            how = f"soft (alpha {self.alpha:g}, tau {cfg.tau:g}, KL {cfg.kl_reduction})"
+        else:
+            how = f"hard (alpha {self.alpha:g})" if cfg.distill == "hard" else "none"
+        logger.info("DeiT: %s student, %d px / patch %d, %.2fM parameters, %d classes; distill=%s; %d view(s) per "
                     "sample%s", "distilled" if cfg.distilled else "plain", cfg.img_size, cfg.patch_size, n / 1e6,
-                    cfg.num_classes, cfg.distill,
-                    (f" (alpha {self.alpha:g}" + (f", tau {cfg.tau:g}, KL {cfg.kl_reduction})" if cfg.distill == "soft"
-                                                  else ")")) if cfg.distilled else "",
-                    cfg.repeats, f", EMA {cfg.ema_decay}" if self.ema else "")
+                    cfg.num_classes, how, cfg.repeats, f", EMA {cfg.ema_decay}" if self.ema else "")
         if self.teacher is not None:
             t = self.teacher
             logger.info("teacher: %s, %.2fM parameters (frozen), mean %s std %s%s", t.name,
@@ -384,9 +385,9 @@ class DeiTTask:
         t = self.teacher
         x = images
         if tuple(t.mean) != tuple(self.mean) or tuple(t.std) != tuple(self.std):
-            def col(v: tuple[float, ...]) -> Tensor:
-                return torch.tensor(v, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-            x = (x.float() * col(self.std) + col(self.mean) - col(t.mean)) / col(t.std)
+            student_mean, student_std, mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1)
+                                                    for v in (self.mean, self.std, t.mean, t.std))
+            x = (x.float() * student_std + student_mean - mean) / std
         if t.img_size and t.img_size != x.shape[-1]:
             x = F.interpolate(x.float(), size=(t.img_size, t.img_size), mode="bicubic", align_corners=False)
         return x
