@@ -96,7 +96,7 @@ class DETRConfig:
     # backbone lr / lr (DETR: 1e-5 / 1e-4); 0 = auto: 0.1 for a pretrained backbone, 1 for init=scratch (a random
     # ViT trained 10x slower than its detector would barely move)
     backbone_lr_scale: float = 0.0
-    layer_decay: float = 1.0       # backbone block i of L gets decay^(L - i) on top; 1 = off
+    layer_decay: float = 1.0       # backbone block i of L gets decay^(L + 1 - i) on top (ViTDet); 1 = off
     # --- augmentation (DETR's recipe at a smaller scale; data_pipeline/detection_transforms.py) ---
     scales: tuple[int, ...] = (256, 288, 320, 352)   # train: shorter side, one drawn per image
     max_size: int = 480            # cap on the longer side (train and eval)
@@ -184,7 +184,8 @@ def draw_detections(image: Tensor, gt_boxes: Tensor, pred_boxes: Tensor, mean: t
     width = max(1, round(min(h, w) / 200))
     for boxes, color in ((gt_boxes, GT_COLOR), (pred_boxes, PRED_COLOR)):
         if len(boxes):
-            xyxy = box_convert(boxes.detach().float().cpu(), "cxcywh", "xyxy") * scale
+            # rounded: draw_bounding_boxes truncates, and 10 / 120 * 120 comes back as 9.99...
+            xyxy = (box_convert(boxes.detach().float().cpu(), "cxcywh", "xyxy") * scale).round()
             canvas = draw_bounding_boxes(canvas, xyxy, colors=[color] * len(boxes), width=width)
     return canvas.float() / 255.0
 
@@ -198,6 +199,11 @@ class DETRTask:
         self.cfg = cfg
         backbone, self.backbone_meta = build_backbone(cfg)
         self.model: DETR = build_detr(cfg, backbone)
+        # the pooled-feature norm of an average-pooling backbone (MAE) is not on the detector's path: frozen, so that
+        # no optimizer waits for its gradients, and exported unchanged
+        for name, p in backbone.named_parameters():
+            if name.startswith(("fc_norm.", "head.")):
+                p.requires_grad_(False)
         overlay = self.backbone_meta.get("pretrained_cfg_overlay", {})
         self.mean = tuple(overlay.get("mean", IMAGENET_DEFAULT_MEAN))
         self.std = tuple(overlay.get("std", IMAGENET_DEFAULT_STD))
@@ -278,13 +284,16 @@ class DETRTask:
     # --- the runtime's hooks --------------------------------------------------------------------------------
 
     def param_groups(self) -> list[dict]:
-        """Backbone: timm's layer-decay groups with lr_scale x backbone_lr_scale (no decay on 1-D tensors, the
-        position table, the class token). Detector: decay on matrices, none on biases and norms."""
+        """Backbone: layer-decay groups (ViTDet's rule, through timm's `param_groups_layer_decay`) with lr_scale x
+        backbone_lr_scale, no decay on 1-D tensors, the position table, the class token. Detector: decay on
+        matrices, none on biases and norms."""
         cfg, backbone = self.cfg, self.model.backbone
         no_decay = sorted(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else []
         groups = param_groups_layer_decay(backbone, weight_decay=WEIGHT_DECAY, no_weight_decay_list=no_decay,
                                           layer_decay=cfg.layer_decay)
-        scale = cfg.backbone_lr_scale or (1.0 if cfg.init.strip() == "scratch" else 0.1)
+        # timm gives block i of L decay^(L - i) (its last block and final norm 1); ViTDet's get_vit_lr_decay_rate
+        # gives decay^(L + 1 - i): the detector above the backbone is the top layer
+        scale = (cfg.backbone_lr_scale or (1.0 if cfg.init.strip() == "scratch" else 0.1)) * cfg.layer_decay
         for g in groups:
             g["lr_scale"] = g.get("lr_scale", 1.0) * scale
         rest = [(n, p) for n, p in self.model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]

@@ -1,0 +1,287 @@
+"""finetune_detr: box-aware transforms, padding masks, COCO mAP through pycocotools, boxes drawn for TensorBoard,
+backbones (scratch, an MAE export) with resampled positions, and whole runs on real shards written from a COCO json
+(one process, and two under the DeepSpeed launcher)."""
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchvision.ops import box_convert
+
+from data_pipeline.detection_transforms import DetectionEvalTransform, DetectionTrainTransform, PadCollate
+from data_pipeline.write import main as write_main
+from finetune import backbone as bb
+from finetune.detr.coco_eval import CocoEvaluator, coco_map, post_process
+from finetune.detr.task import DETRConfig, DETRTask, draw_detections
+from launch import finetune_detr
+from launch.runtime import config
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = "finetune_detr"
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+# A detector small enough for CPU tests: ViT 2 x 32 at patch 8, a 1 + 1 layer 32-wide transformer, 10 queries.
+TINY_MODEL = ["model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.hidden_dim=32",
+              "model.nheads=2", "model.enc_layers=1", "model.dec_layers=2", "model.dim_feedforward=64",
+              "model.num_queries=10", "model.scales=48,64", "model.max_size=80", "model.crop_resize=56,64",
+              "model.crop_size=32,48", "model.eval_size=64"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- data ------------------------------------------------------------------------------------------------------
+
+def painted_sample(w: int = 120, h: int = 90) -> dict:
+    """A black image with white boxes (one touching the right edge) and a crowd box, as the stream decodes it."""
+    boxes = [[10, 12, 30, 20], [60, 40, 25, 35], [w - 20, 5, 20, 30]]
+    pixels = np.zeros((h, w, 3), np.uint8)
+    for x, y, bw, bh in boxes:
+        pixels[y:y + bh, x:x + bw] = 255
+    meta = {"image_id": 7, "width": w, "height": h, "boxes": boxes + [[0, 60, 10, 10]],
+            "category_ids": [3, 1, 3, 1], "iscrowd": [0, 0, 0, 1], "area": [600.0, 875.0, 600.0, 100.0]}
+    return {"__key__": "k", "image": Image.fromarray(pixels), "json": meta}
+
+
+def box_pixels(image: torch.Tensor, boxes: torch.Tensor) -> list[float]:
+    """Mean de-normalised brightness inside each normalised cxcywh box (shrunk by a pixel against resampling)."""
+    h, w = image.shape[1:]
+    pixels = image * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
+    out = []
+    for x0, y0, x1, y1 in (box_convert(boxes, "cxcywh", "xyxy") * torch.tensor([w, h, w, h])).tolist():
+        out.append(pixels[:, math.ceil(y0) + 1:int(y1) - 1, math.ceil(x0) + 1:int(x1) - 1].mean().item())
+    return out
+
+
+def test_train_transform_moves_boxes_with_the_pixels():
+    """Flip, multi-scale resize and random size crop: every kept box still covers white pixels only, the clipped
+    ones stay inside the image, the crowd box is gone, the category ids follow their boxes."""
+    transform = DetectionTrainTransform(scales=(60, 72), max_size=100, crop_resize=(80,), crop_size=(30, 60),
+                                        mean=MEAN, std=STD)
+    random.seed(0)
+    torch.manual_seed(0)
+    sizes, counts, flipped = set(), set(), set()
+    for _ in range(40):
+        out = transform(painted_sample())
+        image, t = out["image"], out["target"]
+        boxes = t["boxes"]
+        assert image.shape[1:] == tuple(t["size"].tolist()) and min(image.shape[1:]) <= 72
+        assert t["orig_size"].tolist() == [90, 120] and int(t["image_id"]) == 7
+        assert (t["iscrowd"] == 0).all() and len(t["category_ids"]) == len(boxes) == len(t["area"])
+        xyxy = box_convert(boxes, "cxcywh", "xyxy")
+        assert (xyxy >= -1e-6).all() and (xyxy <= 1 + 1e-6).all() and (boxes[:, 2:] > 0).all()
+        assert all(v > 0.95 for v in box_pixels(image, boxes) if not math.isnan(v))
+        sizes.add(tuple(image.shape[1:]))
+        counts.add(len(boxes))
+        if len(boxes) == 3:  # not cropped: the category-1 box (centre x 72.5 of 120) is on the left when mirrored
+            (cx,) = boxes[t["category_ids"] == 1, 0].tolist()
+            assert cx == pytest.approx(72.5 / 120, abs=0.02) or cx == pytest.approx(47.5 / 120, abs=0.02)
+            flipped.add(cx < 0.5)
+    assert len(sizes) > 3 and len(counts) > 1 and flipped == {True, False}  # scales, crops, flips all happened
+
+
+def test_eval_transform_and_padding_collate():
+    transform = DetectionEvalTransform(60, max_size=100, mean=MEAN, std=STD)
+    a = transform(painted_sample())
+    b = transform(painted_sample(w=40, h=90))
+    assert a["image"].shape == (3, 60, 80) and b["image"].shape == (3, 100, 44)  # longer side capped: 135 -> 100
+    t = a["target"]
+    assert t["orig_boxes"].tolist()[3] == [0, 60, 10, 10] and t["iscrowd"].tolist() == [0, 0, 0, 1]  # crowd kept
+    assert all(v > 0.95 for v in box_pixels(a["image"], t["boxes"][:3]))
+    torch.testing.assert_close(box_convert(t["boxes"], "cxcywh", "xywh") * 1.5 * torch.tensor([80, 60, 80, 60]),
+                               t["orig_boxes"], atol=1e-3, rtol=0)
+    batch = PadCollate(16)([a, b])
+    assert batch["image"].shape == (2, 3, 112, 80) and batch["mask"].shape == (2, 112, 80)
+    assert not batch["mask"][0, :60, :80].any() and batch["mask"][0, 60:].all()
+    assert not batch["mask"][1, :100, :44].any() and batch["mask"][1, :, 44:].all()
+    assert (batch["image"][0, :, :60, :80] == a["image"]).all() and (batch["image"][0, :, 60:] == 0).all()
+    assert batch["targets"][1] is b["target"]
+
+
+# --- mAP -------------------------------------------------------------------------------------------------------
+
+def test_perfect_predictions_score_map_1_with_category_id_gaps():
+    """Ground truth with COCO-like id gaps (1, 5, 90), predictions equal to it through post_process from the
+    normalised model outputs of a contiguous head: every AP is 1.0; no matches: 0."""
+    ids = [1, 5, 90]
+    evaluator = CocoEvaluator(ids, [{"id": i, "name": f"c{i}"} for i in ids])
+    g = torch.Generator().manual_seed(0)
+    for image_id, (h, w) in enumerate([(100, 150), (80, 60), (120, 120)], start=3):
+        n = 3
+        xy = torch.rand(n, 2, generator=g) * 0.5
+        wh = torch.rand(n, 2, generator=g) * 0.3 + 0.1
+        norm_xywh = torch.cat([xy, wh], 1)
+        orig = norm_xywh * torch.tensor([w, h, w, h])
+        labels = torch.randint(0, 3, (n,), generator=g)
+        evaluator.add_ground_truth({"image_id": torch.tensor(image_id), "orig_size": torch.tensor([h, w]),
+                                    "orig_boxes": orig, "category_ids": torch.tensor(ids)[labels],
+                                    "iscrowd": torch.zeros(n, dtype=torch.int64), "area": orig[:, 2] * orig[:, 3]})
+        logits = torch.full((1, 5, 4), -10.0)
+        logits[0, :, 3] = 10.0                               # 2 spare queries say no-object
+        logits[0, torch.arange(n), labels] = 10.0
+        logits[0, torch.arange(n), 3] = -10.0
+        boxes = torch.full((1, 5, 4), 0.5)
+        boxes[0, :n] = box_convert(norm_xywh, "xywh", "cxcywh")
+        (result,) = post_process(logits, boxes, torch.tensor([[h, w]]))
+        evaluator.add_predictions(image_id, result)
+    stats = evaluator.summarize()
+    assert stats["map"] == pytest.approx(1.0) and stats["map50"] == pytest.approx(1.0)
+    assert stats["map75"] == pytest.approx(1.0) and stats["mar100"] == pytest.approx(1.0)
+    shifted = [{**d, "bbox": [d["bbox"][0] + 500, *d["bbox"][1:]]} for d in evaluator.detections]
+    assert coco_map(evaluator.images, evaluator.annotations, shifted)["map"] == 0.0
+
+
+# --- pictures --------------------------------------------------------------------------------------------------
+
+def test_drawn_boxes_land_where_the_data_says():
+    """A ground-truth box through the eval transform and collate, drawn: green exactly on its outline pixels."""
+    sample = painted_sample()
+    out = DetectionEvalTransform(90, max_size=200, mean=MEAN, std=STD)(sample)  # size unchanged: 90 x 120
+    target = out["target"]
+    picture = draw_detections(out["image"], target["boxes"][:1], torch.zeros(0, 4), MEAN, STD)
+    assert picture.shape == (3, 90, 120) and 0 <= picture.min() and picture.max() <= 1
+    x, y, w, h = sample["json"]["boxes"][0]                 # [10, 12, 30, 20]
+    green = (picture[1] == 1) & (picture[0] == 0) & (picture[2] == 0)
+    ys, xs = torch.nonzero(green, as_tuple=True)
+    assert (xs.min().item(), ys.min().item(), xs.max().item(), ys.max().item()) == (x, y, x + w, y + h)
+    assert green[y, x:x + w].all() and green[y:y + h, x].all()  # the top and left edges
+
+
+# --- backbones and the job -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def coco_shards(tmp_path_factory) -> dict[str, str]:
+    """Train and val shards written by data_pipeline.write from a COCO json: 16 (8) noisy 64-px images with 1-3
+    bright squares of categories 2 and 7 (a gap), some images without boxes; 4 shards each."""
+    root = tmp_path_factory.mktemp("coco")
+    urls = {}
+    for split, n in (("train", 16), ("val", 8)):
+        rng = np.random.default_rng(len(split))
+        folder = root / split
+        folder.mkdir()
+        coco = {"images": [], "annotations": [], "categories": [{"id": 2, "name": "two"}, {"id": 7, "name": "seven"}]}
+        for i in range(n):
+            w, h = int(rng.integers(48, 80)), int(rng.integers(48, 80))
+            pixels = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+            coco["images"].append({"id": 100 + i, "file_name": f"{i}.png", "width": w, "height": h})
+            for _ in range(int(rng.integers(0, 4)) if i % 5 else 0):
+                s = int(rng.integers(8, 20))
+                x, y = int(rng.integers(0, w - s)), int(rng.integers(0, h - s))
+                cat = int(rng.choice([2, 7]))
+                pixels[y:y + s, x:x + s] = (255, 200, 0) if cat == 2 else (0, 200, 255)
+                coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": 100 + i, "area": s * s,
+                                            "bbox": [x, y, s, s], "category_id": cat, "iscrowd": 0})
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+        (folder / "instances.json").write_text(json.dumps(coco))
+        assert write_main([str(folder / "instances.json"), str(root / f"{split}_shards"), "--maxcount",
+                           str(n // 4), "--quiet"]) == 0
+        urls[split] = str(root / f"{split}_shards")
+    return urls
+
+
+def job_args(tmp_path: Path, shards: dict[str, str], *overrides: str, name: str = "t") -> list[str]:
+    return TINY_MODEL + [f"data.train={shards['train']}", f"data.val={shards['val']}", "model.num_classes=2",
+                         "data.batch_size=2", "data.num_workers=0", "optim.warmup_steps=1", "log.every=2",
+                         f"run.dir={tmp_path}", f"run.name={name}", *overrides]
+
+
+def test_presets_parse():
+    cfg, args = config.parse_args(JOB, DETRConfig, [])
+    assert args.preset == "tiny" and cfg.data.train == "embedded:trees" and cfg.engine.grad_clip == 0.1
+    cfg, _ = config.parse_args(JOB, DETRConfig, ["--preset", "vit_b16", "data.train=s3://b/coco/train"])
+    m = cfg.model
+    assert (m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward, m.num_queries) == (
+        256, 8, 6, 6, 2048, 100)
+    assert (m.num_classes, m.layer_decay, m.feature_stride) == (80, 0.7, 32)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.engine.grad_clip) == (1e-4, 1e-4, 0.1)
+    for path in sorted((ROOT / "launch/presets" / JOB).glob("*.yaml")):
+        config.build(DETRConfig, [("data.train", "s3://b/x")] + config.load_preset(path))
+
+
+def test_param_groups_split_backbone_lr_and_layer_decay():
+    cfg = DETRConfig(patch_size=8, embed_dim=32, depth=2, num_heads=2, hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1, dim_feedforward=64,
+                     layer_decay=0.5, backbone_lr_scale=0.1)
+    task = DETRTask(cfg)
+    names = {id(p): n for n, p in task.model.named_parameters()}
+    scales = {names[id(p)]: (g.get("lr_scale", 1.0), g["weight_decay"]) for g in task.param_groups()
+              for p in g["params"]}
+    assert set(scales) == set(names.values())  # every parameter in exactly one group
+    assert scales["backbone.blocks.1.attn.qkv.weight"][0] == pytest.approx(0.1 * 0.5)
+    assert scales["backbone.blocks.0.attn.qkv.weight"][0] == pytest.approx(0.1 * 0.25)
+    assert scales["backbone.pos_embed"] == (pytest.approx(0.1 * 0.125), 0.0)
+    assert scales["class_embed.weight"] == (1.0, 1e-4) and scales["class_embed.bias"] == (1.0, 0.0)
+
+
+@pytest.fixture(scope="module")
+def mae_export(tmp_path_factory) -> Path:
+    """A real MAE backbone folder: the MAE task's own export (timm keys, backbone.json) of a 32-px, patch-8, 2 x 32
+    encoder, as pretrain_mae writes it at the end of a run."""
+    from pretrain.export import save_backbone
+    from pretrain.mae import MAEConfig, MAETask
+
+    task = MAETask(MAEConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
+                             decoder_depth=1, decoder_num_heads=2))
+    tensors, meta = task.export(task.model.state_dict())
+    return save_backbone(tmp_path_factory.mktemp("mae") / "export", tensors, meta)
+
+
+def test_mae_backbone_loads_with_resampled_positions(mae_export):
+    cfg = DETRConfig(init=str(mae_export), img_size=64, hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1,
+                     dim_feedforward=64)
+    task = DETRTask(cfg)
+    source = load_file(str(mae_export / bb.WEIGHTS_NAME))
+    model = task.model.backbone
+    torch.testing.assert_close(model.blocks[1].mlp.fc2.weight, source["blocks.1.mlp.fc2.weight"])
+    assert source["pos_embed"].shape[1] == 1 + 16 and model.pos_embed.shape[1] == 1 + 64  # 4x4 -> 8x8 grid
+    images, mask = torch.randn(2, 3, 48, 72), torch.zeros(2, 48, 72, dtype=torch.bool)
+    mask[1, 40:], mask[1, :, 56:] = True, True
+    out = task.model(images, mask)  # a grid the table was not built for: resampled in the forward
+    assert out["pred_logits"].shape == (2, 100, 2) and out["pred_boxes"].shape == (2, 100, 4)
+    assert len(out["aux_outputs"]) == 0 and (out["pred_boxes"] > 0).all() and (out["pred_boxes"] < 1).all()
+
+
+def test_job_runs_and_logs_every_loss_term_and_map(tmp_path, coco_shards):
+    assert finetune_detr.main(job_args(tmp_path, coco_shards, "optim.max_steps=4", "log.images_every=2",
+                                       "model.neck=project")) == 0
+    run_dir = tmp_path / JOB / "t"
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train = [r for r in rows if "train/loss" in r]
+    for key in ("loss_ce", "loss_bbox", "loss_giou", "loss_aux", "class_error", "cardinality_error"):
+        assert all(math.isfinite(r[f"train/{key}"]) for r in train), key
+    final = [r for r in rows if "val/map" in r][-1]
+    assert {"val/map", "val/map50", "val/map75", "val/map_small", "val/map_medium", "val/map_large"} <= set(final)
+    assert 0 <= final["val/map"] <= 1
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0}).Reload()
+    assert "images/detections/0" in events.Tags()["images"]
+    # the export is the finetuned backbone as a timm folder
+    meta = json.loads((run_dir / "export" / bb.CONFIG_NAME).read_text())
+    assert meta["categories"] == [{"id": 2, "name": "two"}, {"id": 7, "name": "seven"}]
+    model = bb.create_from_config(meta)
+    model.load_state_dict(load_file(str(run_dir / "export" / bb.WEIGHTS_NAME)), strict=True)
+
+
+def test_category_count_must_match(tmp_path, coco_shards, caplog):
+    assert finetune_detr.main(job_args(tmp_path, coco_shards, "model.num_classes=3", "optim.max_steps=1")) == 2
+    assert any("2 categories in its index.json but model.num_classes=3" in r.getMessage() for r in caplog.records)
+    assert finetune_detr.main(job_args(tmp_path, coco_shards, "model.category_map=id", "optim.max_steps=1",
+                                       name="id")) == 2
+    assert any("set model.num_classes=8" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.multiproc
+def test_two_rank_deepspeed_smoke(tmp_path, coco_shards):
+    """2 ranks under the deepspeed launcher (gloo, ZeRO-2): losses finite, mAP gathered over the 8 val images."""
+    from tests.test_deepspeed_multiproc import deepspeed_launch
+
+    proc = deepspeed_launch("launch/finetune_detr.py", *job_args(tmp_path, coco_shards, "optim.max_steps=3",
+                                                                   "engine.zero_stage=2"))
+    rows = read_jsonl(tmp_path / JOB / "t" / "metrics.jsonl")
+    assert all(math.isfinite(r["train/loss_giou"]) for r in rows if "train/loss" in r)
+    assert "val/map" in rows[-1] or any("val/map" in r for r in rows)
+    assert "COCO bbox evaluation: 8 images" in proc.stdout + proc.stderr
