@@ -28,6 +28,13 @@ world_size x num_workers shards; fewer is a ValueError that says how to fix it.
 Resampled mode (`mode="resampled"`): infinite; each (rank, worker) draws shards with replacement from an RNG
 seeded by (seed, epoch, rank, worker), so no two readers share a sequence. No padding; `batches_per_epoch` is None.
 
+Reproducibility: the random augmentations of a map_fn (torch, `random`, numpy global RNGs) are seeded at the
+start of every epoch from (seed, epoch, rank, worker) in each reader, never from the training process's RNG state,
+and creating the DataLoader does not draw from that state either. So an epoch's batches are a function of
+(seed, epoch, rank, world size, num_workers) alone, and a resumed run that skips the first k batches of an epoch
+gets exactly the batches k+1... of the uninterrupted run. With num_workers=0 the reader runs in the training
+process: its RNG states are swapped in around each batch, so data and model randomness do not interleave.
+
 Bad data never stops a run: a sample that cannot be used is skipped and counted by reason in `stream.skipped`
 (a Counter): "truncated_tar", "corrupt_image", "corrupt_label", "corrupt_json", "missing_image",
 "missing_label" (when `required` names "cls"), "unexpected_member", "multiple_images", "duplicate_member",
@@ -35,6 +42,7 @@ Bad data never stops a run: a sample that cannot be used is skipped and counted 
 a map_fn gave in `SkipSample("reason")`. Workers log skipped samples (key and shard URL) at a limited rate.
 """
 
+import hashlib
 import io
 import json
 import logging
@@ -44,6 +52,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
@@ -227,9 +236,13 @@ class ShardBatchDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = self._worker_id()
         skips = SkipTracker(self.rank, worker)
-        if self.mode == "epoch":
-            return self._epoch_batches(worker, skips)
-        return self._resampled_batches(worker, skips)
+        batches = self._epoch_batches(worker, skips) if self.mode == "epoch" else self._resampled_batches(worker,
+                                                                                                          skips)
+        seed = f"augment-{self.seed}-{self.epoch}-{self.rank}-{worker}"
+        if get_worker_info() is not None:
+            seed_global_rngs(seed)  # a worker process of its own: its global RNGs are the data's
+            return batches
+        return _isolated_rngs(batches, seed)
 
     def _buffer_rng(self, worker: int) -> random.Random:
         return random.Random(f"samples-{self.seed}-{self.epoch}-{self.rank}-{worker}")
@@ -335,6 +348,42 @@ class ShardBatchDataset(IterableDataset):
                 pending = []
 
 
+def seed_global_rngs(text: str) -> None:
+    """Seed torch, `random` and numpy from a string (hashed: different strings give unrelated streams)."""
+    value = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)
+
+
+def _isolated_rngs(batches: Iterator[dict[str, Any]], seed: str) -> Iterator[dict[str, Any]]:
+    """Run a reader in the training process with RNG states of its own: swapped in while a batch is made, swapped
+    out before it is handed over (torch CPU, `random`, numpy; the map functions draw from these)."""
+    def capture() -> tuple:
+        return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+    def restore(state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        random.setstate(state[1])
+        np.random.set_state(state[2])
+
+    outer = capture()
+    seed_global_rngs(seed)
+    data = capture()
+    restore(outer)
+    while True:
+        outer = capture()
+        restore(data)
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        finally:
+            data = capture()
+            restore(outer)
+        yield batch
+
+
 class BatchStream:
     """What `build_stream` returns: iterate it for batches (dicts); call `set_epoch(e)` before each epoch.
 
@@ -352,8 +401,11 @@ class BatchStream:
         self.num_samples = index.num_samples
         self.skipped: Counter[str] = Counter()
         self._plan: EpochPlan | None = None
+        # an explicit generator: creating an iterator must not draw from the training process's RNG (a resumed run
+        # would otherwise continue with another random sequence than the uninterrupted one)
         self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                  pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                                  pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                                  generator=torch.Generator().manual_seed(dataset.seed))
 
     @property
     def mode(self) -> str:

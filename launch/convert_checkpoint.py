@@ -24,7 +24,6 @@ than --atol, 2 nothing to convert (no checkpoint, unknown tag, unknown format, u
 """
 import argparse
 import contextlib
-import importlib
 import io
 import logging
 import math
@@ -113,26 +112,10 @@ def locate(path: Path, tag: str) -> tuple[Path, str, Path]:
 
 
 def deepspeed_classes(files: list[Path]) -> list[type]:
-    """The classes the files pickle besides tensors, refusing any that is not one of DeepSpeed's checkpoint classes.
-
-    DeepSpeed's optimizer states pickle a few of its own classes (ZeroStageEnum, LossScaler, fragment_address); a
-    file that names anything else (a function, another package's class) was not written by it and is not unpickled.
-    """
-    from torch.serialization import get_unsafe_globals_in_checkpoint
-
-    classes: dict[str, type] = {}
-    for f in files:
-        for name in get_unsafe_globals_in_checkpoint(f):
-            module, _, attr = name.rpartition(".")
-            obj = None
-            if module.startswith("deepspeed."):
-                with contextlib.suppress(ImportError, AttributeError):
-                    obj = getattr(importlib.import_module(module), attr)
-            if not isinstance(obj, type):
-                raise ConvertError(f"{f} pickles {name}, which is not one of DeepSpeed's checkpoint classes: "
-                                   "refusing to unpickle it")
-            classes[name] = obj
-    return list(classes.values())
+    try:
+        return checkpoint.deepspeed_classes(files)
+    except checkpoint.UnsafeCheckpointError as e:
+        raise ConvertError(str(e)) from None
 
 
 def _load_with(path: Path, classes: list[type]) -> dict[str, Any]:

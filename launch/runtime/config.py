@@ -78,6 +78,9 @@ class EngineConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU (fp16 if unsupported), fp32 on CPU
     grad_accum: int = 1                 # micro-batches per optimizer step
     grad_clip: float = 0.0              # max global grad norm; 0 = off (MAE pretrains without clipping)
+    # a non-finite loss on any rank: "stop" exits 1 without saving (the last checkpoint stays the newest), "skip"
+    # leaves the weights unchanged for that step, counts it (train/nonfinite_skipped) and goes on
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass(kw_only=True)

@@ -135,6 +135,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_true(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is True on any rank (one small all-reduce; every rank must call it)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
     """Mean over ranks of each value (a single collective for all of them)."""
     t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)

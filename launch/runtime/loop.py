@@ -26,6 +26,7 @@ import logging
 import math
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -110,36 +111,43 @@ class DeviceLoader:
 class DataPosition:
     """Endless batches from a stream with its position: (epoch, batches consumed in that epoch).
 
-    Epoch mode: an epoch is exactly `stream.batches_per_epoch` batches on every rank; `set_epoch` is called at
-    each boundary, and a resumed run skips the consumed batches of its epoch (fast-forward: they are read and
-    dropped). Resampled mode has no epochs: a resumed run draws a new sequence with `set_epoch(resume step)`.
+    Epoch mode: an epoch is exactly `stream.batches_per_epoch` batches on every rank. Resampled mode: the stream is
+    endless, so the position counts in epochs of `resampled_epoch` batches (num_samples / (batch x ranks)), and each
+    starts the stream anew with `set_epoch(epoch)`, i.e. fresh shard draws and shuffle seeds. Either way a batch is a
+    function of (run.seed, epoch, batch_in_epoch, ranks, workers) alone (see data_pipeline.stream, reproducibility),
+    so a resumed run re-reads and drops the consumed batches of its epoch (at most one epoch) and continues with
+    exactly the batches the uninterrupted run saw. Which rank and worker read which samples follows from the
+    position: the epoch's plan deals shards to (rank, worker) and the DataLoader takes batches from its workers in
+    turn.
     """
 
-    def __init__(self, stream: Any, epoch: int = 0, batch_in_epoch: int = 0) -> None:
+    def __init__(self, stream: Any, epoch: int = 0, batch_in_epoch: int = 0, resampled_epoch: int = 1) -> None:
         self.stream = stream
         self.epoch = epoch
         self.batch_in_epoch = batch_in_epoch
-        self.resampled = stream.batches_per_epoch is None
+        self.per_epoch = stream.batches_per_epoch or max(1, resampled_epoch)
         self._it: Iterator | None = None
         self.wait_s = 0.0  # cumulative time spent waiting for batches
 
     def _start_epoch(self, skip: int) -> None:
         self.stream.set_epoch(self.epoch)
         self._it = iter(self.stream)
-        for _ in range(skip):
-            next(self._it)
+        if skip:
+            logger.info("data: re-reading the %d consumed batches of epoch %d", skip, self.epoch)
+            counted = Counter(self.stream.skipped)  # the checkpoint's counts already include these batches' skips
+            for _ in range(skip):
+                next(self._it)
+            self.stream.skipped.clear()
+            self.stream.skipped.update(counted)
 
     def __next__(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        per_epoch = self.stream.batches_per_epoch
         if self._it is None:
-            if per_epoch is not None and self.batch_in_epoch >= per_epoch:  # resumed at the end of an epoch
+            if self.batch_in_epoch >= self.per_epoch:  # resumed at the end of an epoch
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            skip = 0 if self.resampled else self.batch_in_epoch
-            if skip:
-                logger.info("data: skipping %d consumed batches of epoch %d", skip, self.epoch)
-            self._start_epoch(skip)
-        if per_epoch is not None and self.batch_in_epoch >= per_epoch:
+            self._start_epoch(self.batch_in_epoch)
+        if self.batch_in_epoch >= self.per_epoch:
+            self._it = None  # stops the epoch's workers before the next epoch's start
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self._start_epoch(0)
         try:
@@ -153,6 +161,9 @@ class DataPosition:
         self.wait_s += time.perf_counter() - t0
         return batch
 
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
 
 @dataclass
 class Window:
@@ -163,6 +174,7 @@ class Window:
     wait_s: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     micro_batches: int = 0
+    nonfinite_skipped: int = 0
 
     def add_metrics(self, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
@@ -216,6 +228,7 @@ class Trainer:
         if cfg.run.resume == "auto" and target is None:
             logger.info("run.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_dir)
         if target is not None:
+            checkpoint.check_safe(target[0] / target[1])
             checkpoint.check_resumable(target[0] / target[1], cfg.to_dict(), world.world_size)
         self._prepare_run_dir(fresh=target is None and cfg.run.resume in ("auto", "none"))
 
@@ -264,6 +277,7 @@ class Trainer:
         self.engine = engine_lib.initialize(self.task.model, optimizer, ds_config)
 
         self.step, epoch, batch_in_epoch = 0, 0, 0
+        self.nonfinite_skipped = 0
         self.best: dict[str, Any] | None = None   # {"metric", "value", "step"} of the best evaluation so far
         self._best_missing_warned = False
         if target is not None:
@@ -279,12 +293,14 @@ class Trainer:
                 logger.warning("resume: checkpoint from %d ranks, now %d; RNGs reseeded", len(rngs),
                                world.world_size)
                 distributed.seed_all(cfg.run.seed + world.rank + world.world_size * self.step)
-            if self.train_stream.batches_per_epoch is None:  # resampled: a new draw instead of a replay
-                epoch, batch_in_epoch = self.step, 0
+            self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+            skipped = state.get("skipped") or []
+            if len(skipped) == world.world_size:
+                self.train_stream.skipped.update(skipped[world.rank])
             if "task" in state and hasattr(self.task, "load_extra_state"):
                 self.task.load_extra_state(state["task"])
             self.best = state.get("best") or None
-        self.data = DataPosition(self.train_stream, epoch, batch_in_epoch)
+        self.data = DataPosition(self.train_stream, epoch, batch_in_epoch, resampled_epoch=self.resampled_epoch())
         self._epochs_evaluated = self.epochs_completed()
 
         if world.is_main:
@@ -315,14 +331,14 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------------
 
+    def resampled_epoch(self) -> int:
+        """Micro-batches per rank in an epoch of a resampled stream: num_samples / (batch_size x world_size), as for
+        optim.epochs."""
+        return max(1, (self.train_stream.num_samples or 0) // (self.cfg.data.batch_size * self.world.world_size))
+
     def epochs_completed(self) -> int:
-        """Whole epochs of data.train consumed so far. A resampled stream has no epochs of its own: there an epoch
-        is num_samples / (batch_size x world_size) micro-batches, as for optim.epochs."""
-        per_epoch = self.train_stream.batches_per_epoch
-        if per_epoch is not None:
-            return self.data.epoch + (1 if self.data.batch_in_epoch >= per_epoch else 0)
-        micro = max(1, (self.train_stream.num_samples or 0) // (self.cfg.data.batch_size * self.world.world_size))
-        return self.step * self.cfg.engine.grad_accum // micro
+        """Whole epochs of data.train consumed so far."""
+        return self.data.epoch + (1 if self.data.batch_in_epoch >= self.data.per_epoch else 0)
 
     def eval_due(self) -> bool:
         """Whether this step ends a validation interval (log.eval_every steps, or an epoch with eval_every_epoch)."""
@@ -340,11 +356,20 @@ class Trainer:
         return engine_lib.lr_at(step, peak=d.lr, total=d.total_steps, warmup=d.warmup_steps,
                                 min_lr=self.cfg.optim.min_lr)
 
-    def train_step(self, window: Window, want_grad_norm: bool) -> float | None:
-        """One optimizer step over grad_accum micro-batches; the local grad norm when DeepSpeed computes none."""
+    def train_step(self, window: Window, want_grad_norm: bool) -> tuple[float | None, bool]:
+        """One optimizer step over grad_accum micro-batches -> (the local grad norm when DeepSpeed computes none,
+        whether a loss was non-finite on some rank).
+
+        A non-finite loss (checked on every micro-batch, agreed across ranks) is never backpropagated: a zero loss
+        over every trainable parameter takes its place, so DeepSpeed's gradient hooks and counters run as usual,
+        and the step's lr is set to 0, so AdamW leaves the weights exactly as they were (engine.on_nonfinite=skip;
+        DeepSpeed has no public way to skip a step outside fp16 loss scaling; Adam's moments decay by one step).
+        With on_nonfinite=stop the caller stops the run.
+        """
         engine, accum = self.engine, self.cfg.engine.grad_accum
         engine_lib.set_lr(engine.optimizer, self.lr_for(self.step))
         local_norm = None
+        nonfinite = False
         for micro in range(accum):
             wait0 = self.data.wait_s
             batch = next(self.data)
@@ -354,12 +379,20 @@ class Trainer:
                 self.fixed_batch = {k: v[:8].clone() if torch.is_tensor(v) else v[:8] if isinstance(v, list) else v
                                     for k, v in batch.items()}
             loss, metrics = self.task.training_step(engine, batch)
+            bad = distributed.any_true(not bool(torch.isfinite(loss.detach()).all()), self.world.device)
+            if bad:
+                nonfinite = True
+                loss = sum((p.sum() * 0.0 for p in engine.module.parameters() if p.requires_grad),
+                           torch.zeros((), device=self.world.device))
+            if micro == accum - 1 and nonfinite:
+                engine_lib.set_lr(engine.optimizer, 0.0)
             engine.backward(loss)
             if want_grad_norm and micro == accum - 1 and self.cfg.engine.zero_stage == 0:
                 local_norm = engine_lib.local_grad_norm(engine.module)
             engine.step()
-            window.add_metrics({"loss": float(loss.detach().float().item()), **metrics})
-        return local_norm
+            if not bad:
+                window.add_metrics({"loss": float(loss.detach().float().item()), **metrics})
+        return local_norm, nonfinite
 
     def log(self, window: Window, grad_norm: float | None) -> dict[str, float]:
         """All-reduce the window's means over ranks and write them (rank 0). Collective."""
@@ -374,8 +407,10 @@ class Trainer:
         wait_frac, step_time = reduced[len(keys):]
         per_rank = cfg.data.batch_size * cfg.engine.grad_accum / step_time
         values = {f"train/{k}": v for k, v in means.items()}
+        if self.nonfinite_skipped:
+            values["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
         values.update({"train/lr": self.lr_for(self.step - 1), "train/epoch": self.data.epoch
-                       + self.data.batch_in_epoch / (d.batches_per_epoch or math.inf),
+                       + self.data.batch_in_epoch / self.data.per_epoch,
                        "perf/images_per_s": per_rank * w.world_size, "perf/images_per_s_per_rank": per_rank,
                        "perf/step_time_s": step_time, "perf/data_wait_frac": wait_frac})
         engine_norm = engine_lib.grad_norm(self.engine)
@@ -434,7 +469,7 @@ class Trainer:
                 return
         self.best = {"metric": key, "value": value, "step": self.step}
         path = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.client_state(), keep=0,
-                               local_rank=self.world.local_rank, tag=checkpoint.BEST_TAG)
+                               rank=self.world.rank, local_rank=self.world.local_rank, tag=checkpoint.BEST_TAG)
         out = self.export(self.run_dir / "export_best", extra={"best": self.best})
         logger.info("best %s %.4f at step %d: %s, %s", key, value, self.step, path, out)
 
@@ -444,9 +479,11 @@ class Trainer:
 
     def client_state(self) -> dict[str, Any]:
         state = {"step": self.step,
-                 "data": {"epoch": self.data.epoch, "batch_in_epoch": self.data.batch_in_epoch},
+                 "data": self.data.state(),
                  "world_size": self.world.world_size,
                  "rng": distributed.all_gather_object(checkpoint.rng_state(self.world.device)),
+                 "skipped": distributed.all_gather_object(dict(self.train_stream.skipped)),
+                 "nonfinite_skipped": self.nonfinite_skipped,
                  "config": self.cfg.to_dict()}
         if self.best is not None:
             state["best"] = dict(self.best)
@@ -457,7 +494,7 @@ class Trainer:
     def save(self) -> Path:
         t0 = time.perf_counter()
         path = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.client_state(), keep=self.cfg.ckpt.keep,
-                               local_rank=self.world.local_rank)
+                               rank=self.world.rank, local_rank=self.world.local_rank)
         logger.info("checkpoint %s (%.1f s)", path, time.perf_counter() - t0)
         return path
 
@@ -495,8 +532,19 @@ class Trainer:
         while self.step < d.total_steps:
             t0 = time.perf_counter()
             log_now = (self.step + 1) % log_cfg.every == 0 or self.step + 1 == d.total_steps
-            local_norm = self.train_step(window, want_grad_norm=log_now)
+            local_norm, nonfinite = self.train_step(window, want_grad_norm=log_now)
             self.step += 1
+            if nonfinite:
+                if cfg.engine.on_nonfinite == "stop":
+                    logger.error("non-finite loss at step %d: stopping without saving; the last good checkpoint is "
+                                 "%s (lower optim.lr / optim.base_lr, set engine.grad_clip, or "
+                                 "engine.on_nonfinite=skip)", self.step, checkpoint.latest_tag(self.ckpt_dir) or "none")
+                    self.tracker.close()
+                    return 1
+                window.nonfinite_skipped += 1
+                self.nonfinite_skipped += 1
+                logger.warning("non-finite loss at step %d: update skipped (%d so far)", self.step,
+                               self.nonfinite_skipped)
             if hasattr(self.task, "after_step"):
                 self.task.after_step(self.engine, self.step)
             window.steps += 1
@@ -504,12 +552,8 @@ class Trainer:
             if log_now:
                 last_values = self.log(window, local_norm)
                 window = Window()
-                loss = last_values["train/loss"]
+                loss = last_values.get("train/loss", math.nan)
                 first_loss = loss if first_loss is None else first_loss
-                if not math.isfinite(loss):
-                    logger.error("loss is %s at step %d; stopping (lower optim.base_lr, or engine.grad_clip > 0)",
-                                 loss, self.step)
-                    return 1
             last = self.step == d.total_steps
             if self.eval_due() and self.val_stream is not None and not last:
                 self.evaluate()
@@ -533,7 +577,7 @@ class Trainer:
         steps_done = self.step - start_step
         if first_loss is not None and last_values is not None:
             logger.info("done: %d steps in %s; train loss %.4f -> %.4f%s", steps_done,
-                        tracking.format_duration(elapsed), first_loss, last_values["train/loss"],
+                        tracking.format_duration(elapsed), first_loss, last_values.get("train/loss", math.nan),
                         "".join(f"; {k} {v:.4f}" for k, v in final.items()))
         if self.best is not None:
             logger.info("best:         %s %.4f at step %d (checkpoints/%s, %s)", self.best["metric"],

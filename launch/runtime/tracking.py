@@ -117,8 +117,9 @@ class Tracker:
                 self.writer.add_image(f"images/{name}", img.detach().float().clamp(0, 1).cpu(), step)
 
     def progress(self, step: int, total: int, values: dict[str, float], eta_s: float) -> None:
-        parts = [f"step {step}/{total}", f"loss {values['train/loss']:.4f}", f"lr {values['train/lr']:.3g}",
-                 f"{values['perf/images_per_s']:.1f} img/s"]
+        loss = values.get("train/loss")  # absent when every micro-batch of the window was non-finite (skipped)
+        parts = [f"step {step}/{total}", f"loss {loss:.4f}" if loss is not None else "loss skipped",
+                 f"lr {values['train/lr']:.3g}", f"{values['perf/images_per_s']:.1f} img/s"]
         if "perf/mfu" in values:
             parts.append(f"mfu {100 * values['perf/mfu']:.1f}%")
         parts.append(f"eta {format_duration(eta_s)}")
