@@ -352,3 +352,16 @@ def test_vit_backbone_maps_onto_the_encoder(tmp_path):
     # through the job's config: model.init=<backbone folder>
     task = IPTTask(IPTConfig(init=str(tmp_path), tasks=("denoise30",), **TINY_ARCH))
     torch.testing.assert_close(task.model.body.encoder[1].mlp.fc1.weight, vit.blocks[1].mlp.fc1.weight)
+
+
+def test_multitask_refuses_zero3_partitioned_weights():
+    """ZeRO-3 marks partitioned parameters with ds_id; a multi-task step there would deadlock, so it is refused."""
+    task = IPTTask(IPTConfig(tasks=("denoise30", "sr2"), **TINY_ARCH))
+    batch = {"input": torch.rand(2, 3, 12, 12) * 255, "target": torch.zeros(2, 3, 12, 12, dtype=torch.uint8),
+             "task": torch.zeros(2, dtype=torch.int64)}
+    loss, logged = task.training_step(task.model, batch)
+    assert loss.item() > 0 and set(logged) == {"l1", "contrastive", "psnr_rgb"}
+    fresh = IPTTask(IPTConfig(tasks=("denoise30", "sr2"), **TINY_ARCH))
+    next(fresh.model.parameters()).ds_id = 0
+    with pytest.raises(RuntimeError, match="zero_stage <= 2"):
+        fresh.training_step(fresh.model, batch)

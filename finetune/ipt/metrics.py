@@ -19,7 +19,6 @@ Conventions of the SR / denoising literature (IPT `utility.calc_psnr`; EDSR; Swi
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -198,7 +197,3 @@ def self_ensemble(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         total = y if total is None else total + y
     return total / len(_DIHEDRAL)
 
-
-def psnr_from_mse(mse: float, data_range: float = DATA_RANGE) -> float:
-    """10 log10(range^2 / mse); +inf for 0."""
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)

@@ -23,6 +23,9 @@ over the tasks (a `ckpt.best_metric`). Per-image values are summed over the non-
 Initialisation (`model.init`): none; an IPT export of an earlier run (its `export/` or the run dir: the body and
 the heads, tails and embeddings of the tasks both runs share, by name; the architecture comes from its ipt.json);
 or a ViT backbone folder of this project (backbone.json: its blocks become the encoder, see `load_vit_body`).
+
+Ranks draw their tasks independently, so a step runs different heads and tails on different ranks: fine for ZeRO
+0-2 (DeepSpeed reduces zero gradients for the unused ones), refused under ZeRO-3 with more than one task.
 """
 from __future__ import annotations
 
@@ -253,6 +256,7 @@ class IPTTask:
         self.eval_collate = ListBatch()
         self._flops: float | None = None
         self._last_eval: dict[str, float] = {}
+        self._checked_partitioning = False
         logger.info("IPT: tasks %s, %d px inputs, %d tokens of %d dims, %d+%d layers, %.2fM parameters (%.2fM body); "
                     "%s", ",".join(self.arch.tasks), self.arch.img_size, self.arch.num_tokens, self.arch.embed_dim,
                     self.arch.enc_layers, self.arch.dec_layers, sum(p.numel() for p in self.model.parameters()) / 1e6,
@@ -268,6 +272,13 @@ class IPTTask:
         return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": WEIGHT_DECAY}]
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        if not self._checked_partitioning:
+            self._checked_partitioning = True
+            if len(self.specs) > 1 and any(hasattr(p, "ds_id") for p in self.model.parameters()):
+                # ZeRO-3 gathers each module's weights collectively as it runs; ranks on different tasks would run
+                # different heads and tails and wait for each other forever
+                raise RuntimeError("multi-task IPT draws a task per batch on each rank: it needs engine.zero_stage "
+                                   "<= 2 (ZeRO-3 partitions the weights); single-task finetuning runs on ZeRO-3")
         task = batch["task"]
         out, tokens = model(batch["input"], task, return_features=True)
         target = batch["target"].float()
