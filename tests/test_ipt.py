@@ -365,3 +365,30 @@ def test_multitask_refuses_zero3_partitioned_weights():
     next(fresh.model.parameters()).ds_id = 0
     with pytest.raises(RuntimeError, match="zero_stage <= 2"):
         fresh.training_step(fresh.model, batch)
+
+
+class BaselineModel(torch.nn.Module):
+    """Returns each task's baseline (identity for denoising/deraining, bicubic enlargement for SR): evaluated
+    through tiles, it must score exactly the baseline, so every gain is 0 (no shift, crop or scale mismatch)."""
+
+    def __init__(self, scales: dict[str, int]) -> None:
+        super().__init__()
+        self.scales = scales
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, task):
+        s = self.scales[task]
+        return x if s == 1 else torch.nn.functional.interpolate(x, scale_factor=s, mode="bicubic", antialias=True)
+
+
+def test_evaluation_of_the_baseline_itself_gains_nothing():
+    tasks = ("denoise30", "sr2", "sr3", "derain")
+    task = IPTTask(IPTConfig(tasks=tasks, eval_size=36, **{**TINY_ARCH, "img_size": 12}, tile_overlap=6))
+    photo = __import__("PIL.Image", fromlist=["Image"]).fromarray(RNG.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    items = [task.eval_transform({"__key__": str(i), "image": photo}) for i in range(3)]
+    batch = task.eval_collate(items)
+    batch["is_padding"] = torch.tensor([False, False, True])
+    results = task.evaluate(BaselineModel({t: deg.parse_task(t).scale for t in tasks}), [batch])
+    for t in tasks:
+        assert results[f"{t}/gain_psnr_y"] == 0.0 and results[f"{t}/gain_psnr_rgb"] == 0.0, t
+        assert results[f"{t}/psnr_rgb"] < 40
