@@ -124,8 +124,10 @@ class DeiTConfig:
         errors = []
         teacher = self.teacher.strip()
         if self.distill != "none" and not teacher:
-            errors.append(f"model.distill={self.distill} needs a teacher: teacher=FOLDER (a finetune_cls export) or "
-                          "teacher=timm:NAME teacher_weights=FILE (or distill=none)")
+            errors.append(f"model.distill={self.distill} needs a teacher: teacher=FOLDER (a finetune_cls export, e.g. "
+                          "after `python launch/finetune_cls.py model.init=timm:resnet18 run.name=teacher`: "
+                          "teacher=runs/finetune_cls/teacher/export_best) or teacher=timm:NAME teacher_weights=FILE; "
+                          "or distill=none")
         if teacher.startswith("timm:"):
             if not timm.is_model(teacher[5:]):
                 errors.append(f"model.teacher={teacher}: {teacher[5:]!r} is not a timm architecture")
