@@ -79,7 +79,8 @@ def test_multitask_run_then_single_task_finetune(tmp_path):
     assert meta["eval"]["sr2/psnr_y"] == pytest.approx(final["val/sr2/psnr_y"])
 
     finetune = TINY + ["--preset", "finetune", f"model.init={run_dir}", "tasks=sr2", "data.num_workers=0",
-                       "optim.max_steps=2", "model.eval_images=8", f"run.dir={tmp_path}", "run.name=single"]
+                       "optim.max_steps=2", "model.eval_images=8", "model.self_ensemble=true", f"run.dir={tmp_path}",
+                       "run.name=single"]
     assert finetune_ipt.main(finetune) == 0
     meta = json.loads((tmp_path / JOB / "single" / "export" / "ipt.json").read_text())
     assert meta["arch"]["tasks"] == ["sr2"] and meta["init"] == str(run_dir)

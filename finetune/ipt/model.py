@@ -367,11 +367,11 @@ def load_vit_body(model: IPT, folder: str | Path) -> InitReport:
     arch = model.arch
     width, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
     if width != arch.embed_dim:
-        hint = ", ".join(f"n_feats={width // (p * p)} patch_dim={p}" for p in (1, 2, 3, 4)
-                         if width and width % (p * p) == 0 and width // (p * p) >= 8)
+        hint = " or ".join(f"model.n_feats={width // (p * p)} model.patch_dim={p}" for p in (1, 2, 3, 4)
+                           if width and width % (p * p) == 0 and width // (p * p) >= 8)
         raise ValueError(f"the ViT in {folder} is {width} wide but the IPT body's tokens are n_feats x patch_dim^2 = "
                          f"{arch.n_feats} x {arch.patch_dim}^2 = {arch.embed_dim}; the blocks only map when they are "
-                         f"equal (e.g. model.{hint.replace(', ', ' or model.') if hint else 'n_feats=...'})")
+                         f"equal ({'e.g. ' + hint if hint else 'set model.n_feats and model.patch_dim'})")
     if heads != arch.num_heads:
         raise ValueError(f"the ViT in {folder} has {heads} heads; set model.num_heads={heads}")
     ratio = kwargs.get("mlp_ratio", 4.0)
