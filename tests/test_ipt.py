@@ -361,6 +361,9 @@ def test_multitask_refuses_zero3_partitioned_weights():
              "task": torch.zeros(2, dtype=torch.int64)}
     loss, logged = task.training_step(task.model, batch)
     assert loss.item() > 0 and set(logged) == {"l1", "contrastive", "psnr_rgb"}
+    pictures = task.images(task.model, batch)  # from a training batch (no data.val): its task, 3 columns
+    assert list(pictures) == ["denoise30"] and pictures["denoise30"].shape == (3, 2 * 14 + 2, 3 * 14 + 2)
+    assert task.flops_per_sample() > 0
     fresh = IPTTask(IPTConfig(tasks=("denoise30", "sr2"), **TINY_ARCH))
     next(fresh.model.parameters()).ds_id = 0
     with pytest.raises(RuntimeError, match="zero_stage <= 2"):
