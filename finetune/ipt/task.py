@@ -3,7 +3,7 @@
 Data (Chen et al. 2021, arXiv 2012.00364; finetune-anchors.md, C): the map function cuts one clean crop per image,
 large enough for the largest SR scale (`img_size x max scale` px, random flips and 90-degree rotations as EDSR /
 IPT augment); `DegradeBatch`, the task's `train_collate`, runs in the data workers, draws ONE task per batch from
-torch's RNG (seeded per worker and per rank by the runtime, so workers and ranks draw different tasks), cuts each
+torch's RNG (the stream seeds it from (seed, epoch, rank, worker): ranks and workers draw different tasks), cuts each
 sample's target (`img_size x scale` px) from its crop and synthesises the degraded inputs for the whole batch
 (finetune/ipt/degradations.py). Batches: `{"input": [B, 3, S, S] float 0..255, "target": [B, 3, sS, sS] uint8,
 "task": int64 [B] (one value)}`.
@@ -163,8 +163,8 @@ class CleanCrop:
 class DegradeBatch:
     """Training collate: list of {"image": uint8 [3, C, C]} -> one task's batch (see the module docstring).
 
-    The task index is drawn from torch's global RNG, which the DataLoader seeds per worker (and the runtime per
-    rank); the noise and rain come from the same RNG."""
+    The task index is drawn from torch's global RNG, which the stream seeds in each reader from (seed, epoch,
+    rank, worker); the noise and rain come from the same RNG, so a resumed epoch replays the same pairs."""
 
     def __init__(self, tasks: list[str], img_size: int) -> None:
         self.tasks, self.img_size = list(tasks), img_size
