@@ -25,6 +25,7 @@ than --atol, 2 nothing to convert (no checkpoint, unknown tag, unknown format, u
 import argparse
 import contextlib
 import io
+import json
 import logging
 import math
 import re
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from finetune.backbone import create_from_config, read_config
@@ -71,6 +72,7 @@ class Converted:
     state_dict: dict[str, Tensor]                         # timm keys
     config: dict[str, Any]                                # backbone.json
     features: Callable[[Tensor], Tensor] | None           # the source model: imgs -> features, None if unknown
+    name: str = "backbone"                                # the task's export_name: backbone, tokenizer, ...
 
 
 def _natural_key(text: str) -> list:
@@ -216,6 +218,8 @@ def convert_run(path: Path, tag: str) -> Converted:
                            f"(known: {', '.join(JOBS)})")
     job = JOBS[job_name]
     task = job.build_task(task_config(job.task_config, cfg.get("model") or {}))
+    if isinstance(states.get("task"), dict) and hasattr(task, "load_extra_state"):
+        task.load_extra_state(states["task"])  # e.g. the dVAE's schedule step, recorded in its export
     state_dict = consolidate(tag_dir, states)
     tensors, backbone = task.export(state_dict)
     backbone = {**backbone, "converted_from": {"checkpoint": str(tag_dir), "job": job_name,
@@ -232,7 +236,7 @@ def convert_run(path: Path, tag: str) -> Converted:
         def features(imgs: Tensor) -> Tensor:
             with torch.no_grad():
                 return job.encoder_features(model, imgs)
-    return Converted(tensors, backbone, features)
+    return Converted(tensors, backbone, features, getattr(task, "export_name", "backbone"))
 
 
 def convert_file(path: Path, num_heads: int | None) -> Converted:
@@ -242,6 +246,15 @@ def convert_file(path: Path, num_heads: int | None) -> Converted:
         raise ConvertError(f"{path}: {e}") from None
     backbone = {**imported.config, "converted_from": {"file": str(path), "format": imported.format}}
     return Converted(imported.state_dict, backbone, source_features(imported))
+
+
+def save_export(out_dir: Path, converted: Converted) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in converted.state_dict.items()}, str(out_dir / f"{converted.name}.safetensors"))
+    (out_dir / f"{converted.name}.json").write_text(json.dumps(converted.config, indent=2) + "\n")
+    logger.info("wrote %s.safetensors + %s.json to %s (not a timm backbone: no timm check)", converted.name,
+                converted.name, out_dir)
 
 
 def reload_backbone(out_dir: Path) -> torch.nn.Module:
@@ -294,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             converted = convert_run(source, args.tag)
         else:
             raise ConvertError(f"{source}: no such file or directory")
+        if converted.name != "backbone":  # not a timm model (the dVAE tokenizer): written as its job exports it
+            save_export(args.out, converted)
+            return 0
         save_backbone(args.out, converted.state_dict, converted.config)
         if args.no_check:
             return 0

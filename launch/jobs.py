@@ -10,7 +10,10 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 
 from finetune.classification import ClassificationConfig, ClassificationTask, classification_features
+from finetune.ipt.task import IPTConfig, IPTTask
 from pretrain.beit import BEIT_ARCHS, BEiTConfig, BEiTTask, beit_encoder_features
+from pretrain.deit import DEIT_ARCHS, DeiTConfig, DeiTTask, deit_encoder_features
+from pretrain.dvae import DVAEConfig, DVAETask
 from pretrain.mae import MAE_ARCHS, MAEConfig, MAETask
 from pretrain.reference_checkpoints import mae_encoder_features
 
@@ -28,5 +31,11 @@ JOBS: dict[str, Job] = {
     "pretrain_mae": Job(MAEConfig, MAETask, MAE_ARCHS, mae_encoder_features),
     # the export needs no tokenizer: the saved config holds the LM head's resolved vocab_size
     "pretrain_beit": Job(BEiTConfig, partial(BEiTTask, load_tokenizer=False), BEIT_ARCHS, beit_encoder_features),
+    # the tokenizer (tokenizer.safetensors + tokenizer.json), not a backbone
+    "train_dvae": Job(DVAEConfig, DVAETask, None, None),
+    # built without a teacher: the export needs none
+    "pretrain_deit": Job(DeiTConfig, DeiTTask, DEIT_ARCHS, deit_encoder_features),
     "finetune_cls": Job(ClassificationConfig, ClassificationTask, None, classification_features),
+    # the IPT model (ipt.safetensors + ipt.json: body, heads, tails), not a timm backbone
+    "finetune_ipt": Job(IPTConfig, IPTTask, None, None),
 }

@@ -249,6 +249,14 @@ def test_train_job_logs_exports_and_resumes_its_schedules(photo_shards, tmp_path
     assert resumed[7]["train/temperature"] == pytest.approx(temperature_at(cfg, 6))
     assert json.loads((export / "tokenizer.json").read_text())["trained_steps"] == 8
 
+    # the converter writes the tokenizer files of any checkpoint of the run, with the schedule step it was saved at
+    from launch import convert_checkpoint
+    assert convert_checkpoint.main([str(run_dir), "--out", str(tmp_path / "converted")]) == 0
+    converted = load_tokenizer(tmp_path / "converted")
+    assert json.loads((tmp_path / "converted" / "tokenizer.json").read_text())["trained_steps"] == 8
+    assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(),
+                                                  load_tokenizer(export).state_dict().values()))
+
 
 @pytest.mark.multiproc
 def test_two_ranks_reduce_psnr_and_code_usage_over_the_whole_val_set(photo_shards, tmp_path):
