@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 
 from finetune.classification import ClassificationConfig, ClassificationTask, classification_features
+from finetune.detr.task import DETRConfig, DETRTask, detr_encoder_features
 from finetune.ipt.task import IPTConfig, IPTTask
 from pretrain.beit import BEIT_ARCHS, BEiTConfig, BEiTTask, beit_encoder_features
 from pretrain.deit import DEIT_ARCHS, DeiTConfig, DeiTTask, deit_encoder_features
@@ -36,6 +37,8 @@ JOBS: dict[str, Job] = {
     # built without a teacher: the export needs none
     "pretrain_deit": Job(DeiTConfig, DeiTTask, DEIT_ARCHS, deit_encoder_features),
     "finetune_cls": Job(ClassificationConfig, ClassificationTask, None, classification_features),
+    # the finetuned ViT as a backbone (the detector itself stays in the checkpoints)
+    "finetune_detr": Job(DETRConfig, DETRTask, None, detr_encoder_features),
     # the IPT model (ipt.safetensors + ipt.json: body, heads, tails), not a timm backbone
     "finetune_ipt": Job(IPTConfig, IPTTask, None, None),
 }
