@@ -284,3 +284,26 @@ def test_bad_config_exits_2_with_one_paragraph(argv, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.multiproc
+def test_zero3_checkpoint_of_two_ranks_resumes_on_one(shards, tmp_path):
+    """N -> M ranks: the ZeRO-3 checkpoint is converted to DeepSpeed's universal format, the weights arrive whole,
+    and training goes on."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+    from test_deepspeed_multiproc import free_port
+
+    args = job_args(shards, tmp_path, "el", "data.num_workers=0", "engine.zero_stage=3", "optim.max_steps=4",
+                    "ckpt.every=4")
+    run(deepspeed_job(free_port(), *args))
+    ckpt = tmp_path / "runs" / "pretrain_mae" / "el" / "checkpoints"
+    written = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="step00000004")
+    out = run(python_job(*args, "run.resume=auto")).stdout  # nothing left to train: load, then export
+    assert "written by 2 ranks, now 1 (via DeepSpeed's universal checkpoint)" in out
+    backbone = load_file(str(tmp_path / "runs" / "pretrain_mae" / "el" / "export" / "backbone.safetensors"))
+    for key in ("patch_embed.proj.weight", "blocks.1.mlp.fc2.weight", "norm.bias"):
+        assert torch.equal(backbone[key], written[key].float()), key
+    run(python_job(*args, "run.resume=auto", "optim.max_steps=6"))
+    rows = losses(tmp_path / "runs" / "pretrain_mae" / "el" / "metrics.jsonl")
+    assert sorted(rows) == list(range(1, 7)) and all(math.isfinite(v) for v in rows.values())

@@ -109,6 +109,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict[str, Any], *
     tag_dir = ckpt_dir / tag
     if rank == 0:
         (tag_dir / COMPLETE_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(tag_dir / UNIVERSAL, ignore_errors=True)  # converted from the files about to be replaced
     distributed.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     distributed.barrier()  # every rank's files are on disk
@@ -252,13 +253,41 @@ def check_resumable(tag_dir: Path, cfg: dict[str, Any], world_size: int) -> None
     stage, saved_stage = cfg["engine"]["zero_stage"], saved.get("engine", {}).get("zero_stage")
     if saved_stage != stage:
         errors.append(f"engine.zero_stage={saved_stage} there, {stage} now")
-    saved_world = states.get("world_size")
-    if stage > 0 and saved_world is not None and saved_world != world_size:
-        errors.append(f"written by {saved_world} ranks, resumed on {world_size}: DeepSpeed cannot repartition ZeRO "
-                      "optimizer states (convert it with deepspeed.checkpoint.ds_to_universal first)")
     if errors:
         raise ConfigError(f"cannot resume from {tag_dir}: " + "; ".join(errors)
                           + " (run.resume=none starts over, run.name=NEW starts a separate run)")
+
+
+UNIVERSAL = "universal"
+
+
+def saved_world_size(tag_dir: Path) -> int | None:
+    states = torch.load(model_states_file(tag_dir), map_location="cpu", weights_only=True, mmap=True)
+    return states.get("world_size")
+
+
+def to_universal(tag_dir: Path, rank: int) -> tuple[Path, str]:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (every parameter's fp32 weights and optimizer
+    states as whole tensors, which any number of ranks can partition again) in tag_dir/universal, once (rank 0;
+    every rank waits). Returns the (load_dir, tag) to load it with `checkpoint.load_universal` set."""
+    out = tag_dir / UNIVERSAL
+    if rank == 0 and not is_complete(out):
+        import argparse
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)
+        with contextlib.redirect_stdout(None):
+            ds_to_universal.main(args)
+        _write_atomic(out / COMPLETE_MARKER, "{}\n")
+        logger.info("resume: converted %s to DeepSpeed's universal checkpoint format in %s (%.1f s)", tag_dir, out,
+                    time.perf_counter() - t0)
+    distributed.barrier()
+    return tag_dir, UNIVERSAL
 
 
 def load(engine: Any, load_dir: Path, tag: str) -> dict[str, Any]:

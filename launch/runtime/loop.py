@@ -227,10 +227,17 @@ class Trainer:
         target = checkpoint.resume_target(cfg.run.resume, self.ckpt_dir)
         if cfg.run.resume == "auto" and target is None:
             logger.info("run.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_dir)
+        saved_world = None
         if target is not None:
             checkpoint.check_safe(target[0] / target[1])
             checkpoint.check_resumable(target[0] / target[1], cfg.to_dict(), world.world_size)
+            saved_world = checkpoint.saved_world_size(target[0] / target[1])
         self._prepare_run_dir(fresh=target is None and cfg.run.resume in ("auto", "none"))
+        # another number of ranks than wrote a ZeRO checkpoint: its optimizer partitions do not fit; DeepSpeed's
+        # universal format holds whole tensors, which the new ranks partition again
+        elastic = target is not None and saved_world not in (None, world.world_size) and cfg.engine.zero_stage > 0
+        if elastic:
+            target = checkpoint.to_universal(target[0] / target[1], world.rank)
 
         if not world.on_gpu:
             threads = distributed.share_cpu_cores(cfg.data.num_workers)
@@ -267,6 +274,8 @@ class Trainer:
                 old = tracking.flatten(ds_config).get(key, "(unset)")
                 logger.info("--deepspeed_config %s: %s: %s -> %s", self.args.deepspeed_config_path, key, old, value)
             ds_config = config.deep_merge(ds_config, self.args.deepspeed_config)
+        if elastic:
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.ds_config = ds_config
 
         o = cfg.optim
@@ -286,6 +295,15 @@ class Trainer:
             state = checkpoint.load(self.engine, load_dir, tag)
             self.step = int(state["step"])
             epoch, batch_in_epoch = int(state["data"]["epoch"]), int(state["data"]["batch_in_epoch"])
+            saved_world = int(state.get("world_size") or world.world_size)
+            if saved_world != world.world_size:
+                # the new world's epoch plan deals the shards differently: continue the same epoch after the same
+                # share of its samples (exact replay needs the same world size)
+                batch_in_epoch = batch_in_epoch * saved_world // world.world_size
+                logger.warning("resume: checkpoint written by %d ranks, now %d%s: optimizer states repartitioned, "
+                               "epoch %d continues at batch %d of the new plan", saved_world,
+                               world.world_size, " (via DeepSpeed's universal checkpoint)" if elastic else "",
+                               epoch, batch_in_epoch)
             rngs = state.get("rng", [])
             if len(rngs) == world.world_size:
                 checkpoint.set_rng_state(rngs[world.rank], world.device)
@@ -525,7 +543,7 @@ class Trainer:
         cfg, d, log_cfg = self.cfg, self.derived, self.cfg.log
         start_step, t_start = self.step, time.perf_counter()
         first_loss = last_values = None
-        saved_at = None
+        saved_at = self.step if self.step else None  # a resumed run's step is saved already
         window = Window()
         if self.step >= d.total_steps:
             logger.info("run already at step %d of %d: nothing to train", self.step, d.total_steps)
