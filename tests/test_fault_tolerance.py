@@ -263,7 +263,8 @@ def test_five_percent_corrupt_samples_are_skipped_and_counted_exactly(shard_fact
     shards[3][7] = {"__key__": "000037", "png": png[: len(png) // 2]}
     dataset = shard_factory.write(shards, name="five_percent")
     args = TINY_MODEL + [f"data.train={dataset.url}", "data.val=", "data.batch_size=4", "data.num_workers=2",
-                         "optim.epochs=1", "log.every=1", f"run.dir={tmp_path}", "run.name=bad", "ckpt.every=0"]
+                         "optim.max_steps=0", "optim.epochs=1", "optim.warmup_steps=1", "log.every=1",
+                         f"run.dir={tmp_path}", "run.name=bad", "ckpt.every=0"]
     assert pretrain_mae.main(args) == 0
     rows = [json.loads(line) for line in (tmp_path / "pretrain_mae" / "bad" / "metrics.jsonl").read_text()
             .splitlines()]
