@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import random
+import re
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -76,6 +78,8 @@ class DatasetIndex:
 
 def is_remote(url: str) -> bool:
     """True for URLs whose bytes come over a network (anything but plain paths and file://)."""
+    if url.startswith(PIPE_PREFIX):
+        return True
     protocol = fsspec.utils.get_protocol(url)
     return protocol not in ("file", "local")
 
@@ -114,8 +118,55 @@ def _describe_error(error: BaseException | None) -> str:
     return " <- caused by ".join(parts)
 
 
+PIPE_PREFIX = "pipe:"
+# Credentials a URL can carry: user:password@ and signed/tokenised query parameters (S3/GCS presigned URLs, tokens).
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/\s:@]+):(?P<secret>[^/\s@]+)@")
+_SECRET_QUERY = re.compile(r"(?P<key>[?&](?:token|access_token|auth|sig|signature|key|secret|password|"
+                           r"X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|X-Goog-Signature|"
+                           r"X-Goog-Credential)=)[^&\s'\"]+", re.IGNORECASE)
+
+
+def redact_credentials(text: str) -> str:
+    """`text` with the passwords of `scheme://user:password@host` URLs and credential query values replaced by ***.
+    Applied to every log line, to config.yaml, TensorBoard and checkpoints (launch.runtime)."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
+
+
+class PipeFile:
+    """The standard output of a shell command (`pipe:CMD`, webdataset's convention), read as a binary stream; a
+    non-zero exit is an OSError naming the (redacted) command."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.process.stdout.read(size)
+
+    def close(self) -> None:
+        if self.process.stdout is not None and not self.process.stdout.closed:
+            self.process.stdout.close()
+        if self.process.poll() is None:
+            self.process.terminate()  # closed early (a truncated read, or the consumer stopped)
+            self.process.wait()
+        elif self.process.returncode != 0:
+            raise OSError(f"{PIPE_PREFIX}{redact_credentials(self.command)} exited with {self.process.returncode}")
+
+    def __enter__(self) -> "PipeFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def _open_file(url: str, cache_dir: str | None, mode: str = "rb"):
-    """Open `url` for streaming reads; remote URLs go through `simplecache::` into `cache_dir` when it is given."""
+    """Open `url` for streaming reads; remote URLs go through `simplecache::` into `cache_dir` when it is given;
+    `pipe:CMD` runs CMD (the caller checks it is allowed)."""
+    if url.startswith(PIPE_PREFIX):
+        if "b" not in mode:
+            raise ValueError(f"{PIPE_PREFIX} URLs hold shards, not text files")
+        return PipeFile(url[len(PIPE_PREFIX):])
     protocol = fsspec.utils.get_protocol(url)
     # block_size=0: one streaming GET instead of range requests (tar is read front to back; plain HTTP servers
     # such as http.server do not answer range requests).
@@ -124,6 +175,13 @@ def _open_file(url: str, cache_dir: str | None, mode: str = "rb"):
         return fsspec.open(f"simplecache::{url}", mode, simplecache={"cache_storage": cache_dir},
                            **({protocol: http_options} if http_options else {})).open()
     return fsspec.open(url, mode, **http_options).open()
+
+
+def check_pipe(url: str, allowed: bool) -> None:
+    if url.startswith(PIPE_PREFIX) and not allowed:
+        raise ValueError(f"{redact_credentials(url)[:80]}: a {PIPE_PREFIX} URL runs a shell command for every shard; "
+                         "set data.allow_pipe=true if you trust it (fsspec URLs need no shell: s3://, gs://, "
+                         "https://...)")
 
 
 def _join(folder: str, name: str) -> str:
@@ -274,6 +332,7 @@ class ShardReader:
     open_retries: int = 5
     retry_backoff_s: float = 1.0
     required: tuple[str, ...] = ("image",)
+    allow_pipe: bool = False      # `pipe:CMD` URLs run shell commands: only when the user opted in
 
     def __post_init__(self) -> None:
         unknown = set(self.required) - set(REQUIRABLE)
@@ -284,6 +343,7 @@ class ShardReader:
 
     def open(self, url: str):
         """A binary file object for `url`, opened with retries; raises ShardOpenError naming the URL."""
+        check_pipe(url, self.allow_pipe)
         return _with_retries(lambda: _open_file(url, self.cache_dir), url, self.open_retries,
                              self.retry_backoff_s, "open")
 

@@ -64,6 +64,7 @@ from data_pipeline.shards import (
     EpochPlan,
     ShardInfo,
     ShardReader,
+    check_pipe,
     load_index,
     plan_epoch,
     readers_per_rank,
@@ -90,6 +91,7 @@ class DataConfig:
     mode: str = "epoch"  # "epoch": every sample once per epoch | "resampled": infinite, shards with replacement
     shuffle_buffer: int = 1000  # raw (undecoded) samples each worker holds for shuffling
     cache_dir: str = ""  # keep remote shards in this local folder (fsspec simplecache); "" = stream only
+    allow_pipe: bool = False  # accept webdataset's `pipe:CMD` shard URLs (each runs a shell command)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -471,7 +473,7 @@ def build_stream(url: str | Sequence[str], map_fn: Callable[[dict], dict], batch
                  rank: int = 0, world_size: int = 1, num_workers: int = 2, mode: str = "epoch", train: bool = True,
                  seed: int = 0, shuffle_buffer: int = 1000, cache_dir: str | None = None,
                  collate_fn: Callable[[list], dict] | None = None, required: Sequence[str] = ("image",),
-                 open_retries: int = 5, retry_backoff_s: float = 1.0) -> BatchStream:
+                 open_retries: int = 5, retry_backoff_s: float = 1.0, allow_pipe: bool = False) -> BatchStream:
     """Build a rank's batch stream over a sharded dataset (see the module docstring for the data flow and policy).
 
     Args:
@@ -489,6 +491,7 @@ def build_stream(url: str | Sequence[str], map_fn: Callable[[dict], dict], batch
         collate_fn: list of map_fn outputs -> dict; default torch's default_collate.
         required: members every sample needs ("image", "cls", "json", "txt"); others missing -> skipped.
         open_retries, retry_backoff_s: attempts to open a URL and the first delay (doubling) between them.
+        allow_pipe: accept `pipe:CMD` shard URLs (a shell command per shard; refused unless set).
 
     Raises:
         ValueError: bad arguments, or (epoch mode) fewer shards than world_size x max(1, num_workers).
@@ -504,8 +507,10 @@ def build_stream(url: str | Sequence[str], map_fn: Callable[[dict], dict], batch
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+    for one in [url] if isinstance(url, str) else url:
+        check_pipe(str(one), allow_pipe)
     reader = ShardReader(cache_dir=cache_dir or None, open_retries=open_retries, retry_backoff_s=retry_backoff_s,
-                         required=tuple(required))
+                         required=tuple(required), allow_pipe=allow_pipe)
     index = load_index(url, reader)
     dataset = ShardBatchDataset(index.shards, reader=reader, map_fn=map_fn, collate_fn=collate_fn,
                                 batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,

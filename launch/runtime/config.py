@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
+from data_pipeline.shards import PIPE_PREFIX, redact_credentials
 from data_pipeline.stream import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -130,8 +131,9 @@ class JobConfig:
     derived: Derived | None = None   # set by `resolve`
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (lists for tuples): YAML-, JSON- and `torch.load(weights_only=True)`-safe."""
-        return _plain(dataclasses.asdict(self))
+        """Plain nested dict (lists for tuples): YAML-, JSON- and `torch.load(weights_only=True)`-safe. Credentials
+        in URLs are redacted: this is what config.yaml, TensorBoard and checkpoints record."""
+        return _redacted(_plain(dataclasses.asdict(self)))
 
 
 @dataclass(kw_only=True)
@@ -400,6 +402,11 @@ def check(cfg: JobConfig) -> None:
         errors.append("data.train is required" + REQUIRED_HINTS["data.train"])
     for key in ("train", "val"):
         url = getattr(cfg.data, key)
+        if url.startswith(PIPE_PREFIX):
+            if not cfg.data.allow_pipe:
+                errors.append(f"data.{key}: a {PIPE_PREFIX} URL runs a shell command for every shard; set "
+                              "data.allow_pipe=true if you trust it (s3://, gs://, https:// URLs need no shell)")
+            continue
         missing = missing_local_path(url)
         if missing:
             where = "" if missing == url else f": {missing}"
@@ -615,6 +622,16 @@ def deepspeed_config(cfg: JobConfig, on_gpu: bool) -> dict[str, Any]:
         # torch.optim.AdamW is a client optimizer DeepSpeed does not list as ZeRO-tested; it works with all stages
         "zero_allow_untested_optimizer": True,
     }
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_credentials(value)
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
 
 
 def dump_yaml(cfg: JobConfig) -> str:

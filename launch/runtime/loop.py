@@ -200,7 +200,8 @@ class Trainer:
             return build_stream(url, map_fn=map_fn, batch_size=d.batch_size, rank=w.rank, world_size=w.world_size,
                                 num_workers=d.num_workers, mode=d.mode if train else "epoch", train=train,
                                 seed=self.cfg.run.seed, shuffle_buffer=d.shuffle_buffer, cache_dir=d.cache_dir or None,
-                                collate_fn=getattr(self.task, "train_collate" if train else "eval_collate", None))
+                                collate_fn=getattr(self.task, "train_collate" if train else "eval_collate", None),
+                                allow_pipe=d.allow_pipe)
         except OSError as e:
             raise DataError(f"data.{'train' if train else 'val'}={url}: cannot open the dataset ({e})") from None
         except ValueError as e:

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from data_pipeline.shards import redact_credentials
+
 logger = logging.getLogger(__name__)
 
 # Dense peak FLOP/s per device for 16-bit matmuls (bf16/fp16); fp32 runs use TF32, half of it on these parts.
@@ -70,6 +72,21 @@ def setup_logging(rank: int) -> None:
                         datefmt="%H:%M:%S")
     logging.getLogger().setLevel(level)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactCredentials) for f in handler.filters):
+            handler.addFilter(RedactCredentials())
+
+
+class RedactCredentials(logging.Filter):
+    """Every log line passes through `redact_credentials`: a URL's password or signed-query token never reaches
+    the console or a log file, whichever module logs it (data workers included: they inherit the handlers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_credentials(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 def format_duration(seconds: float) -> str:
