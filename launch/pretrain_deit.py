@@ -13,25 +13,19 @@ Short keys: teacher, teacher_weights, distill (= model.*). runs/pretrain_deit/<r
 checkpoints/, metrics.jsonl and export/: backbone.safetensors + .json (a plain timm ViT for finetune_cls
 model.init=) and classifier.safetensors + .json (the whole student, timm's deit_*_distilled_* keys).
 """
-import json
-import logging
 import sys
-from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from finetune import backbone as bb
-from launch import convert_checkpoint
-from launch.runtime import checkpoint, config, distributed, run_job
+from launch.runtime import run_job
 from launch.runtime.config import ConfigError
-from pretrain.deit import CLASSIFIER_NAME, DEIT_ARCHS, DeiTConfig, DeiTTask, Teacher
+from pretrain.deit import DEIT_ARCHS, DeiTConfig, DeiTTask, Teacher
 from pretrain.reference_checkpoints import UnknownFormatError, load_checkpoint_file
 
 JOB = "pretrain_deit"
 ALIASES = {"teacher": "model.teacher", "teacher_weights": "model.teacher_weights", "distill": "model.distill"}
-logger = logging.getLogger(JOB)
 
 
 def load_teacher(cfg: DeiTConfig) -> Teacher:
@@ -86,28 +80,9 @@ def build_task(cfg: DeiTConfig) -> DeiTTask:
     return DeiTTask(cfg, load_teacher=load_teacher)
 
 
-def export_classifier(argv: list[str] | None) -> None:
-    """Write export/classifier.safetensors + .json (the whole student, timm keys) from the run's final checkpoint,
-    through the converter's consolidation (any ZeRO stage). Rank 0, after the run."""
-    cfg, _ = config.parse_args(JOB, DeiTConfig, argv, DEIT_ARCHS, ALIASES)
-    run_dir = Path(cfg.run.dir) / JOB / cfg.run.name
-    ckpt_dir, tag, _ = convert_checkpoint.locate(run_dir, "latest")
-    states = torch.load(checkpoint.model_states_file(ckpt_dir / tag), map_location="cpu", weights_only=True)
-    tensors, meta = DeiTTask(cfg.model).export_classifier(convert_checkpoint.consolidate(ckpt_dir / tag, states))
-    out = run_dir / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{CLASSIFIER_NAME}.safetensors"))
-    (out / f"{CLASSIFIER_NAME}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    logger.info("classifier:   %s (timm %s with its head%s)", out / f"{CLASSIFIER_NAME}.safetensors",
-                meta["architecture"], "s" if cfg.model.distilled else "")
-
-
 def main(argv: list[str] | None = None) -> int:
-    code = run_job(job=JOB, task_config=DeiTConfig, build_task=build_task, argv=argv, archs=DEIT_ARCHS,
+    return run_job(job=JOB, task_config=DeiTConfig, build_task=build_task, argv=argv, archs=DEIT_ARCHS,
                    aliases=ALIASES)
-    if code == 0 and distributed.rank_from_env() == 0:
-        export_classifier(argv)
-    return code
 
 
 if __name__ == "__main__":

@@ -546,6 +546,10 @@ class DeiTTask:
         config["distill"] = cfg.distill
         return {k: v.float() if v.is_floating_point() else v for k, v in out.items()}, config
 
+    def extra_exports(self, state_dict: dict[str, Tensor]) -> dict[str, tuple[dict[str, Tensor], dict]]:
+        """Beside the plain backbone, the whole classifier (runtime hook: export/ and export_best/)."""
+        return {CLASSIFIER_NAME: self.export_classifier(state_dict)}
+
     def export_classifier(self, state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
         """The whole student with timm keys (heads included) and a backbone.json-style config naming the timm
         classifier: `deit_{tiny,small,base}_distilled_patch16_224` (VisionTransformerDistilled: cls + dist tokens,

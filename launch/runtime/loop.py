@@ -15,6 +15,8 @@ Optional task hooks (a task without them runs unchanged):
     train_collate, eval_collate picklable callables(list of map_fn outputs) -> batch, run in the data workers
                                 (default: torch's default_collate), e.g. per-batch degradations, detection targets
     export_name                 basename of the exported files (default "backbone": backbone.safetensors + .json)
+    extra_exports(state_dict)   -> {name: (tensors, meta)}: more files beside the export, e.g. DeiT's whole
+                                classifier (classifier.safetensors + .json); written to export/ and export_best/
 Evaluation runs every `log.eval_every` steps, at the end of every epoch with `log.eval_every_epoch`, and at the
 end. With `ckpt.best_metric`, each evaluation that improves that metric saves checkpoints/best and exports the
 weights to export_best/.
@@ -533,9 +535,13 @@ class Trainer:
             meta = {**meta, **(extra or {})}
             name = self.export_name
             out_dir.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()},
-                      str(out_dir / f"{name}.safetensors"))
-            (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+            exports = {name: (tensors, meta)}
+            if hasattr(self.task, "extra_exports"):
+                exports.update(self.task.extra_exports(state))
+            for name, (tensors, meta) in exports.items():
+                save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()},
+                          str(out_dir / f"{name}.safetensors"))
+                (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
         distributed.barrier()
         return out_dir
 
