@@ -115,8 +115,17 @@ def share_cpu_cores(num_workers: int) -> int | None:
 
 
 def _destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """At exit: all ranks meet, then each tears its group down. A rank that tore down while a peer still held the
+    connection was seen to abort at exit ("terminate called without an active exception", exit 250 under the
+    deepspeed launcher) after a finished run. If a peer died instead, the launcher stops the waiting ranks."""
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_world_size() > 1:
+            dist.barrier()
+    except Exception:  # noqa: BLE001 - a peer already gone: nothing left to order
+        pass
+    dist.destroy_process_group()
 
 
 def shutdown(world: World) -> None:
