@@ -92,6 +92,7 @@ def init() -> World:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
         atexit.register(_destroy)
+        _unlink_shm_workspace()
         _single_process_group = plain
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     return World(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device,
@@ -112,6 +113,24 @@ def share_cpu_cores(num_workers: int) -> int | None:
     threads = max(1, cores // max(1, local_size) - num_workers)
     torch.set_num_threads(threads)
     return threads
+
+
+def _unlink_shm_workspace() -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce workspace from /dev/shm once every rank has mapped it.
+
+    On CPU, when all ranks share one machine, DeepSpeed's communication op creates a ~64 MiB shared-memory file per
+    rank, named after MASTER_ADDR/MASTER_PORT, and never unlinks it: every such run leaked its files (a test suite
+    left gigabytes of RAM behind). The peers map each other's files during `init_distributed`, so after a barrier
+    the names can go; the mappings stay valid until the processes exit, however they exit.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    path = os.path.join("/dev/shm", name)
+    barrier()  # on every rank (whether or not it has a file): collectives must be called by all
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _destroy() -> None:
