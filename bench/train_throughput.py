@@ -1,20 +1,29 @@
-"""Training throughput of the MAE job against Hugging Face transformers' ViTMAEForPreTraining, same device, batch,
-precision and model geometry, in one run:
+"""Training throughput of the project's jobs against what a user would otherwise write with Hugging Face
+transformers, same device, batch, precision and model geometry, in one run:
 
-    python bench/train_throughput.py [--preset tiny|vit_b16|vit_l16] [--batch 64] [--steps 20] [--warmup 5]
-                                     [--precision auto|fp32|bf16] [--out FILE]
+    python bench/train_throughput.py [--method mae|beit|deit|cls] [--preset tiny|vit_b16|vit_l16] [--batch 64]
+                                     [--steps 20] [--warmup 5] [--precision auto|fp32|bf16] [--zero-stage 1]
+                                     [--compile] [--fused auto|on|off] [--no-fused-attention] [--grad-ckpt]
+                                     [--grad-accum K] [--no-peer] [--out FILE]
+    python bench/train_throughput.py --switches [--method mae] ...   # the effect of each speed switch, ours only
 
-* ours: `pretrain.mae.MAETask` inside the DeepSpeed engine the jobs use (ZeRO-1, one rank, the runtime's AdamW),
-  `training_step` + `engine.backward` + `engine.step`, uint8 images normalised on the device as in the job;
-* peer: `transformers.ViTMAEForPreTraining` with the same widths, depths, heads, decoder, mask ratio and norm-pix
-  loss, SDPA attention, `torch.optim.AdamW` (fused on CUDA), bf16 autocast on GPU — what a user would write.
+* ours: the method's task (`pretrain.mae.MAETask`, `pretrain.beit.BEiTTask`, `pretrain.deit.DeiTTask`,
+  `finetune.classification.ClassificationTask`) inside the DeepSpeed engine the jobs use (the runtime's AdamW,
+  `--zero-stage`, bf16 through DeepSpeed), `training_step` + `engine.backward` + `engine.step`, with the job's
+  speed switches (`engine.compile`, `optim.fused`, `engine.fused_attention`, `model.grad_checkpointing`,
+  `engine.grad_accum`) set from the flags;
+* peer: the transformers model of the same method — `ViTMAEForPreTraining`, `BeitForMaskedImageModeling` (+ the
+  same frozen dVAE tokenizer for its targets), `DeiTForImageClassificationWithTeacher` (+ the same frozen teacher,
+  hard distillation as in the job: 0.5 CE(cls, y) + 0.5 CE(dist, teacher argmax); transformers ships the model but no
+  distillation training), `ViTForImageClassification` — with the same widths, depths, heads, patch and image size,
+  SDPA attention, `torch.optim.AdamW` (fused), bf16 autocast on GPU.
 
-Each side runs in its own process (clean peak memory), `--warmup` untimed steps then `--steps` timed ones, on random
-images already on the device (data loading is bench/data_throughput.py's subject). Reported: images/s, step time,
-peak memory (CUDA: max allocated; CPU: peak RSS of the process), MFU = model FLOPs per image (counted by
-FlopCounterMode: forward + backward of the encoder on the visible patches and of the decoder) x images/s over the
-device's measured matmul peak in that precision. Method coverage: MAE only so far (BEiT / DeiT / classification
-rows are not measured yet).
+Both sides train without stochastic depth (transformers' ViT/DeiT have none). Each side runs in its own process
+(clean peak memory), `--warmup` untimed steps then `--steps` timed ones, on random inputs already on the device (data
+loading is bench/data_throughput.py's subject). Reported: images/s, step time, peak memory (CUDA: max allocated;
+CPU: peak RSS of the process), MFU = the task's counted training FLOPs per image (FlopCounterMode, forward +
+backward, plus the frozen tokenizer's / teacher's forward) x images/s over the device's measured matmul peak in
+that precision.
 """
 from __future__ import annotations
 
@@ -26,14 +35,40 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+METHODS = ("mae", "beit", "deit", "cls")
+# the encoder every method trains at each preset (MAE's presets; the other methods use the same ViT)
+GEOMETRY: dict[str, dict[str, int]] = {
+    "tiny": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3),
+    "vit_b16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_l16": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+}
+# the frozen models the BEiT targets and DeiT distillation need, per preset
+TOKENIZER = {"tiny": dict(img_size=64, vocab_size=512, hidden=32, blocks_per_group=1, decoder_init=64),
+             "vit_b16": dict(img_size=112), "vit_l16": dict(img_size=112)}   # the latter two: DALL-E's dVAE
+TEACHER = {"tiny": "resnet18", "vit_b16": "regnety_160", "vit_l16": "regnety_160"}   # DeiT's teacher at scale
+NUM_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class Switches:
+    """Our job's speed switches (the config key each one is)."""
+
+    compile: bool = False          # engine.compile
+    fused: str = "auto"            # optim.fused
+    fused_attention: bool = True   # engine.fused_attention
+    grad_ckpt: bool = False        # model.grad_checkpointing
+    grad_accum: int = 1            # engine.grad_accum (the batch is split into this many micro-batches)
 
 
 def sync(device: torch.device) -> None:
@@ -61,57 +96,170 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
-def run_ours(preset: str, batch: int, steps: int, warmup: int, bf16: bool, device: torch.device,
-             zero_stage: int = 1) -> dict[str, Any]:
+# --- the frozen helpers both sides share --------------------------------------------------------------------------
+
+def build_tokenizer(preset: str, device: torch.device) -> torch.nn.Module:
+    from pretrain.dvae import DiscreteVAE, DVAEConfig
+
+    return DiscreteVAE(DVAEConfig(**TOKENIZER[preset])).to(device).eval().requires_grad_(False)
+
+
+def build_teacher(preset: str, device: torch.device) -> Any:
+    import timm
+
+    from pretrain.deit import Teacher
+
+    model = timm.create_model(TEACHER[preset], num_classes=NUM_CLASSES).to(device).eval().requires_grad_(False)
+    return Teacher(model=model, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), name=TEACHER[preset])
+
+
+def random_batch(method: str, preset: str, batch: int, device: torch.device, beit_mask: Any = None) -> dict:
+    """The batch each job's transforms hand the task: uint8 images for MAE (normalised on the device), normalised
+    images + labels for DeiT / classification, normalised images + block masks + uint8 tokenizer view for BEiT."""
+    size = GEOMETRY[preset]["img_size"]
+    if method == "mae":
+        return {"image": torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)}
+    out = {"image": torch.randn(batch, 3, size, size, device=device)}
+    if method in ("deit", "cls"):
+        out["label"] = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    if method == "beit":
+        side = TOKENIZER[preset]["img_size"]
+        out["tokenizer_image"] = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8, device=device)
+        out["mask"] = torch.stack([beit_mask().flatten() for _ in range(batch)]).to(device=device, dtype=torch.int8)
+    return out
+
+
+# --- ours ----------------------------------------------------------------------------------------------------------
+
+def build_task(method: str, preset: str, switches: Switches, device: torch.device) -> Any:
+    g = GEOMETRY[preset]
+    if method == "mae":
+        from pretrain.mae import MAE_ARCHS, MAEConfig, MAETask
+
+        return MAETask(MAEConfig(**MAE_ARCHS[preset], grad_checkpointing=switches.grad_ckpt))
+    if method == "beit":
+        from pretrain.beit import BEiTConfig, BEiTTask
+
+        tokenizer = build_tokenizer(preset, device)
+        task = BEiTTask(BEiTConfig(**g, vocab_size=tokenizer.vocab_size, drop_path=0.0,
+                                   grad_checkpointing=switches.grad_ckpt), load_tokenizer=False)
+        task.tokenizer, task.downsample = tokenizer, tokenizer.downsample
+        return task
+    if method == "deit":
+        from pretrain.deit import DeiTConfig, DeiTTask
+
+        teacher = build_teacher(preset, device)
+        return DeiTTask(DeiTConfig(**g, num_classes=NUM_CLASSES, distill="hard", teacher=f"timm:{TEACHER[preset]}",
+                                   teacher_weights="(random: built here, throughput only)", drop_path=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0, repeats=1,
+                                   grad_checkpointing=switches.grad_ckpt), load_teacher=lambda cfg: teacher)
+    if method == "cls":
+        from finetune.classification import ClassificationConfig, ClassificationTask
+
+        return ClassificationTask(ClassificationConfig(**g, num_classes=NUM_CLASSES, global_pool="token",
+                                                       drop_path=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0,
+                                                       grad_checkpointing=switches.grad_ckpt))
+    raise ValueError(method)
+
+
+def run_ours(method: str, preset: str, batch: int, steps: int, warmup: int, bf16: bool, device: torch.device,
+             zero_stage: int, switches: Switches) -> dict[str, Any]:
     from launch.runtime import distributed, engine as engine_lib
-    from pretrain.mae import MAE_ARCHS, MAEConfig, MAETask
 
     distributed.init()
-    task = MAETask(MAEConfig(**MAE_ARCHS[preset]))
+    task = build_task(method, preset, switches, device)
     groups = engine_lib.param_groups(task.param_groups(), 0.05)
     optimizer = engine_lib.build_optimizer(groups, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05,
-                                           on_gpu=device.type == "cuda", name="adamw", momentum=0.9)
-    ds_config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+                                           on_gpu=device.type == "cuda", name="adamw", fused=switches.fused)
+    engine_lib.set_fused_attention(task.model, switches.fused_attention)
+    if batch % switches.grad_accum:
+        raise SystemExit(f"--batch {batch} is not a multiple of --grad-accum {switches.grad_accum}")
+    micro = batch // switches.grad_accum
+    ds_config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": switches.grad_accum,
                  "zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": bf16}, "gradient_clipping": 0.0,
-                 "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 12}
+                 "data_types": {"grad_accum_dtype": "fp32"}, "zero_allow_untested_optimizer": True,
+                 "steps_per_print": 10 ** 12}
     engine = engine_lib.initialize(task.model, optimizer, ds_config)
-    size = task.cfg.img_size
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    if switches.compile:
+        engine_lib.compile_model(engine)
+    beit_mask = getattr(task.train_transform, "mask", None)
+    batches = [random_batch(method, preset, micro, device, beit_mask) for _ in range(switches.grad_accum)]
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    batches = [{k: v.to(dtype) if v.is_floating_point() else v for k, v in b.items()} for b in batches]
 
     def step() -> None:
-        loss, _ = task.training_step(engine, {"image": images})
-        engine.backward(loss)
-        engine.step()
+        for micro_batch in batches:
+            loss, _ = task.training_step(engine, micro_batch)
+            engine.backward(loss)
+            engine.step()
 
     result = timed(step, steps, warmup, device)
     result["flops_per_image"] = task.flops_per_sample()
     return result
 
 
-def run_peer(preset: str, batch: int, steps: int, warmup: int, bf16: bool, device: torch.device,
-             zero_stage: int = 1) -> dict[str, Any]:
-    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+# --- the peer ------------------------------------------------------------------------------------------------------
 
-    from pretrain.mae import MAE_ARCHS, MAEConfig
+def peer_model(method: str, preset: str) -> torch.nn.Module:
+    import transformers as tf
 
-    cfg = MAEConfig(**MAE_ARCHS[preset])
-    config = ViTMAEConfig(hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
-                          intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), image_size=cfg.img_size,
-                          patch_size=cfg.patch_size, decoder_hidden_size=cfg.decoder_embed_dim,
-                          decoder_num_hidden_layers=cfg.decoder_depth,
-                          decoder_num_attention_heads=cfg.decoder_num_heads,
-                          decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.mlp_ratio),
-                          mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss, layer_norm_eps=1e-6,
-                          attn_implementation="sdpa")
-    model = ViTMAEForPreTraining(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                                  **({"fused": True} if device.type == "cuda" else {}))
-    size = cfg.img_size
-    images = torch.randn(batch, 3, size, size, device=device)
+    g = GEOMETRY[preset]
+    common = dict(hidden_size=g["embed_dim"], num_hidden_layers=g["depth"], num_attention_heads=g["num_heads"],
+                  intermediate_size=4 * g["embed_dim"], image_size=g["img_size"], patch_size=g["patch_size"],
+                  layer_norm_eps=1e-6, attn_implementation="sdpa")
+    if method == "mae":
+        from pretrain.mae import MAE_ARCHS, MAEConfig
+
+        cfg = MAEConfig(**MAE_ARCHS[preset])
+        return tf.ViTMAEForPreTraining(tf.ViTMAEConfig(
+            **common, decoder_hidden_size=cfg.decoder_embed_dim, decoder_num_hidden_layers=cfg.decoder_depth,
+            decoder_num_attention_heads=cfg.decoder_num_heads,
+            decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.mlp_ratio), mask_ratio=cfg.mask_ratio,
+            norm_pix_loss=cfg.norm_pix_loss))
+    if method == "beit":
+        # BEiT-style: q/v biases (transformers' default), shared relative position bias, LayerScale 0.1, mask token
+        return tf.BeitForMaskedImageModeling(tf.BeitConfig(
+            **common, vocab_size=TOKENIZER[preset].get("vocab_size", 8192), use_mask_token=True,
+            use_shared_relative_position_bias=True, use_relative_position_bias=False, layer_scale_init_value=0.1,
+            use_mean_pooling=False))
+    if method == "deit":
+        return tf.DeiTForImageClassificationWithTeacher(tf.DeiTConfig(**common, num_labels=NUM_CLASSES))
+    if method == "cls":
+        return tf.ViTForImageClassification(tf.ViTConfig(**common, num_labels=NUM_CLASSES))
+    raise ValueError(method)
+
+
+def run_peer(method: str, preset: str, batch: int, steps: int, warmup: int, bf16: bool, device: torch.device,
+             zero_stage: int, switches: Switches) -> dict[str, Any]:
+    from pretrain.beit import BEiTConfig, make_mask_generator
+    from pretrain.masking import VISIBLE
+
+    model = peer_model(method, preset).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+    tokenizer = build_tokenizer(preset, device) if method == "beit" else None
+    teacher = build_teacher(preset, device).model if method == "deit" else None
+    beit_mask = make_mask_generator(BEiTConfig(**GEOMETRY[preset], vocab_size=8)) if method == "beit" else None
+    data = random_batch(method, preset, batch, device, beit_mask)
+    images = data["image"].float() if method != "mae" else torch.randn(data["image"].shape, device=device)
+
+    def loss_of() -> torch.Tensor:
+        if method == "mae":
+            return model(pixel_values=images).loss
+        if method == "cls":
+            return model(pixel_values=images, labels=data["label"]).loss
+        if method == "beit":
+            with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+                codes = tokenizer.get_codebook_indices(data["tokenizer_image"].float() / 255).flatten(1)
+            masked = data["mask"] != VISIBLE
+            return model(pixel_values=images, bool_masked_pos=masked, labels=codes[masked]).loss
+        with torch.no_grad():
+            teacher_labels = teacher(images).argmax(-1)
+        out = model(pixel_values=images)
+        return 0.5 * F.cross_entropy(out.cls_logits.float(), data["label"]) + \
+            0.5 * F.cross_entropy(out.distillation_logits.float(), teacher_labels)
 
     def step() -> None:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(pixel_values=images).loss
+            loss = loss_of()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -119,7 +267,7 @@ def run_peer(preset: str, batch: int, steps: int, warmup: int, bf16: bool, devic
     return timed(step, steps, warmup, device)
 
 
-def timed(step: Any, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
+def timed(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
     for _ in range(warmup):
         step()
     sync(device)
@@ -133,24 +281,74 @@ def timed(step: Any, steps: int, warmup: int, device: torch.device) -> dict[str,
     return {"step_time_s": elapsed / steps, "peak_memory_gib": peak_memory_gib(device)}
 
 
+# --- driver --------------------------------------------------------------------------------------------------------
+
 def child(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     run = run_ours if args.side == "ours" else run_peer
-    result = run(args.preset, args.batch, args.steps, args.warmup, bf16, device, args.zero_stage)
+    result = run(args.method, args.preset, args.batch, args.steps, args.warmup, bf16, device, args.zero_stage,
+                 switches_of(args))
     result["images_per_s"] = args.batch / result["step_time_s"]
     print("RESULT " + json.dumps(result))
 
 
+def switches_of(args: argparse.Namespace) -> Switches:
+    return Switches(compile=args.compile, fused=args.fused, fused_attention=args.fused_attention,
+                    grad_ckpt=args.grad_ckpt, grad_accum=args.grad_accum)
+
+
+def switch_flags(s: Switches) -> list[str]:
+    flags = ["--fused", s.fused, "--grad-accum", str(s.grad_accum)]
+    flags += ["--compile"] if s.compile else []
+    flags += [] if s.fused_attention else ["--no-fused-attention"]
+    flags += ["--grad-ckpt"] if s.grad_ckpt else []
+    return flags
+
+
+def run_side(side: str, args: argparse.Namespace, switches: Switches, device: torch.device) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--side", side, "--method", args.method, "--preset", args.preset,
+           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--precision", args.precision, "--zero-stage", str(args.zero_stage), *switch_flags(switches)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT),
+           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{side} failed: {' '.join(cmd)}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+SWITCH_ROWS: dict[str, Switches] = {
+    "baseline (the jobs' defaults)": Switches(),
+    "engine.compile=true": Switches(compile=True),
+    "optim.fused=off": Switches(fused="off"),
+    "engine.fused_attention=false": Switches(fused_attention=False),
+    "model.grad_checkpointing=true": Switches(grad_ckpt=True),
+    "engine.grad_accum=2 (same images per step)": Switches(grad_accum=2),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny", choices=["tiny", "vit_b16", "vit_l16"])
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--method", default="mae", choices=METHODS)
+    parser.add_argument("--preset", default="tiny", choices=list(GEOMETRY))
+    parser.add_argument("--batch", type=int, default=64, help="images per optimizer step")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3],
                         help="ZeRO stage of our engine (the jobs' default is 1; 0 without bf16 is plain data parallel)")
+    parser.add_argument("--compile", action="store_true", help="engine.compile=true")
+    parser.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="optim.fused")
+    parser.add_argument("--no-fused-attention", dest="fused_attention", action="store_false",
+                        help="engine.fused_attention=false")
+    parser.add_argument("--grad-ckpt", action="store_true", help="model.grad_checkpointing=true")
+    parser.add_argument("--grad-accum", type=int, default=1, help="engine.grad_accum")
+    parser.add_argument("--switches", action="store_true",
+                        help="ours only, once per speed switch (each alone against the defaults)")
+    parser.add_argument("--no-peer", dest="peer", action="store_false", help="measure ours only")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -160,38 +358,37 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    results = {}
-    for side in ("ours", "peer"):
-        cmd = [sys.executable, __file__, "--side", side, "--preset", args.preset, "--batch", str(args.batch),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
-               "--zero-stage", str(args.zero_stage)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if
-               device.type == "cuda" else "cpu")}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-            return 1
-        results[side] = json.loads(lines[-1][len("RESULT "):])
+    if args.switches:
+        rows = {name: run_side("ours", args, s, device) for name, s in SWITCH_ROWS.items()}
+    else:
+        rows = {"ours": run_side("ours", args, switches_of(args), device)}
+        if args.peer:
+            rows["peer"] = run_side("peer", args, switches_of(args), device)
     dtype = torch.bfloat16 if bf16 else torch.float32
     peak = matmul_peak(device, dtype)
-    flops = results["ours"]["flops_per_image"]
-    for side in results.values():
-        side["mfu"] = flops * side["images_per_s"] / peak
+    flops = next(iter(rows.values()))["flops_per_image"]
+    for row in rows.values():
+        row["mfu"] = flops * row["images_per_s"] / peak
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    first = next(iter(rows.values()))["images_per_s"]
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
-              "torch_threads": torch.get_num_threads(), "preset": args.preset, "batch": args.batch,
-              "precision": "bf16" if bf16 else "fp32", "steps": args.steps, "zero_stage": args.zero_stage, "matmul_peak_flops": peak,
-              "results": results, "ratio_images_per_s": results["ours"]["images_per_s"] /
-              results["peer"]["images_per_s"]}
-    print(f"MAE {args.preset}, batch {args.batch}, {report['precision']} on {name} "
-          f"(matmul peak {peak / 1e12:.2f} TFLOP/s, {flops / 1e9:.2f} GFLOP per image)")
-    print(f"{'':8} {'images/s':>10} {'step s':>9} {'peak GiB':>9} {'MFU':>7}")
-    for side, r in results.items():
-        print(f"{side:8} {r['images_per_s']:10.1f} {r['step_time_s']:9.4f} {r['peak_memory_gib']:9.2f} "
-              f"{100 * r['mfu']:6.1f}%")
-    print(f"ours / peer images/s: {report['ratio_images_per_s']:.2f}x")
-    out = args.out or ROOT / "bench" / "results" / f"train_throughput-{args.preset}-{device.type}.json"
+              "cpu_count": os.cpu_count(), "method": args.method, "preset": args.preset, "batch": args.batch,
+              "precision": "bf16" if bf16 else "fp32", "steps": args.steps, "warmup": args.warmup,
+              "zero_stage": args.zero_stage, "switches": {} if args.switches else vars(switches_of(args)),
+              "matmul_peak_flops": peak, "flops_per_image": flops, "results": rows}
+    if "peer" in rows:
+        report["ratio_images_per_s"] = rows["ours"]["images_per_s"] / rows["peer"]["images_per_s"]
+    print(f"{args.method.upper()} {args.preset}, batch {args.batch}, {report['precision']}, ZeRO-{args.zero_stage} on "
+          f"{name} (matmul peak {peak / 1e12:.2f} TFLOP/s, {flops / 1e9:.2f} GFLOP per image)")
+    width = max(len(k) for k in rows) + 2
+    print(f"{'':{width}} {'images/s':>10} {'step s':>9} {'peak GiB':>9} {'MFU':>7} {'vs first':>9}")
+    for key, r in rows.items():
+        print(f"{key:{width}} {r['images_per_s']:10.1f} {r['step_time_s']:9.4f} {r['peak_memory_gib']:9.2f} "
+              f"{100 * r['mfu']:6.1f}% {r['images_per_s'] / first:8.2f}x")
+    if "ratio_images_per_s" in report:
+        print(f"ours / peer images/s: {report['ratio_images_per_s']:.2f}x")
+    kind = "switches" if args.switches else f"zero{args.zero_stage}"
+    out = args.out or ROOT / "bench" / "results" / f"train_throughput-{args.method}-{args.preset}-{device.type}-{kind}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

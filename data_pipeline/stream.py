@@ -92,10 +92,17 @@ class DataConfig:
     shuffle_buffer: int = 1000  # raw (undecoded) samples each worker holds for shuffling
     cache_dir: str = ""  # keep remote shards in this local folder (fsspec simplecache); "" = stream only
     allow_pipe: bool = False  # accept webdataset's `pipe:CMD` shard URLs (each runs a shell command)
+    # batches land in page-locked memory so the host-to-GPU copy runs asynchronously (non_blocking); "auto" = on CUDA
+    pin_memory: str = "auto"  # "auto" | "on" | "off"
+    prefetch_factor: int = 2  # batches each worker prepares ahead (DataLoader's prefetch_factor; num_workers > 0)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {self.mode!r}")
+        if self.pin_memory not in ("auto", "on", "off"):
+            raise ValueError(f"data.pin_memory must be auto, on or off, got {self.pin_memory!r}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError(f"data.batch_size must be >= 1 and data.num_workers, data.shuffle_buffer >= 0; got "
                              f"{self.batch_size}, {self.num_workers}, {self.shuffle_buffer}")
@@ -396,7 +403,8 @@ class BatchStream:
         index: the resolved DatasetIndex (shard URLs and counts).
     """
 
-    def __init__(self, dataset: ShardBatchDataset, index: DatasetIndex, num_workers: int) -> None:
+    def __init__(self, dataset: ShardBatchDataset, index: DatasetIndex, num_workers: int, pin_memory: bool = False,
+                 prefetch_factor: int = 2) -> None:
         self._dataset = dataset
         self.index = index
         self.metadata: dict[str, Any] = index.metadata
@@ -405,9 +413,9 @@ class BatchStream:
         self._plan: EpochPlan | None = None
         # an explicit generator: creating an iterator must not draw from the training process's RNG (a resumed run
         # would otherwise continue with another random sequence than the uninterrupted one)
-        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                  pin_memory=torch.cuda.is_available(), persistent_workers=False,
-                                  generator=torch.Generator().manual_seed(dataset.seed))
+        self._loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                  prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                                  persistent_workers=False, generator=torch.Generator().manual_seed(dataset.seed))
 
     @property
     def mode(self) -> str:
@@ -473,7 +481,8 @@ def build_stream(url: str | Sequence[str], map_fn: Callable[[dict], dict], batch
                  rank: int = 0, world_size: int = 1, num_workers: int = 2, mode: str = "epoch", train: bool = True,
                  seed: int = 0, shuffle_buffer: int = 1000, cache_dir: str | None = None,
                  collate_fn: Callable[[list], dict] | None = None, required: Sequence[str] = ("image",),
-                 open_retries: int = 5, retry_backoff_s: float = 1.0, allow_pipe: bool = False) -> BatchStream:
+                 open_retries: int = 5, retry_backoff_s: float = 1.0, allow_pipe: bool = False,
+                 pin_memory: bool | None = None, prefetch_factor: int = 2) -> BatchStream:
     """Build a rank's batch stream over a sharded dataset (see the module docstring for the data flow and policy).
 
     Args:
@@ -492,6 +501,8 @@ def build_stream(url: str | Sequence[str], map_fn: Callable[[dict], dict], batch
         required: members every sample needs ("image", "cls", "json", "txt"); others missing -> skipped.
         open_retries, retry_backoff_s: attempts to open a URL and the first delay (doubling) between them.
         allow_pipe: accept `pipe:CMD` shard URLs (a shell command per shard; refused unless set).
+        pin_memory: batches in page-locked memory for asynchronous copies to the GPU; None = when CUDA is present.
+        prefetch_factor: batches each worker prepares ahead of the training loop (with num_workers > 0).
 
     Raises:
         ValueError: bad arguments, or (epoch mode) fewer shards than world_size x max(1, num_workers).
@@ -515,7 +526,8 @@ def build_stream(url: str | Sequence[str], map_fn: Callable[[dict], dict], batch
     dataset = ShardBatchDataset(index.shards, reader=reader, map_fn=map_fn, collate_fn=collate_fn,
                                 batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
                                 mode=mode, train=train, seed=seed, shuffle_buffer=shuffle_buffer)
-    stream = BatchStream(dataset, index, num_workers)
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    stream = BatchStream(dataset, index, num_workers, pin_memory=pin, prefetch_factor=prefetch_factor)
     plan = stream.plan  # epoch mode: raises now, on every rank, if the shards cannot be split
     if plan is None:
         logger.info("stream %s: %d shards, %d samples; rank %d/%d resamples shards with replacement",

@@ -69,6 +69,8 @@ class OptimConfig:
     # which normalises whole tensors and so needs engine.zero_stage=0; sgd: torch SGD with momentum
     optimizer: Literal["adamw", "lars", "sgd"] = "adamw"
     momentum: float = 0.9              # lars and sgd only
+    # AdamW's fused kernel (one kernel for all tensors, no per-tensor Python loop): auto = on CUDA and on CPU
+    fused: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(kw_only=True)
@@ -82,6 +84,12 @@ class EngineConfig:
     # a non-finite loss on any rank: "stop" exits 1 without saving (the last checkpoint stays the newest), "skip"
     # leaves the weights unchanged for that step, counts it (train/nonfinite_skipped) and goes on
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # torch.compile of the task model's forward (DeepSpeed's engine.compile); the first steps pay for compilation
+    compile: bool = False
+    compile_backend: str = "inductor"   # torch.compile backend (torch._dynamo.list_backends())
+    # attention through F.scaled_dot_product_attention (flash / memory-efficient kernels on GPU) in every timm-style
+    # attention module; false = the explicit softmax(q k^T) v, for debugging or comparison
+    fused_attention: bool = True
 
 
 @dataclass(kw_only=True)

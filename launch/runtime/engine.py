@@ -64,16 +64,21 @@ def param_groups(task_groups: list[dict], weight_decay: float) -> list[dict]:
 
 def build_optimizer(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
                     weight_decay: float, on_gpu: bool, name: str = "adamw",
-                    momentum: float = 0.9) -> torch.optim.Optimizer:
-    """The client optimizer DeepSpeed steps: AdamW (fused on CUDA), timm's LARS or SGD with momentum.
+                    momentum: float = 0.9, fused: str = "auto") -> torch.optim.Optimizer:
+    """The client optimizer DeepSpeed steps: AdamW (fused kernel unless `fused="off"`), timm's LARS or SGD.
+
+    torch's fused AdamW updates every tensor of a group in one kernel (CUDA, and CPU since torch 2.4) instead of a
+    loop of per-tensor ops; bench/RESULTS.md has its measured effect.
 
     LARS (You et al. 2017; MAE's linear probe, util/lars.py) multiplies each tensor's update by
     0.001 * |w| / |g| where the group has weight decay or sets `always_adapt` (MAE adapts every >= 2-D tensor
     and no 1-D one); timm's implementation equals MAE's when the decay is 0.
     """
+    if fused not in ("auto", "on", "off"):
+        raise ValueError(f"optim.fused must be auto, on or off, got {fused!r}")
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                 **({"fused": True} if on_gpu else {}))
+                                 fused=fused != "off")
     if name == "lars":
         from timm.optim import Lars
 
@@ -81,6 +86,33 @@ def build_optimizer(groups: list[dict], *, lr: float, betas: tuple[float, float]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r} (adamw | lars | sgd)")
+
+
+def set_fused_attention(model: nn.Module, enabled: bool) -> int:
+    """Switch every timm-style attention module (a `fused_attn` attribute) between F.scaled_dot_product_attention
+    and the explicit softmax(q k^T) v; returns how many modules were set. timm picks SDPA by default."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = enabled
+            count += 1
+    return count
+
+
+def check_compile_backend(backend: str) -> None:
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"engine.compile_backend={backend!r} is not a torch.compile backend; choose one of "
+                         f"{', '.join(torch._dynamo.list_backends())}")
+
+
+def compile_model(engine: Any, backend: str = "inductor") -> None:
+    """torch.compile the engine's module in place (DeepSpeed's `engine.compile`: parameter names, and so checkpoints
+    and exports, are unchanged). Only calls through the module's forward are compiled; the first steps compile."""
+    check_compile_backend(backend)
+    engine.compile(backend=backend)
+    logger.info("torch.compile (%s): the model's forward is compiled; the first steps pay for the compilation", backend)
 
 
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> Any:

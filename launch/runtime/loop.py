@@ -203,7 +203,8 @@ class Trainer:
                                 num_workers=d.num_workers, mode=d.mode if train else "epoch", train=train,
                                 seed=self.cfg.run.seed, shuffle_buffer=d.shuffle_buffer, cache_dir=d.cache_dir or None,
                                 collate_fn=getattr(self.task, "train_collate" if train else "eval_collate", None),
-                                allow_pipe=d.allow_pipe)
+                                allow_pipe=d.allow_pipe, prefetch_factor=d.prefetch_factor,
+                                pin_memory={"auto": None, "on": True, "off": False}[d.pin_memory])
         except OSError as e:
             raise DataError(f"data.{'train' if train else 'val'}={url}: cannot open the dataset ({e})") from None
         except ValueError as e:
@@ -246,6 +247,11 @@ class Trainer:
             threads = distributed.share_cpu_cores(cfg.data.num_workers)
             if threads:
                 logger.info("CPU: %d compute thread(s) per rank (OMP_NUM_THREADS overrides)", threads)
+        if cfg.engine.compile:
+            try:
+                engine_lib.check_compile_backend(cfg.engine.compile_backend)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         # the same seed on every rank while the model is built (identical initial weights), then seed + rank
         distributed.seed_all(cfg.run.seed)
         try:
@@ -285,8 +291,11 @@ class Trainer:
         groups = engine_lib.param_groups(self.task.param_groups(), o.weight_decay)
         optimizer = engine_lib.build_optimizer(groups, lr=self.derived.lr, betas=o.betas, eps=o.eps,
                                                weight_decay=o.weight_decay, on_gpu=world.on_gpu, name=o.optimizer,
-                                               momentum=o.momentum)
+                                               momentum=o.momentum, fused=o.fused)
+        engine_lib.set_fused_attention(self.task.model, cfg.engine.fused_attention)
         self.engine = engine_lib.initialize(self.task.model, optimizer, ds_config)
+        if cfg.engine.compile:
+            engine_lib.compile_model(self.engine, cfg.engine.compile_backend)
 
         self.step, epoch, batch_in_epoch = 0, 0, 0
         self.nonfinite_skipped = 0

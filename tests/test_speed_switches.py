@@ -1,0 +1,86 @@
+"""The speed switches are config keys that change what runs, not only what is logged: fused AdamW, SDPA attention,
+torch.compile, pinned memory and prefetch (their measured effects are in bench/RESULTS.md)."""
+import math
+
+import pytest
+import torch
+import yaml
+
+from launch.pretrain_mae import main
+from launch.runtime import engine as engine_lib
+from pretrain.mae import MAEConfig, MaskedAutoencoderViT
+from test_runtime import photo_shards, read_jsonl, tiny_run_args  # noqa: F401 - photo_shards is a fixture
+
+
+def test_fused_adamw_switch_reaches_the_optimizer():
+    params = [torch.nn.Parameter(torch.randn(3, 3))]
+    for fused, expected in (("auto", True), ("on", True), ("off", False)):
+        opt = engine_lib.build_optimizer([{"params": params}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                                         on_gpu=False, fused=fused)
+        assert bool(opt.defaults["fused"]) is expected
+    with pytest.raises(ValueError, match="optim.fused"):
+        engine_lib.build_optimizer([{"params": params}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                                   on_gpu=False, fused="yes")
+
+
+def test_fused_and_plain_adamw_take_the_same_step():
+    torch.manual_seed(0)
+    w = torch.randn(8, 8)
+    grads = [torch.randn(8, 8) for _ in range(3)]
+    results = []
+    for fused in ("on", "off"):
+        p = torch.nn.Parameter(w.clone())
+        opt = engine_lib.build_optimizer([{"params": [p]}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05,
+                                         on_gpu=False, fused=fused)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results.append(p.detach())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_attention_switch_changes_the_kernel_not_the_result():
+    torch.manual_seed(0)
+    model = MaskedAutoencoderViT(MAEConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                           decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)).eval()
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    assert engine_lib.set_fused_attention(model, True) == 3        # 2 encoder + 1 decoder attention modules
+    with torch.no_grad():
+        fused = model(imgs, noise=noise)[1]
+    assert engine_lib.set_fused_attention(model, False) == 3
+    assert all(not m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+    with torch.no_grad():
+        plain = model(imgs, noise=noise)[1]
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_job_trains_like_the_eager_one(photo_shards, tmp_path):  # noqa: F811
+    """engine.compile=true: the forward runs through torch.compile, parameter names and so the checkpoints and the
+    export are unchanged, and the losses equal the eager run's. The aot_eager backend traces and partitions the graph
+    as inductor does, without inductor's minute of C++ code generation on a CPU (bench/ measures inductor); it also
+    keeps the eager random stream, so both runs draw the same masks."""
+    common = {"optim.max_steps": 3, "log.every": 1, "log.eval_every": 0, "log.images_every": 0, "ckpt.every": 0,
+              "data.val": "", "data.pin_memory": "off", "data.prefetch_factor": 3, "data.num_workers": 1}
+    losses = {}
+    for name, extra in (("eager", {}), ("compiled", {"engine.compile": "true", "engine.compile_backend": "aot_eager",
+                                        "engine.fused_attention": "false"})):
+        args = tiny_run_args(photo_shards.url, tmp_path, **{**common, **extra, "run.name": name})
+        assert main(args) == 0
+        run_dir = tmp_path / "pretrain_mae" / name
+        losses[name] = [r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+        assert (run_dir / "export" / "backbone.safetensors").exists()
+    cfg = yaml.safe_load((tmp_path / "pretrain_mae" / "compiled" / "config.yaml").read_text())
+    assert cfg["engine"]["compile"] is True and cfg["engine"]["fused_attention"] is False
+    assert cfg["data"]["prefetch_factor"] == 3 and cfg["data"]["pin_memory"] == "off"
+    assert len(losses["eager"]) == 3 and all(math.isfinite(v) for v in losses["compiled"])
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
+
+
+@pytest.mark.parametrize("override, message", [("optim.fused=maybe", "optim.fused"),
+                                               ("data.pin_memory=yes", "pin_memory"),
+                                               ("data.prefetch_factor=0", "prefetch_factor"),
+                                               ("engine.compile=sometimes", "engine.compile"),
+                                               ("engine.compile=true engine.compile_backend=turbo", "engine.compile_backend")])
+def test_bad_switch_values_are_config_errors(override, message, tmp_path, caplog):
+    assert main([f"run.dir={tmp_path}", *override.split()]) == 2
+    assert any("config error" in r.getMessage() and message in r.getMessage() for r in caplog.records)
