@@ -6,6 +6,7 @@ transformers, same device, batch, precision and model geometry, in one run:
                                      [--compile] [--fused auto|on|off] [--no-fused-attention] [--grad-ckpt]
                                      [--grad-accum K] [--no-peer] [--out FILE]
     python bench/train_throughput.py --switches [--method mae] ...   # the effect of each speed switch, ours only
+                                     # (MAE adds a row with the encoder on all tokens but one: the visible-only gain)
 
 * ours: the method's task (`pretrain.mae.MAETask`, `pretrain.beit.BEiTTask`, `pretrain.deit.DeiTTask`,
   `finetune.classification.ClassificationTask`) inside the DeepSpeed engine the jobs use (the runtime's AdamW,
@@ -69,6 +70,7 @@ class Switches:
     fused_attention: bool = True   # engine.fused_attention
     grad_ckpt: bool = False        # model.grad_checkpointing
     grad_accum: int = 1            # engine.grad_accum (the batch is split into this many micro-batches)
+    mask_ratio: float = 0.0        # MAE only, > 0: model.mask_ratio (1/L puts L - 1 tokens through the encoder)
 
 
 def sync(device: torch.device) -> None:
@@ -136,7 +138,8 @@ def build_task(method: str, preset: str, switches: Switches, device: torch.devic
     if method == "mae":
         from pretrain.mae import MAE_ARCHS, MAEConfig, MAETask
 
-        return MAETask(MAEConfig(**MAE_ARCHS[preset], grad_checkpointing=switches.grad_ckpt))
+        arch = dict(MAE_ARCHS[preset], **({"mask_ratio": switches.mask_ratio} if switches.mask_ratio else {}))
+        return MAETask(MAEConfig(**arch, grad_checkpointing=switches.grad_ckpt))
     if method == "beit":
         from pretrain.beit import BEiTConfig, BEiTTask
 
@@ -295,7 +298,7 @@ def child(args: argparse.Namespace) -> None:
 
 def switches_of(args: argparse.Namespace) -> Switches:
     return Switches(compile=args.compile, fused=args.fused, fused_attention=args.fused_attention,
-                    grad_ckpt=args.grad_ckpt, grad_accum=args.grad_accum)
+                    grad_ckpt=args.grad_ckpt, grad_accum=args.grad_accum, mask_ratio=args.mask_ratio)
 
 
 def switch_flags(s: Switches) -> list[str]:
@@ -303,6 +306,7 @@ def switch_flags(s: Switches) -> list[str]:
     flags += ["--compile"] if s.compile else []
     flags += [] if s.fused_attention else ["--no-fused-attention"]
     flags += ["--grad-ckpt"] if s.grad_ckpt else []
+    flags += ["--mask-ratio", str(s.mask_ratio)] if s.mask_ratio else []
     return flags
 
 
@@ -346,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="engine.fused_attention=false")
     parser.add_argument("--grad-ckpt", action="store_true", help="model.grad_checkpointing=true")
     parser.add_argument("--grad-accum", type=int, default=1, help="engine.grad_accum")
+    parser.add_argument("--mask-ratio", type=float, default=0.0, help="MAE: model.mask_ratio (0 = the preset's)")
     parser.add_argument("--switches", action="store_true",
                         help="ours only, once per speed switch (each alone against the defaults)")
     parser.add_argument("--no-peer", dest="peer", action="store_false", help="measure ours only")
@@ -359,7 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     if args.switches:
-        rows = {name: run_side("ours", args, s, device) for name, s in SWITCH_ROWS.items()}
+        switch_rows = dict(SWITCH_ROWS)
+        if args.method == "mae":  # what dropping the masked tokens from the encoder saves
+            tokens = (GEOMETRY[args.preset]["img_size"] // GEOMETRY[args.preset]["patch_size"]) ** 2
+            switch_rows[f"encoder on {tokens - 1} of {tokens} tokens (mask_ratio 1/{tokens})"] = \
+                Switches(mask_ratio=1 / tokens)
+        rows = {name: run_side("ours", args, s, device) for name, s in switch_rows.items()}
     else:
         rows = {"ours": run_side("ours", args, switches_of(args), device)}
         if args.peer:
@@ -367,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if bf16 else torch.float32
     peak = matmul_peak(device, dtype)
     flops = next(iter(rows.values()))["flops_per_image"]
-    for row in rows.values():
-        row["mfu"] = flops * row["images_per_s"] / peak
+    for row in rows.values():  # the peer does the same work as ours; a switch row counts its own model's FLOPs
+        row["mfu"] = row.get("flops_per_image", flops) * row["images_per_s"] / peak
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     first = next(iter(rows.values()))["images_per_s"]
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
