@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from launch import pretrain_mae
 from launch.runtime import checkpoint
@@ -231,18 +232,20 @@ class NaNAfter(MAETask):
         return (loss * math.nan if self.calls >= self.nan_from else loss), metrics
 
 
-def test_nonfinite_skip_keeps_the_weights_and_counts(shards, tmp_path):
+@pytest.mark.parametrize("stage", [1, 3])
+def test_nonfinite_skip_keeps_the_weights_and_counts(shards, tmp_path, stage):
     args = job_args(shards, tmp_path, "skip", "data.num_workers=0", "optim.max_steps=4", "ckpt.every=2",
-                    "ckpt.keep=0", "engine.on_nonfinite=skip")
+                    "ckpt.keep=0", "engine.on_nonfinite=skip", f"engine.zero_stage={stage}")
     assert run_job(job="pretrain_mae", task_config=MAEConfig, build_task=NaNAfter, argv=args) == 0
     run_dir = tmp_path / "runs" / "pretrain_mae" / "skip"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train/nonfinite_skipped"] == 2.0
-    # steps 3 and 4 were skipped: the final weights are those saved at step 2
-    at_2 = torch.load(checkpoint.model_states_file(run_dir / "checkpoints" / "step00000002"), weights_only=True)
-    at_4 = torch.load(checkpoint.model_states_file(run_dir / "checkpoints" / "step00000004"), weights_only=True)
-    for key, value in at_2["module"].items():
-        assert torch.equal(value, at_4["module"][key]), key
+    # steps 3 and 4 were skipped: the final weights (the fp32 masters, ZeRO-3's partitions included) are step 2's
+    at_2, at_4 = (get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+                  for tag in ("step00000002", "step00000004"))
+    assert at_2.keys() == at_4.keys() and len(at_2) > 10
+    for key, value in at_2.items():
+        assert torch.equal(value, at_4[key]), key
 
 
 def test_nonfinite_stop_exits_1_and_saves_nothing_new(shards, tmp_path, caplog):
