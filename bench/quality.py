@@ -870,6 +870,12 @@ def main(argv: Sequence[str] | None = None,
         return 0
     if args.seeds < 2:
         logger.warning("--seeds %d: no seed std; the issue asks for at least 2 seeds per claim", args.seeds)
+    if not args.no_write:  # fail now, not after the benchmark, when the section cannot be written
+        try:
+            replace_section(RESULTS_MD.read_text(), "")
+        except (OSError, ValueError) as e:
+            logger.error("%s: %s (or run with --no-write)", RESULTS_MD, e)
+            return 2
     if not args.reuse:
         clean_workdir(args.workdir)
     args.workdir.mkdir(parents=True, exist_ok=True)

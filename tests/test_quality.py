@@ -206,26 +206,31 @@ def test_bad_arguments_exit_2():
 
 # --- the report from fake run outputs -----------------------------------------------------------------------------
 
-def test_report_from_fake_runs(tmp_path, monkeypatch):
-    """A runner that writes each job's metrics.jsonl (two rows: the last value must win) instead of training; the
-    report reads them back into per-seed figures, stds, verdicts, a table per claim and the plot."""
+def fake_runner(step, layout, reuse):
+    """Instead of training: the job's metrics.jsonl with two rows (the last value must win); baselines score 70,
+    the claimed-better arms 90, plus the seed."""
+    if step.run_dir:
+        run = Path(step.run_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        seed = step.seed or 0
+        baseline = any(word in step.key for word in ("scratch", "none", "random"))
+        final = {r.key: (70.0 if baseline else 90.0) + seed for r in step.reads}
+        rows = [{"step": 1, **{k: -1.0 for k in final}}, {"step": 2, "train/loss": 1.0, **final}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return quality.StepResult(key=step.key, claim=step.claim, seed=step.seed, command=step.command,
+                              log=str(layout.log(step.key)), wall_s=1.0, load_before=(0.5, 0.5, 0.5),
+                              load_after=(0.6, 0.6, 0.6))
+
+
+@pytest.fixture
+def fake_machine(monkeypatch):
     monkeypatch.setattr(quality, "machine_info", lambda: {"cpu": "test CPU", "cores": 2, "torch": "x",
                                                           "python": "3", "gpu": None})
     monkeypatch.setattr(quality, "git_commit", lambda: "abc1234")
 
-    def fake_runner(step, layout, reuse):
-        if step.run_dir:
-            run = Path(step.run_dir)
-            run.mkdir(parents=True, exist_ok=True)
-            seed = step.seed or 0
-            baseline = any(word in step.key for word in ("scratch", "none", "random"))
-            final = {r.key: (70.0 if baseline else 90.0) + seed for r in step.reads}
-            rows = [{"step": 1, **{k: -1.0 for k in final}}, {"step": 2, "train/loss": 1.0, **final}]
-            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return quality.StepResult(key=step.key, claim=step.claim, seed=step.seed, command=step.command,
-                                  log=str(layout.log(step.key)), wall_s=1.0, load_before=(0.5, 0.5, 0.5),
-                                  load_after=(0.6, 0.6, 0.6))
 
+def test_report_from_fake_runs(tmp_path, fake_machine):
+    """The report reads the runs' figures back into per-seed values, stds, verdicts, a table per claim and the plot."""
     assert quality.main(["--only", "mae,deit", "--workdir", str(tmp_path), "--no-write"], runner=fake_runner) == 0
     report = json.loads((tmp_path / "quality.json").read_text())
     top1 = report["results"]["mae"]["arms"]["MAE -> finetune"]["top-1 (%)"]
@@ -240,3 +245,29 @@ def test_report_from_fake_runs(tmp_path, monkeypatch):
     assert "`deit.teacher`" in md and "test CPU" in md and "abc1234" in md
     assert "![quality benchmark, preset cpu](quality.png)" in md
     assert (tmp_path / "quality.png").stat().st_size > 10_000
+
+
+def test_missing_markers_stop_before_any_job(tmp_path, monkeypatch):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nno quality markers\n")
+    monkeypatch.setattr(quality, "RESULTS_MD", results)
+
+    def runner(step, layout, reuse):
+        raise AssertionError(f"{step.key} ran")
+
+    assert quality.main(["--only", "mae", "--workdir", str(tmp_path / "w")], runner=runner) == 2
+    assert results.read_text() == "# Results\n\nno quality markers\n"
+
+
+def test_results_md_section_and_files_written(tmp_path, monkeypatch, fake_machine):
+    results = tmp_path / "RESULTS.md"
+    results.write_text(DOC)
+    monkeypatch.setattr(quality, "RESULTS_MD", results)
+    monkeypatch.setattr(quality, "RESULTS_DIR", tmp_path / "results")
+    assert quality.main(["--only", "deit", "--workdir", str(tmp_path / "w")], runner=fake_runner) == 0
+    text = results.read_text()
+    assert text.startswith(DOC.split("<!-- quality:begin -->")[0] + "<!-- quality:begin -->\n")
+    assert text.endswith("<!-- quality:end -->" + DOC.split("<!-- quality:end -->")[1])
+    assert "### 3. DeiT" in text and "![quality benchmark, preset cpu](results/quality-cpu.png)" in text
+    assert json.loads((tmp_path / "results" / "quality-cpu.json").read_text())["claims"] == ["deit"]
+    assert (tmp_path / "results" / "quality-cpu.png").is_file()
