@@ -487,6 +487,8 @@ class StepFailed(RuntimeError):
 
 @dataclass
 class StepResult:
+    """What a step's run left: its wall time (seconds) and the 1/5/15-min load averages before and after it."""
+
     key: str
     claim: str
     seed: int | None
@@ -574,6 +576,8 @@ def read_figures(steps: Sequence[Step], root: Path) -> dict[str, dict[str, dict[
 
 @dataclass(frozen=True)
 class Stats:
+    """One figure over seeds, in the figure's units."""
+
     mean: float
     std: float      # sample standard deviation over seeds (n - 1); 0 for a single value
     n: int
