@@ -625,8 +625,10 @@ def verdict(comparison: Comparison, better: Stats, baseline: Stats) -> Verdict:
                f"{comparison.figure}: gap {gap:+.2f}")
     if single:
         spread = "one seed, no seed std to compare the gap with"
-    else:
+    elif gap > 0:
         spread = f"seed std {noise:.2f} ({'exceeded' if beyond else 'not exceeded'})"
+    else:  # the baseline is ahead: say whether that reversal itself stands out of the noise
+        spread = f"seed std {noise:.2f} (the reverse gap {'exceeds' if -gap > noise else 'is within'} it)"
     if holds:
         word = "holds"
     elif gap > 0:
@@ -758,7 +760,7 @@ def render_markdown(report: dict[str, Any], plot_link: str) -> str:
 
 def plot(report: dict[str, Any], comparisons: Sequence[Comparison], out: Path) -> None:
     """One panel per claim (BEiT: finetuning and tokenizer), grouped bars with ±std error bars: the claimed-better
-    arm first, its baseline second, reference arms after."""
+    arm first, its baseline second, reference arms after (lighter). Each arm keeps one colour within its panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -781,14 +783,17 @@ def plot(report: dict[str, Any], comparisons: Sequence[Comparison], out: Path) -
         claim = title.split()[0]
         arms = report["results"][claim]["arms"]
         width = 0.8 / max(len(c.arms) for c in group)
+        colour_of: dict[str, str] = {}
         for gi, c in enumerate(group):
             present = [a for a in c.arms if c.figure in arms.get(a, {})]
             for ai, arm in enumerate(present):
                 st = arms[arm][c.figure]
+                err = st["std"] if st["n"] > 1 else 0.0
                 x = gi + (ai - (len(present) - 1) / 2) * width
-                ax.bar(x, st["mean"], width, yerr=st["std"] if st["n"] > 1 else 0.0, capsize=3,
-                       color=colours[ai % len(colours)], alpha=1.0 if ai < 2 else 0.55, label=arm)
-                ax.annotate(f"{st['mean']:.1f}", (x, st["mean"]), ha="center", va="bottom", fontsize=6.5,
+                colour = colour_of.setdefault(arm, colours[len(colour_of) % len(colours)])
+                ax.bar(x, st["mean"], width, yerr=err, capsize=3, color=colour, alpha=1.0 if ai < 2 else 0.55,
+                       label=arm)
+                ax.annotate(f"{st['mean']:.1f}", (x, st["mean"] + err), ha="center", va="bottom", fontsize=6.5,
                             xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(range(len(group)))
         ax.set_xticklabels([c.label or c.figure for c in group], fontsize=8)
@@ -809,14 +814,14 @@ def plot(report: dict[str, Any], comparisons: Sequence[Comparison], out: Path) -
 
 def build_report(args_command: str, preset: QualityPreset, claims: Sequence[str], seeds: Sequence[int],
                  results: Sequence[StepResult], steps: Sequence[Step], comparisons: Sequence[Comparison],
-                 total_wall: float, started: datetime) -> dict[str, Any]:
+                 total_wall: float, started: datetime, commit: str) -> dict[str, Any]:
     figures = read_figures(steps, ROOT)
     stats = {claim: {arm: {f: aggregate(v) for f, v in figs.items()} for arm, figs in arms.items()}
              for claim, arms in figures.items()}
     verdicts = judge(comparisons, stats)
     return {
         "preset": preset.name, "preset_note": preset.note, "command": args_command, "claims": list(claims),
-        "seeds": list(seeds), "date": started.strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
+        "seeds": list(seeds), "date": started.strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
         "machine": machine_info(), "total_wall_s": round(total_wall, 1),
         "budgets": {k: list(v) if isinstance(v, (tuple, frozenset)) else v for k, v in asdict(preset).items()},
         "steps": [asdict(r) for r in results],
@@ -884,6 +889,7 @@ def main(argv: Sequence[str] | None = None,
         clean_workdir(args.workdir)
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc)
+    commit = git_commit()   # the code the jobs start from (others may commit while the benchmark runs)
     t0 = time.perf_counter()
     results: list[StepResult] = []
     for i, step in enumerate(steps, 1):
@@ -896,7 +902,7 @@ def main(argv: Sequence[str] | None = None,
             return 1
     # steps reused from an earlier invocation count with the wall time they took then
     total = time.perf_counter() - t0 + sum(r.wall_s for r in results if r.reused)
-    report = build_report(command, preset, args.claims, seeds, results, steps, comparisons, total, started)
+    report = build_report(command, preset, args.claims, seeds, results, steps, comparisons, total, started, commit)
     out_json, out_png = args.workdir / "quality.json", args.workdir / "quality.png"
     out_json.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, comparisons, out_png)

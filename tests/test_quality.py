@@ -48,6 +48,9 @@ def test_verdict_holds_only_beyond_the_seed_noise():
     worse = quality.verdict(_cmp(), quality.Stats(70.0, 0.5, 2), quality.Stats(80.0, 0.5, 2))
     assert not worse.holds and worse.gap == pytest.approx(-10.0)
     assert worse.text.startswith("**does not hold at this scale**") and "-10.00" in worse.text
+    assert "the reverse gap exceeds it" in worse.text
+    tie = quality.verdict(_cmp(), quality.Stats(79.0, 2.0, 2), quality.Stats(80.0, 2.0, 2))
+    assert "the reverse gap is within it" in tie.text
 
 
 def test_verdict_with_one_seed_says_there_is_no_std():
