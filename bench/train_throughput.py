@@ -153,7 +153,8 @@ def build_task(method: str, preset: str, switches: Switches, device: torch.devic
 
         teacher = build_teacher(preset, device)
         return DeiTTask(DeiTConfig(**g, num_classes=NUM_CLASSES, distill="hard", teacher=f"timm:{TEACHER[preset]}",
-                                   teacher_weights="(random: built here, throughput only)", drop_path=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0, repeats=1,
+                                   teacher_weights="(random: built here, throughput only)", drop_path=0.0,
+                                   mixup=0.0, cutmix=0.0, label_smoothing=0.0, repeats=1,
                                    grad_checkpointing=switches.grad_ckpt), load_teacher=lambda cfg: teacher)
     if method == "cls":
         from finetune.classification import ClassificationConfig, ClassificationTask
@@ -398,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     if "ratio_images_per_s" in report:
         print(f"ours / peer images/s: {report['ratio_images_per_s']:.2f}x")
     kind = "switches" if args.switches else f"zero{args.zero_stage}"
-    out = args.out or ROOT / "bench" / "results" / f"train_throughput-{args.method}-{args.preset}-{device.type}-{kind}.json"
+    filename = f"train_throughput-{args.method}-{args.preset}-{device.type}-{kind}.json"
+    out = args.out or ROOT / "bench" / "results" / filename
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

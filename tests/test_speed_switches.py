@@ -76,11 +76,13 @@ def test_compiled_job_trains_like_the_eager_one(photo_shards, tmp_path):  # noqa
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
 
 
-@pytest.mark.parametrize("override, message", [("optim.fused=maybe", "optim.fused"),
-                                               ("data.pin_memory=yes", "pin_memory"),
-                                               ("data.prefetch_factor=0", "prefetch_factor"),
-                                               ("engine.compile=sometimes", "engine.compile"),
-                                               ("engine.compile=true engine.compile_backend=turbo", "engine.compile_backend")])
+@pytest.mark.parametrize("override, message", [
+    ("optim.fused=maybe", "optim.fused"),
+    ("data.pin_memory=yes", "pin_memory"),
+    ("data.prefetch_factor=0", "prefetch_factor"),
+    ("engine.compile=sometimes", "engine.compile"),
+    ("engine.compile=true engine.compile_backend=turbo", "engine.compile_backend"),
+])
 def test_bad_switch_values_are_config_errors(override, message, tmp_path, caplog):
     assert main([f"run.dir={tmp_path}", *override.split()]) == 2
     assert any("config error" in r.getMessage() and message in r.getMessage() for r in caplog.records)
