@@ -66,7 +66,7 @@ class Switches:
     """Our job's speed switches (the config key each one is)."""
 
     compile: bool = False          # engine.compile
-    fused: str = "auto"            # optim.fused
+    fused: str = "auto"            # optim.fused: auto | on | off (the flag's spelling; the config key takes true/false)
     fused_attention: bool = True   # engine.fused_attention
     grad_ckpt: bool = False        # model.grad_checkpointing
     grad_accum: int = 1            # engine.grad_accum (the batch is split into this many micro-batches)
@@ -173,7 +173,8 @@ def run_ours(method: str, preset: str, batch: int, steps: int, warmup: int, bf16
     task = build_task(method, preset, switches, device)
     groups = engine_lib.param_groups(task.param_groups(), 0.05)
     optimizer = engine_lib.build_optimizer(groups, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05,
-                                           on_gpu=device.type == "cuda", name="adamw", fused=switches.fused)
+                                           on_gpu=device.type == "cuda", name="adamw",
+                                           fused={"auto": "auto", "on": True, "off": False}[switches.fused])
     engine_lib.set_fused_attention(task.model, switches.fused_attention)
     if batch % switches.grad_accum:
         raise SystemExit(f"--batch {batch} is not a multiple of --grad-accum {switches.grad_accum}")

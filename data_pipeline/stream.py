@@ -50,7 +50,7 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -92,15 +92,16 @@ class DataConfig:
     shuffle_buffer: int = 1000  # raw (undecoded) samples each worker holds for shuffling
     cache_dir: str = ""  # keep remote shards in this local folder (fsspec simplecache); "" = stream only
     allow_pipe: bool = False  # accept webdataset's `pipe:CMD` shard URLs (each runs a shell command)
-    # batches land in page-locked memory so the host-to-GPU copy runs asynchronously (non_blocking); "auto" = on CUDA
-    pin_memory: str = "auto"  # "auto" | "on" | "off"
+    # batches land in page-locked memory so the host-to-GPU copy runs asynchronously (non_blocking): true | false |
+    # "auto" (= when CUDA is present); a bool so that YAML's on/off/true/false all read as meant
+    pin_memory: Literal["auto"] | bool = "auto"
     prefetch_factor: int = 2  # batches each worker prepares ahead (DataLoader's prefetch_factor; num_workers > 0)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {self.mode!r}")
-        if self.pin_memory not in ("auto", "on", "off"):
-            raise ValueError(f"data.pin_memory must be auto, on or off, got {self.pin_memory!r}")
+        if not (self.pin_memory == "auto" or isinstance(self.pin_memory, bool)):
+            raise ValueError(f"data.pin_memory must be auto, true or false, got {self.pin_memory!r}")
         if self.prefetch_factor < 1:
             raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:

@@ -14,13 +14,13 @@ from test_runtime import photo_shards, read_jsonl, tiny_run_args  # noqa: F401 -
 
 def test_fused_adamw_switch_reaches_the_optimizer():
     params = [torch.nn.Parameter(torch.randn(3, 3))]
-    for fused, expected in (("auto", True), ("on", True), ("off", False)):
+    for fused, expected in (("auto", True), (True, True), (False, False)):
         opt = engine_lib.build_optimizer([{"params": params}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                                          on_gpu=False, fused=fused)
         assert bool(opt.defaults["fused"]) is expected
     with pytest.raises(ValueError, match="optim.fused"):
         engine_lib.build_optimizer([{"params": params}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
-                                   on_gpu=False, fused="yes")
+                                   on_gpu=False, fused="maybe")
 
 
 def test_fused_and_plain_adamw_take_the_same_step():
@@ -28,7 +28,7 @@ def test_fused_and_plain_adamw_take_the_same_step():
     w = torch.randn(8, 8)
     grads = [torch.randn(8, 8) for _ in range(3)]
     results = []
-    for fused in ("on", "off"):
+    for fused in (True, False):
         p = torch.nn.Parameter(w.clone())
         opt = engine_lib.build_optimizer([{"params": [p]}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05,
                                          on_gpu=False, fused=fused)
@@ -71,14 +71,14 @@ def test_compiled_job_trains_like_the_eager_one(photo_shards, tmp_path):  # noqa
         assert (run_dir / "export" / "backbone.safetensors").exists()
     cfg = yaml.safe_load((tmp_path / "pretrain_mae" / "compiled" / "config.yaml").read_text())
     assert cfg["engine"]["compile"] is True and cfg["engine"]["fused_attention"] is False
-    assert cfg["data"]["prefetch_factor"] == 3 and cfg["data"]["pin_memory"] == "off"
+    assert cfg["data"]["prefetch_factor"] == 3 and cfg["data"]["pin_memory"] is False
     assert len(losses["eager"]) == 3 and all(math.isfinite(v) for v in losses["compiled"])
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3)
 
 
 @pytest.mark.parametrize("override, message", [
     ("optim.fused=maybe", "optim.fused"),
-    ("data.pin_memory=yes", "pin_memory"),
+    ("data.pin_memory=sometimes", "pin_memory"),
     ("data.prefetch_factor=0", "prefetch_factor"),
     ("engine.compile=sometimes", "engine.compile"),
     ("engine.compile=true engine.compile_backend=turbo", "engine.compile_backend"),
@@ -86,3 +86,19 @@ def test_compiled_job_trains_like_the_eager_one(photo_shards, tmp_path):  # noqa
 def test_bad_switch_values_are_config_errors(override, message, tmp_path, caplog):
     assert main([f"run.dir={tmp_path}", *override.split()]) == 2
     assert any("config error" in r.getMessage() and message in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("text, value", [("on", True), ("off", False), ("true", True), ("false", False),
+                                         ("auto", "auto")])
+def test_switches_read_on_off_as_yaml_does(text, value, tmp_path):
+    """`optim.fused=off` on a command line and `fused: off` in a preset mean the same (YAML reads off as false)."""
+    from launch.runtime.config import parse_args
+    from pretrain.mae import MAE_ARCHS, MAEConfig
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"optim:\n  fused: {text}\ndata:\n  pin_memory: {text}\n")
+    for argv in ([f"optim.fused={text}", f"data.pin_memory={text}"], ["--preset", str(preset)]):
+        argv = argv + ["data.train=embedded:photos", "optim.max_steps=1"]
+        cfg, _ = parse_args("pretrain_mae", MAEConfig, argv, MAE_ARCHS)
+        assert cfg.optim.fused == value and cfg.data.pin_memory == value
+

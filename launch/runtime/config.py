@@ -69,8 +69,9 @@ class OptimConfig:
     # which normalises whole tensors and so needs engine.zero_stage=0; sgd: torch SGD with momentum
     optimizer: Literal["adamw", "lars", "sgd"] = "adamw"
     momentum: float = 0.9              # lars and sgd only
-    # AdamW's fused kernel (one kernel for all tensors, no per-tensor Python loop): auto = on CUDA and on CPU
-    fused: Literal["auto", "on", "off"] = "auto"
+    # AdamW's fused kernel (one kernel for all tensors, no per-tensor Python loop): true | false | auto (= true: CUDA
+    # and CPU have it); a bool so that YAML's on/off/true/false all read as meant
+    fused: Literal["auto"] | bool = "auto"
 
 
 @dataclass(kw_only=True)

@@ -64,8 +64,8 @@ def param_groups(task_groups: list[dict], weight_decay: float) -> list[dict]:
 
 def build_optimizer(groups: list[dict], *, lr: float, betas: tuple[float, float], eps: float,
                     weight_decay: float, on_gpu: bool, name: str = "adamw",
-                    momentum: float = 0.9, fused: str = "auto") -> torch.optim.Optimizer:
-    """The client optimizer DeepSpeed steps: AdamW (fused kernel unless `fused="off"`), timm's LARS or SGD.
+                    momentum: float = 0.9, fused: str | bool = "auto") -> torch.optim.Optimizer:
+    """The client optimizer DeepSpeed steps: AdamW (fused kernel unless `fused=False`), timm's LARS or SGD.
 
     torch's fused AdamW updates every tensor of a group in one kernel (CUDA, and CPU since torch 2.4) instead of a
     loop of per-tensor ops; bench/RESULTS.md has its measured effect.
@@ -74,11 +74,11 @@ def build_optimizer(groups: list[dict], *, lr: float, betas: tuple[float, float]
     0.001 * |w| / |g| where the group has weight decay or sets `always_adapt` (MAE adapts every >= 2-D tensor
     and no 1-D one); timm's implementation equals MAE's when the decay is 0.
     """
-    if fused not in ("auto", "on", "off"):
-        raise ValueError(f"optim.fused must be auto, on or off, got {fused!r}")
+    if not (fused == "auto" or isinstance(fused, bool)):
+        raise ValueError(f"optim.fused must be auto, true or false, got {fused!r}")
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                 fused=fused != "off")
+                                 fused=fused is not False)
     if name == "lars":
         from timm.optim import Lars
 

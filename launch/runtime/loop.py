@@ -204,7 +204,7 @@ class Trainer:
                                 seed=self.cfg.run.seed, shuffle_buffer=d.shuffle_buffer, cache_dir=d.cache_dir or None,
                                 collate_fn=getattr(self.task, "train_collate" if train else "eval_collate", None),
                                 allow_pipe=d.allow_pipe, prefetch_factor=d.prefetch_factor,
-                                pin_memory={"auto": None, "on": True, "off": False}[d.pin_memory])
+                                pin_memory=None if d.pin_memory == "auto" else d.pin_memory)
         except OSError as e:
             raise DataError(f"data.{'train' if train else 'val'}={url}: cannot open the dataset ({e})") from None
         except ValueError as e:
