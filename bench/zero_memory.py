@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import resource
-import socket
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -131,13 +130,9 @@ def expected_bytes(numel: int, stage: int, ranks: int, bf16: bool) -> dict[str, 
             "optimizer_states": numel * states / (ranks if stage >= 1 else 1)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args: argparse.Namespace, stage: int) -> list[dict[str, Any]]:
+    from launch.runtime.distributed import free_port
+
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
     cmd += ["--num_gpus", str(args.ranks), "--master_port", str(free_port()), str(Path(__file__).resolve()),

@@ -57,7 +57,8 @@ def gpu_available() -> bool:
     return get_accelerator().device_name() == "cuda"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -82,7 +83,7 @@ def init() -> World:
     if plain and (_single_process_group or not dist.is_initialized()):
         env_set = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         if not dist.is_initialized():
-            env_set["MASTER_PORT"] = str(_free_port())
+            env_set["MASTER_PORT"] = str(free_port())
         os.environ.update(env_set)
     on_gpu = gpu_available()
     local_rank = local_rank_from_env()
@@ -92,7 +93,8 @@ def init() -> World:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
         atexit.register(_destroy)
-        _unlink_shm_workspace()
+        if backend == "gloo":  # only DeepSpeed's CPU accelerator creates the workspace
+            _unlink_shm_workspace()
         _single_process_group = plain
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     return World(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device,

@@ -100,6 +100,7 @@ def set_fused_attention(model: nn.Module, enabled: bool) -> int:
 
 
 def check_compile_backend(backend: str) -> None:
+    """ValueError unless torch.compile knows `backend` (the runtime checks engine.compile_backend before any work)."""
     import torch._dynamo
 
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
@@ -110,7 +111,6 @@ def check_compile_backend(backend: str) -> None:
 def compile_model(engine: Any, backend: str = "inductor") -> None:
     """torch.compile the engine's module in place (DeepSpeed's `engine.compile`: parameter names, and so checkpoints
     and exports, are unchanged). Only calls through the module's forward are compiled; the first steps compile."""
-    check_compile_backend(backend)
     engine.compile(backend=backend)
     logger.info("torch.compile (%s): the model's forward is compiled; the first steps pay for the compilation", backend)
 
