@@ -4,14 +4,14 @@ transformers, same device, batch, precision and model geometry, in one run:
     python bench/train_throughput.py [--method mae|beit|deit|cls] [--preset tiny|vit_b16|vit_l16] [--batch 64]
                                      [--steps 20] [--warmup 5] [--precision auto|fp32|bf16] [--zero-stage 1]
                                      [--compile] [--fused auto|on|off] [--no-fused-attention] [--grad-ckpt]
-                                     [--grad-accum K] [--no-peer] [--out FILE]
+                                     [--grad-accum K] [--no-peer] [--repeats N] [--out FILE]
     python bench/train_throughput.py --switches [--method mae] ...   # the effect of each speed switch, ours only
                                      # (MAE adds a row with the encoder on all tokens but one: the visible-only gain)
 
 * ours: the method's task (`pretrain.mae.MAETask`, `pretrain.beit.BEiTTask`, `pretrain.deit.DeiTTask`,
   `finetune.classification.ClassificationTask`) inside the DeepSpeed engine the jobs use (the runtime's AdamW,
-  `--zero-stage`, bf16 through DeepSpeed), `training_step` + `engine.backward` + `engine.step`, with the job's
-  speed switches (`engine.compile`, `optim.fused`, `engine.fused_attention`, `model.grad_checkpointing`,
+  the DeepSpeed config the jobs generate for `--zero-stage` and the precision), `training_step` +
+  `engine.backward` + `engine.step`, with the job's speed switches (`engine.compile`, `optim.fused`, `engine.fused_attention`, `model.grad_checkpointing`,
   `engine.grad_accum`) set from the flags;
 * peer: the transformers model of the same method — `ViTMAEForPreTraining`, `BeitForMaskedImageModeling` (+ the
   same frozen dVAE tokenizer for its targets), `DeiTForImageClassificationWithTeacher` (+ the same frozen teacher,
@@ -71,6 +71,7 @@ class Switches:
     grad_ckpt: bool = False        # model.grad_checkpointing
     grad_accum: int = 1            # engine.grad_accum (the batch is split into this many micro-batches)
     mask_ratio: float = 0.0        # MAE only, > 0: model.mask_ratio (1/L puts L - 1 tokens through the encoder)
+    precision: str = ""            # engine.precision for this row ("" = the run's --precision)
 
 
 def sync(device: torch.device) -> None:
@@ -165,6 +166,20 @@ def build_task(method: str, preset: str, switches: Switches, device: torch.devic
     raise ValueError(method)
 
 
+def job_deepspeed_config(micro: int, grad_accum: int, zero_stage: int, bf16: bool, device: torch.device) -> dict:
+    """The DeepSpeed config the jobs generate (`config.deepspeed_config`) for one rank with these engine settings."""
+    from data_pipeline.stream import DataConfig
+    from launch.runtime import config
+
+    precision = "bf16" if bf16 else "fp32"
+    cfg = config.JobConfig(data=DataConfig(train="(in memory)", batch_size=micro), model=None,
+                           engine=config.EngineConfig(zero_stage=zero_stage, grad_accum=grad_accum, precision=precision))
+    cfg.derived = config.Derived(job="bench", preset="bench", run_dir="", world_size=1, global_batch=micro * grad_accum,
+                                 lr=1e-4, total_steps=1, warmup_steps=0, batches_per_epoch=None, precision=precision,
+                                 device=device.type)
+    return config.deepspeed_config(cfg, on_gpu=device.type == "cuda")
+
+
 def run_ours(method: str, preset: str, batch: int, steps: int, warmup: int, bf16: bool, device: torch.device,
              zero_stage: int, switches: Switches) -> dict[str, Any]:
     from launch.runtime import distributed, engine as engine_lib
@@ -179,10 +194,7 @@ def run_ours(method: str, preset: str, batch: int, steps: int, warmup: int, bf16
     if batch % switches.grad_accum:
         raise SystemExit(f"--batch {batch} is not a multiple of --grad-accum {switches.grad_accum}")
     micro = batch // switches.grad_accum
-    ds_config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": switches.grad_accum,
-                 "zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": bf16}, "gradient_clipping": 0.0,
-                 "data_types": {"grad_accum_dtype": "fp32"}, "zero_allow_untested_optimizer": True,
-                 "steps_per_print": 10 ** 12}
+    ds_config = job_deepspeed_config(micro, switches.grad_accum, zero_stage, bf16, device)
     engine = engine_lib.initialize(task.model, optimizer, ds_config)
     if switches.compile:
         engine_lib.compile_model(engine)
@@ -290,11 +302,12 @@ def timed(step: Callable[[], None], steps: int, warmup: int, device: torch.devic
 
 def child(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    bf16 = is_bf16(args.precision, device)
     run = run_ours if args.side == "ours" else run_peer
     result = run(args.method, args.preset, args.batch, args.steps, args.warmup, bf16, device, args.zero_stage,
                  switches_of(args))
     result["images_per_s"] = args.batch / result["step_time_s"]
+    result["precision"] = "bf16" if bf16 else "fp32"
     print("RESULT " + json.dumps(result))
 
 
@@ -312,10 +325,15 @@ def switch_flags(s: Switches) -> list[str]:
     return flags
 
 
+def is_bf16(precision: str, device: torch.device) -> bool:
+    """--precision auto is what the jobs resolve: bf16 on a GPU, fp32 on a CPU."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def run_side(side: str, args: argparse.Namespace, switches: Switches, device: torch.device) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--side", side, "--method", args.method, "--preset", args.preset,
            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--precision", args.precision, "--zero-stage", str(args.zero_stage), *switch_flags(switches)]
+           "--precision", switches.precision or args.precision, "--zero-stage", str(args.zero_stage), *switch_flags(switches)]
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -324,6 +342,21 @@ def run_side(side: str, args: argparse.Namespace, switches: Switches, device: to
         print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"{side} failed: {' '.join(cmd)}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def repeated(runs: list[tuple[str, str, Switches]], args: argparse.Namespace, device: torch.device
+             ) -> dict[str, dict[str, Any]]:
+    """Each (row, side, switches) run `args.repeats` times, the rows interleaved (a slow spell of the machine hits
+    them alike); a row reports its median run by images/s and keeps every run's images/s."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in runs}
+    for _ in range(args.repeats):
+        for name, side, switches in runs:
+            results[name].append(run_side(side, args, switches, device))
+    rows = {}
+    for name, tries in results.items():
+        ranked = sorted(tries, key=lambda r: r["images_per_s"])
+        rows[name] = {**ranked[len(ranked) // 2], "images_per_s_runs": [r["images_per_s"] for r in tries]}
+    return rows
 
 
 SWITCH_ROWS: dict[str, Switches] = {
@@ -356,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--switches", action="store_true",
                         help="ours only, once per speed switch (each alone against the defaults)")
     parser.add_argument("--no-peer", dest="peer", action="store_false", help="measure ours only")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of every row, interleaved; each row reports its median (default 1)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -364,30 +399,34 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    bf16 = is_bf16(args.precision, device)
     if args.switches:
         switch_rows = dict(SWITCH_ROWS)
         if args.method == "mae":  # what dropping the masked tokens from the encoder saves
             tokens = (GEOMETRY[args.preset]["img_size"] // GEOMETRY[args.preset]["patch_size"]) ** 2
             switch_rows[f"encoder on {tokens - 1} of {tokens} tokens (mask_ratio 1/{tokens})"] = \
                 Switches(mask_ratio=1 / tokens)
-        rows = {name: run_side("ours", args, s, device) for name, s in switch_rows.items()}
+        other = "fp32" if bf16 else "bf16"
+        if not (other == "bf16" and args.zero_stage == 0):  # the jobs refuse 16-bit precision without ZeRO
+            switch_rows[f"engine.precision={other}"] = Switches(precision=other)
+        runs = [(name, "ours", s) for name, s in switch_rows.items()]
     else:
-        rows = {"ours": run_side("ours", args, switches_of(args), device)}
-        if args.peer:
-            rows["peer"] = run_side("peer", args, switches_of(args), device)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    peak = matmul_peak(device, dtype)
+        runs = [("ours", "ours", switches_of(args))] + ([("peer", "peer", switches_of(args))] if args.peer else [])
+    rows = repeated(runs, args, device)
+    peaks = {p: matmul_peak(device, {"bf16": torch.bfloat16, "fp32": torch.float32}[p])
+             for p in sorted({row["precision"] for row in rows.values()})}
+    peak = peaks["bf16" if bf16 else "fp32"]
     flops = next(iter(rows.values()))["flops_per_image"]
     for row in rows.values():  # the peer does the same work as ours; a switch row counts its own model's FLOPs
-        row["mfu"] = row.get("flops_per_image", flops) * row["images_per_s"] / peak
+        row["mfu"] = row.get("flops_per_image", flops) * row["images_per_s"] / peaks[row["precision"]]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     first = next(iter(rows.values()))["images_per_s"]
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
               "cpu_count": os.cpu_count(), "method": args.method, "preset": args.preset, "batch": args.batch,
               "precision": "bf16" if bf16 else "fp32", "steps": args.steps, "warmup": args.warmup,
+              "repeats": args.repeats, "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
               "zero_stage": args.zero_stage, "switches": {} if args.switches else vars(switches_of(args)),
-              "matmul_peak_flops": peak, "flops_per_image": flops, "results": rows}
+              "matmul_peak_flops": peak, "matmul_peak_flops_by_precision": peaks, "flops_per_image": flops, "results": rows}
     if "peer" in rows:
         report["ratio_images_per_s"] = rows["ours"]["images_per_s"] / rows["peer"]["images_per_s"]
     print(f"{args.method.upper()} {args.preset}, batch {args.batch}, {report['precision']}, ZeRO-{args.zero_stage} on "

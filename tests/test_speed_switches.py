@@ -1,5 +1,6 @@
 """The speed switches are config keys that change what runs, not only what is logged: fused AdamW, SDPA attention,
 torch.compile, pinned memory and prefetch (their measured effects are in bench/RESULTS.md)."""
+import copy
 import math
 
 import pytest
@@ -102,3 +103,34 @@ def test_switches_read_on_off_as_yaml_does(text, value, tmp_path):
         cfg, _ = parse_args("pretrain_mae", MAEConfig, argv, MAE_ARCHS)
         assert cfg.optim.fused == value and cfg.data.pin_memory == value
 
+
+
+def test_one_rank_without_zero_skips_the_identity_allreduce_and_steps_like_torch():
+    """engine.zero_stage=0 on one rank: DeepSpeed's gradient all-reduce is switched off (it would only flatten and
+    copy every gradient back), and two accumulated micro-batches still take exactly torch's AdamW step."""
+    from launch.runtime import distributed
+
+    world = distributed.init()
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
+        reference = copy.deepcopy(model)
+        optimizer = engine_lib.build_optimizer([{"params": list(model.parameters())}], lr=0.1, betas=(0.9, 0.95),
+                                               eps=1e-8, weight_decay=0.05, on_gpu=False)
+        ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 0.0,
+              "zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**12}
+        engine = engine_lib.initialize(model, optimizer, ds)
+        assert engine.enable_backward_allreduce is False
+        batches = [torch.randn(4, 8) for _ in range(4)]
+        for x in batches:   # two optimizer steps of two micro-batches each
+            engine.backward(engine(x).pow(2).mean())
+            engine.step()
+        ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.05)
+        for first, second in (batches[:2], batches[2:]):
+            ((reference(first).pow(2).mean() + reference(second).pow(2).mean()) / 2).backward()
+            ref_opt.step()
+            ref_opt.zero_grad()
+        for got, want in zip(engine.module.parameters(), reference.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        distributed.shutdown(world)

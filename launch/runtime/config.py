@@ -612,7 +612,10 @@ def deepspeed_config(cfg: JobConfig, on_gpu: bool) -> dict[str, Any]:
     assert d is not None, "resolve(cfg, ...) first"
     zero: dict[str, Any] = {"stage": e.zero_stage}
     if e.zero_stage > 0:
-        zero.update(contiguous_gradients=True, overlap_comm=on_gpu,
+        # contiguous gradients keep the GPU caching allocator from fragmenting during backward; on a CPU they are
+        # only one more copy of every gradient per step (5% of a tiny-preset step at batch 32, 20% at batch 4:
+        # bench/RESULTS.md), and there is no communication on a CPU to overlap
+        zero.update(contiguous_gradients=on_gpu, overlap_comm=on_gpu,
                     reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))
     if e.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True)

@@ -120,6 +120,11 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: di
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # one data-parallel rank has nothing to all-reduce, yet DeepSpeed would still flatten every gradient into a
+        # buffer and copy it back each step (~4% of a tiny-preset CPU step, bench/RESULTS.md); ZeRO >= 1 needs its
+        # reduce path even on one rank (it moves the gradients into the optimizer's flat partition)
+        engine.enable_backward_allreduce = False
     return engine
 
 
