@@ -1,0 +1,51 @@
+"""bench/train_throughput.py without timing anything: "ours" runs under the DeepSpeed config the jobs generate, and
+--repeats alternates the rows and reports each one's median run."""
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.runtime import config
+from test_config import resolved
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_train_throughput", ROOT / "bench" / "train_throughput.py")
+throughput = importlib.util.module_from_spec(_spec)
+sys.modules["bench_train_throughput"] = throughput  # dataclasses resolve their module's annotations through it
+_spec.loader.exec_module(throughput)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("stage,grad_accum,precision", [(1, 1, "fp32"), (0, 2, "fp32"), (3, 1, "bf16")])
+def test_ours_runs_under_the_jobs_deepspeed_config(device, stage, grad_accum, precision):
+    job = resolved("data.train=memory://x", "data.batch_size=16", f"engine.zero_stage={stage}",
+                   f"engine.grad_accum={grad_accum}", f"engine.precision={precision}", precision=precision)
+    want = config.deepspeed_config(job, on_gpu=device == "cuda")
+    got = throughput.job_deepspeed_config(16, grad_accum, stage, precision == "bf16", torch.device(device))
+    assert got == want
+
+
+def test_repeats_alternate_the_rows_and_report_each_median(monkeypatch):
+    calls = []
+    speeds = {"ours": iter([100.0, 140.0, 120.0]), "peer": iter([90.0, 95.0, 130.0])}
+
+    def fake_run_side(side, args, switches, device):
+        calls.append(side)
+        ips = next(speeds[side])
+        return {"images_per_s": ips, "step_time_s": 32 / ips, "peak_memory_gib": 1.0}
+
+    monkeypatch.setattr(throughput, "run_side", fake_run_side)
+    runs = [("ours", "ours", throughput.Switches()), ("peer", "peer", throughput.Switches())]
+    rows = throughput.repeated(runs, argparse.Namespace(repeats=3), torch.device("cpu"))
+    assert calls == ["ours", "peer"] * 3
+    assert rows["ours"]["images_per_s"] == 120.0 and rows["ours"]["step_time_s"] == pytest.approx(32 / 120)
+    assert rows["peer"]["images_per_s"] == 95.0
+    assert rows["ours"]["images_per_s_runs"] == [100.0, 140.0, 120.0]
+
+
+def test_precision_auto_is_what_the_jobs_resolve():
+    assert throughput.is_bf16("auto", torch.device("cuda")) and not throughput.is_bf16("auto", torch.device("cpu"))
+    assert throughput.is_bf16("bf16", torch.device("cpu")) and not throughput.is_bf16("fp32", torch.device("cuda"))
