@@ -246,6 +246,66 @@ def test_mae_backbone_loads_with_resampled_positions(mae_export):
     assert len(out["aux_outputs"]) == 0 and (out["pred_boxes"] > 0).all() and (out["pred_boxes"] < 1).all()
 
 
+def test_detector_export_loads_alone_and_predicts_in_input_pixels(mae_export, tmp_path):
+    """The whole detector (MAE backbone, simple-FPN neck, 7-px-wide feature map) saved as the runtime saves
+    extra_exports, loaded by load_detector after the backbone folder is gone: same outputs as the task's model,
+    and predict() equals the eval transform -> padded batch -> DETR -> PostProcess path, boxes in input pixels."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from finetune.detr.detector import DETECTOR_NAME, load_detector
+
+    cfg = DETRConfig(init=str(mae_export), img_size=64, hidden_dim=32, nheads=2, enc_layers=1, dec_layers=1,
+                     dim_feedforward=64, num_queries=12, num_classes=2, eval_size=56, max_size=96, feature_stride=16)
+    task = DETRTask(cfg)
+    task.on_dataset({"kind": "detection", "categories": [{"id": 7, "name": "seven"}, {"id": 2, "name": "two"}]})
+    torch.manual_seed(0)
+    with torch.no_grad():  # trained-looking weights: the heads must not be at their init for the check to bite
+        for p in task.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = {f"module.{k}": v for k, v in task.model.state_dict().items()}
+    out = tmp_path / "run" / "export"
+    out.mkdir(parents=True)
+    for name, (tensors, meta) in task.extra_exports(state).items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{name}.safetensors"))
+        (out / f"{name}.json").write_text(json.dumps(meta))
+    shutil.rmtree(mae_export.parent)   # the backbone folder the run started from is not needed any more
+
+    detector = load_detector(tmp_path / "run")   # a run directory: its export/ is found
+    assert detector.meta["init"] == str(mae_export) and detector.category_ids == [2, 7]
+    task.model.eval()
+    images, mask = torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool)
+    mask[1, 48:] = True
+    with torch.no_grad():
+        want, got = task.model(images, mask), detector.model(images, mask)
+    torch.testing.assert_close(got["pred_logits"], want["pred_logits"])
+    torch.testing.assert_close(got["pred_boxes"], want["pred_boxes"])
+
+    photos = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8))
+              for i, (w, h) in enumerate(((120, 90), (70, 140)))]
+    found = detector.predict(photos, threshold=0.0)
+    samples = [DetectionEvalTransform(56, 96, mean=task.mean, std=task.std)({"image": p, "json": {"boxes": []}})
+               for p in photos]
+    batch = PadCollate(task.model.size_divisibility)(samples)
+    with torch.no_grad():
+        raw = task.model(batch["image"], batch["mask"])
+    reference = post_process(raw["pred_logits"], raw["pred_boxes"], torch.tensor([[90, 120], [140, 70]]))
+    for photo, f, ref in zip(photos, found, reference):
+        assert len(f["scores"]) == 12 and (f["scores"][:-1] >= f["scores"][1:]).all()   # every query, best first
+        order = ref["scores"].argsort(descending=True)
+        torch.testing.assert_close(f["scores"], ref["scores"][order])
+        torch.testing.assert_close(f["boxes"], ref["boxes"][order])
+        assert f["category_ids"] == [[2, 7][int(i)] for i in ref["labels"][order]]
+        assert set(f["names"]) <= {"two", "seven"}
+        w, h = photo.size
+        assert (f["boxes"][:, 2] <= w + 1e-3).all() and (f["boxes"][:, 3] <= h + 1e-3).all()
+    strict = detector.predict(photos, threshold=float(found[0]["scores"][2]))
+    assert len(strict[0]["scores"]) >= 3 and (strict[0]["scores"] >= found[0]["scores"][2]).all()
+    with pytest.raises(FileNotFoundError, match=f"{DETECTOR_NAME}.json"):
+        load_detector(tmp_path)
+
+
 def test_job_runs_and_logs_every_loss_term_and_map(tmp_path, coco_shards):
     assert finetune_detr.main(job_args(tmp_path, coco_shards, "optim.max_steps=4", "log.images_every=2",
                                        "model.neck=project")) == 0
@@ -264,6 +324,12 @@ def test_job_runs_and_logs_every_loss_term_and_map(tmp_path, coco_shards):
     assert meta["categories"] == [{"id": 2, "name": "two"}, {"id": 7, "name": "seven"}]
     model = bb.create_from_config(meta)
     model.load_state_dict(load_file(str(run_dir / "export" / bb.WEIGHTS_NAME)), strict=True)
+    # and the whole detector beside it, loadable on its own
+    from finetune.detr.detector import load_detector
+
+    detector = load_detector(run_dir)
+    [found] = detector.predict([Image.new("RGB", (70, 50), (200, 30, 30))], threshold=0.0)
+    assert found["boxes"].shape == (10, 4) and set(found["names"]) <= {"two", "seven"}
 
 
 def test_category_count_must_match(tmp_path, coco_shards, caplog):

@@ -37,6 +37,7 @@ from torchvision.utils import draw_bounding_boxes
 from finetune import backbone as bb
 from finetune.detr.coco_eval import CocoEvaluator, post_process
 from finetune.detr.criterion import WEIGHTED, SetCriterion
+from finetune.detr.detector import DETECTOR_NAME, detector_export
 from finetune.detr.matcher import HungarianMatcher
 from finetune.detr.model import DETR
 
@@ -354,8 +355,8 @@ class DETRTask:
         return pictures
 
     def export(self, state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
-        """The finetuned backbone with timm keys and its backbone.json (the detector itself is in the checkpoint):
-        loads with finetune.backbone.create_from_config, like every other backbone folder."""
+        """The finetuned backbone with timm keys and its backbone.json: loads with
+        finetune.backbone.create_from_config, like every other backbone folder (the whole detector: extra_exports)."""
         state = {k.removeprefix("module."): v for k, v in state_dict.items()}
         tensors = {k[len("backbone."):]: v.detach().float().contiguous() if v.is_floating_point() else v
                    for k, v in state.items() if k.startswith("backbone.")}
@@ -366,6 +367,11 @@ class DETRTask:
                                           "std": list(self.std), "input_size": [3, *img]}
         meta.update(source="finetune_detr", init=self.cfg.init, detr=asdict(self.cfg), categories=self.categories)
         return tensors, meta
+
+    def extra_exports(self, state_dict: dict[str, Tensor]) -> dict[str, tuple[dict[str, Tensor], dict]]:
+        """Beside the backbone, the whole detector (runtime hook: export/ and export_best/), which
+        finetune.detr.detector.load_detector loads on its own."""
+        return {DETECTOR_NAME: detector_export(self, state_dict)}
 
     def flops_per_sample(self) -> float:
         """Training FLOPs (forward + backward) for one image at the largest train scale, square, counted by

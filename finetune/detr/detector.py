@@ -1,0 +1,120 @@
+"""The finetuned detector on its own: detector.safetensors + detector.json beside the backbone in a finetune_detr
+run's export/ (and export_best/), loadable without the run, its DeepSpeed checkpoints or the backbone folder the run
+started from.
+
+    from PIL import Image
+    from finetune.detr.detector import load_detector
+
+    detector = load_detector("runs/finetune_detr/tiny/export")
+    [found] = detector.predict([Image.open("photo.jpg")], threshold=0.5)
+    found["boxes"], found["scores"], found["category_ids"], found["names"]   # xyxy in the photo's pixels
+
+detector.json holds the DETR config (`detr`), the backbone's timm architecture and model_kwargs (`backbone`), the
+categories and class -> category id table, and the evaluation resize and normalisation; the safetensors hold the
+whole DETR state dict (backbone.*, neck, transformer, heads). `predict` runs the job's evaluation transform
+(shorter side to eval_size, longer side capped at max_size), pads like the job's collate, and maps the boxes back to
+each input's pixels (DETR's PostProcess).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import Tensor
+
+from finetune import backbone as bb
+from finetune.detr.coco_eval import post_process
+from finetune.detr.model import DETR
+
+if TYPE_CHECKING:
+    from finetune.detr.task import DETRTask
+
+DETECTOR_NAME = "detector"   # detector.safetensors + detector.json
+FORMAT = "detr-detector/1"
+
+
+def detector_export(task: DETRTask, state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, detector.json) of the task's whole DETR from a consolidated state dict (keys with or without
+    "module.")."""
+    cfg = task.cfg
+    tensors = {k.removeprefix("module."): v.detach().float().contiguous() if v.is_floating_point() else v
+               for k, v in state_dict.items()}
+    backbone = {k: v for k, v in task.backbone_meta.items() if k in ("architecture", "embed_layer", "pos_embed",
+                                                                       "model_kwargs")}
+    meta = {"format": FORMAT, "source": "finetune_detr", "init": cfg.init, "detr": asdict(cfg), "backbone": backbone,
+            "categories": list(task.categories), "category_ids": task.category_ids,
+            "eval_size": cfg.eval_size, "max_size": cfg.max_size, "mean": list(task.mean), "std": list(task.std)}
+    return tensors, meta
+
+
+class Detector:
+    """A DETR with its evaluation transform and categories; `predict` takes PIL images."""
+
+    def __init__(self, model: DETR, meta: dict[str, Any]) -> None:
+        from data_pipeline.detection_transforms import DetectionEvalTransform, PadCollate
+
+        self.model = model.eval()
+        self.meta = meta
+        self.categories: list[dict[str, Any]] = meta["categories"]
+        self.category_ids: list[int] | None = meta["category_ids"]
+        self.transform = DetectionEvalTransform(meta["eval_size"], meta["max_size"], mean=meta["mean"],
+                                                std=meta["std"])
+        self.collate = PadCollate(model.size_divisibility)
+        self._names = {int(c["id"]): str(c.get("name", c["id"])) for c in self.categories}
+
+    def category_id(self, label: int) -> int:
+        """The dataset's category id of class index `label` (the index itself under category_map=id)."""
+        return self.category_ids[label] if self.category_ids is not None else label
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[Image.Image], threshold: float = 0.5) -> list[dict[str, Any]]:
+        """One dict per image: "boxes" [n, 4] xyxy in that image's pixels, "scores" [n], "labels" [n] (class
+        indices), "category_ids" and "names" (lists), the queries scoring at least `threshold`, best first."""
+        if not images:
+            return []
+        samples = [self.transform({"image": image.convert("RGB"), "json": {"boxes": []}}) for image in images]
+        batch = self.collate(samples)
+        device = next(self.model.parameters()).device
+        out = self.model(batch["image"].to(device), batch["mask"].to(device))
+        sizes = torch.stack([s["target"]["orig_size"] for s in samples]).to(device)
+        results = []
+        for found in post_process(out["pred_logits"], out["pred_boxes"], sizes):
+            keep = found["scores"] >= threshold
+            order = found["scores"][keep].argsort(descending=True)
+            scores, labels, boxes = (found[k][keep][order].cpu() for k in ("scores", "labels", "boxes"))
+            ids = [self.category_id(int(label)) for label in labels]
+            results.append({"boxes": boxes, "scores": scores, "labels": labels, "category_ids": ids,
+                            "names": [self._names.get(i, str(i)) for i in ids]})
+        return results
+
+
+def load_detector(folder: str | Path, device: str | torch.device = "cpu") -> Detector:
+    """The Detector in `folder` (an export/ folder, or a finetune_detr run directory holding export/)."""
+    import json
+
+    from finetune.detr.task import DETRConfig, build_detr
+
+    folder = Path(folder)
+    if not (folder / f"{DETECTOR_NAME}.json").exists() and (folder / "export" / f"{DETECTOR_NAME}.json").exists():
+        folder = folder / "export"
+    path = folder / f"{DETECTOR_NAME}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: a finetune_detr run writes {DETECTOR_NAME}.json and "
+                                f"{DETECTOR_NAME}.safetensors to its export/ folder")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    known = {f.name for f in fields(DETRConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["detr"].items() if k in known}
+    # the weights are all in the file: the backbone folder the run started from is not needed (nor checked)
+    patch = meta["backbone"].get("model_kwargs", {}).get("patch_size", values.get("patch_size"))
+    cfg = replace(DETRConfig(**{**values, "init": "scratch", "patch_size": patch}), drop_path=0.0)
+    backbone = bb.create_from_config(meta["backbone"], drop_path_rate=0.0)
+    model = build_detr(cfg, backbone)
+    state = load_file(str(folder / f"{DETECTOR_NAME}.safetensors"))
+    model.load_state_dict(state, strict=True)
+    return Detector(model.to(device), meta)
