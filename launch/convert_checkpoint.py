@@ -14,7 +14,9 @@ A run's checkpoint (a run dir, its checkpoints/ folder or one checkpoint folder)
 - Frozen parameters (MAE's fixed sin-cos pos_embed): ZeRO-2/3 save them beside the shards and zero_to_fp32 returns
   them; ZeRO-1 does not, so they are taken from the model-states file's module weights.
 The job that wrote it (client state config `derived.job`, else the run's config.yaml) rebuilds its task from the saved
-`model.*` section, and `task.export(state_dict)` strips decoder, mask token and heads.
+`model.*` section, and `task.export(state_dict)` strips decoder, mask token and heads. A job's further exports are
+written beside it, as the job writes them at its end: DeiT's whole classifier (classifier.*), DETR's whole detector
+(detector.*, with the categories the checkpoint recorded).
 
 A file: a published MAE / BEiT / DeiT checkpoint (see pretrain/reference_checkpoints.py), detected by its keys.
 
@@ -32,7 +34,7 @@ import re
 import sys
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,8 @@ class Converted:
     config: dict[str, Any]                                # backbone.json
     features: Callable[[Tensor], Tensor] | None           # the source model: imgs -> features, None if unknown
     name: str = "backbone"                                # the task's export_name: backbone, tokenizer, ...
+    # the task's extra exports (DeiT's whole classifier, DETR's whole detector): name -> (tensors, json)
+    extras: dict[str, tuple[dict[str, Tensor], dict[str, Any]]] = field(default_factory=dict)
 
 
 def _natural_key(text: str) -> list:
@@ -236,7 +240,8 @@ def convert_run(path: Path, tag: str) -> Converted:
         def features(imgs: Tensor) -> Tensor:
             with torch.no_grad():
                 return job.encoder_features(model, imgs)
-    return Converted(tensors, backbone, features, getattr(task, "export_name", "backbone"))
+    extras = task.extra_exports(state_dict) if hasattr(task, "extra_exports") else {}
+    return Converted(tensors, backbone, features, getattr(task, "export_name", "backbone"), extras)
 
 
 def convert_file(path: Path, num_heads: int | None) -> Converted:
@@ -248,13 +253,13 @@ def convert_file(path: Path, num_heads: int | None) -> Converted:
     return Converted(imported.state_dict, backbone, source_features(imported))
 
 
-def save_export(out_dir: Path, converted: Converted) -> None:
+def save_export(out_dir: Path, name: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """out_dir/NAME.safetensors + NAME.json, as the jobs write their exports."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-               for k, v in converted.state_dict.items()}, str(out_dir / f"{converted.name}.safetensors"))
-    (out_dir / f"{converted.name}.json").write_text(json.dumps(converted.config, indent=2) + "\n")
-    logger.info("wrote %s.safetensors + %s.json to %s (not a timm backbone: no timm check)", converted.name,
-                converted.name, out_dir)
+               for k, v in tensors.items()}, str(out_dir / f"{name}.safetensors"))
+    (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    logger.info("wrote %s.safetensors + %s.json to %s", name, name, out_dir)
 
 
 def reload_backbone(out_dir: Path) -> torch.nn.Module:
@@ -307,8 +312,11 @@ def main(argv: list[str] | None = None) -> int:
             converted = convert_run(source, args.tag)
         else:
             raise ConvertError(f"{source}: no such file or directory")
+        for name, (tensors, meta) in converted.extras.items():
+            save_export(args.out, name, tensors, {**meta, "converted_from": converted.config["converted_from"]})
         if converted.name != "backbone":  # not a timm model (the dVAE tokenizer): written as its job exports it
-            save_export(args.out, converted)
+            save_export(args.out, converted.name, converted.state_dict, converted.config)
+            logger.info("%s is not a timm backbone: no timm check", converted.name)
             return 0
         save_backbone(args.out, converted.state_dict, converted.config)
         if args.no_check:

@@ -340,9 +340,10 @@ def test_job_in_process_with_a_teacher_file_and_conversion(tmp_path, digits_like
 
     assert JOB in JOBS
     assert convert_checkpoint.main([str(run_dir), "--out", str(tmp_path / "converted")]) == 0
-    converted = load_file(str(tmp_path / "converted" / "backbone.safetensors"))
-    exported = load_file(str(run_dir / "export" / "backbone.safetensors"))
-    assert converted.keys() == exported.keys() and all(torch.equal(converted[k], exported[k]) for k in exported)
+    for name in ("backbone", "classifier"):   # the whole classifier too, as the run exported it
+        converted = load_file(str(tmp_path / "converted" / f"{name}.safetensors"))
+        exported = load_file(str(run_dir / "export" / f"{name}.safetensors"))
+        assert converted.keys() == exported.keys() and all(torch.equal(converted[k], exported[k]) for k in exported)
 
 
 def _top1(model: nn.Module, url: str, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> float:

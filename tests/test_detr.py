@@ -330,6 +330,15 @@ def test_job_runs_and_logs_every_loss_term_and_map(tmp_path, coco_shards):
     detector = load_detector(run_dir)
     [found] = detector.predict([Image.new("RGB", (70, 50), (200, 30, 30))], threshold=0.0)
     assert found["boxes"].shape == (10, 4) and set(found["names"]) <= {"two", "seven"}
+    # the converter writes the same detector from the run's last checkpoint (categories from its client state)
+    from launch import convert_checkpoint
+
+    assert convert_checkpoint.main([str(run_dir), "--out", str(tmp_path / "converted")]) == 0
+    converted = load_file(str(tmp_path / "converted" / "detector.safetensors"))
+    exported = load_file(str(run_dir / "export" / "detector.safetensors"))
+    assert converted.keys() == exported.keys() and all(torch.equal(converted[k], exported[k]) for k in exported)
+    meta = json.loads((tmp_path / "converted" / "detector.json").read_text())
+    assert meta["categories"] == detector.categories and meta["category_ids"] == [2, 7]
 
 
 def test_category_count_must_match(tmp_path, coco_shards, caplog):

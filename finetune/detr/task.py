@@ -268,6 +268,16 @@ class DETRTask:
         logger.info("categories: %s", ", ".join(f"{c['id']}:{c['name']}" for c in categories[:20])
                     + (" ..." if len(categories) > 20 else ""))
 
+    def extra_state(self) -> dict[str, Any]:
+        """The train set's categories: saved in every checkpoint, so that a resumed run and a detector converted
+        from a checkpoint map classes to the same category ids."""
+        return {"categories": [dict(c) for c in self.categories]}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("categories"):
+            self.categories = [dict(c) for c in state["categories"]]
+            self._set_lookup()
+
     def with_labels(self, targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
         """Targets with "labels" (class indices) from their "category_ids"."""
         out = []
