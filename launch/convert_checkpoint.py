@@ -35,6 +35,7 @@ import sys
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,13 @@ def task_config(cls: type, model: dict[str, Any]) -> Any:
     return cls(**{k: config.coerce(f"model.{k}", v, hints[k]) for k, v in model.items()})
 
 
+def no_grad_features(encoder_features: Callable[[torch.nn.Module, Tensor], Tensor], model: torch.nn.Module,
+                     imgs: Tensor) -> Tensor:
+    """The source model's features for the timm check."""
+    with torch.no_grad():
+        return encoder_features(model, imgs)
+
+
 def convert_run(path: Path, tag: str) -> Converted:
     ckpt_dir, tag, run_dir = locate(path, tag)
     tag_dir = ckpt_dir / tag
@@ -235,11 +243,7 @@ def convert_run(path: Path, tag: str) -> Converted:
         raise ConvertError(f"the consolidated weights do not fit the {job_name} model rebuilt from the saved config: "
                            f"missing {missing}, unexpected {unexpected}")
     model.eval()
-    features = None
-    if job.encoder_features is not None:
-        def features(imgs: Tensor) -> Tensor:
-            with torch.no_grad():
-                return job.encoder_features(model, imgs)
+    features = None if job.encoder_features is None else partial(no_grad_features, job.encoder_features, model)
     extras = task.extra_exports(state_dict) if hasattr(task, "extra_exports") else {}
     return Converted(tensors, backbone, features, getattr(task, "export_name", "backbone"), extras)
 

@@ -17,8 +17,7 @@ from finetune import backbone as bb
 from launch import convert_checkpoint, pretrain_deit
 from launch.jobs import JOBS
 from launch.runtime.config import ConfigError
-from pretrain.deit import (DEIT_ARCHS, DeiTConfig, DeiTTask, Teacher, deit_encoder_features, distillation_loss,
-                           plain_vit_features)
+from pretrain.deit import DEIT_ARCHS, DeiTConfig, DeiTTask, Teacher, deit_encoder_features, distillation_loss
 from pretrain.export import load_backbone as strict_load_backbone, save_backbone
 
 JOB = "pretrain_deit"
