@@ -152,7 +152,9 @@ def build_task(method: str, preset: str, switches: Switches, device: torch.devic
         tokenizer = build_tokenizer(preset, device)
         task = BEiTTask(BEiTConfig(**g, vocab_size=tokenizer.vocab_size, drop_path=0.0,
                                    grad_checkpointing=switches.grad_ckpt), load_tokenizer=False)
+        # as if loaded from a tokenizer folder: its downsampling sets the tokenizer view (and its counted FLOPs)
         task.tokenizer, task.downsample = tokenizer, tokenizer.downsample
+        task.tokenizer_size = task.cfg.grid * tokenizer.downsample
         return task
     if method == "deit":
         from pretrain.deit import DeiTConfig, DeiTTask

@@ -49,3 +49,11 @@ def test_repeats_alternate_the_rows_and_report_each_median(monkeypatch):
 def test_precision_auto_is_what_the_jobs_resolve():
     assert throughput.is_bf16("auto", torch.device("cuda")) and not throughput.is_bf16("auto", torch.device("cpu"))
     assert throughput.is_bf16("bf16", torch.device("cpu")) and not throughput.is_bf16("fp32", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "vit_b16"])
+def test_beit_tokenizer_view_is_the_tokenizers_own(preset):
+    """The bench hands BEiT a tokenizer built in place: the task's tokenizer view (what the batches hold and what
+    flops_per_sample counts the tokenizer at) is the tokenizer's image size, not patch x grid."""
+    task = throughput.build_task("beit", preset, throughput.Switches(), torch.device("cpu"))
+    assert task.tokenizer_size == throughput.TOKENIZER[preset]["img_size"]
