@@ -1,5 +1,5 @@
 """bench/train_throughput.py without timing anything: "ours" runs under the DeepSpeed config the jobs generate, and
---repeats alternates the rows and reports each one's median run."""
+--repeats alternates the rows and reports each one's median run; and bench/feature_spread.py's measure."""
 import argparse
 import importlib.util
 import sys
@@ -57,3 +57,15 @@ def test_beit_tokenizer_view_is_the_tokenizers_own(preset):
     flops_per_sample counts the tokenizer at) is the tokenizer's image size, not patch x grid."""
     task = throughput.build_task("beit", preset, throughput.Switches(), torch.device("cpu"))
     assert task.tokenizer_size == throughput.TOKENIZER[preset]["img_size"]
+
+
+def test_feature_spread_of_identical_and_unrelated_positions():
+    spec = importlib.util.spec_from_file_location("bench_feature_spread", ROOT / "bench" / "feature_spread.py")
+    feature_spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(feature_spread)
+    torch.manual_seed(0)
+    same = torch.randn(2, 64, 1, 1).expand(2, 64, 6, 6)          # every position carries its image's vector
+    var, cos = feature_spread.spread(same)
+    assert var == pytest.approx(0.0, abs=1e-6) and cos == pytest.approx(1.0, abs=1e-5)
+    var, cos = feature_spread.spread(torch.randn(2, 256, 12, 12))  # unrelated positions
+    assert var == pytest.approx(1.0, abs=0.05) and abs(cos - 1 / 144) < 0.02   # only the diagonal is 1
