@@ -1,5 +1,6 @@
 """bench/train_throughput.py without timing anything: "ours" runs under the DeepSpeed config the jobs generate, and
---repeats alternates the rows and reports each one's median run; and bench/feature_spread.py's measure."""
+--repeats alternates the rows and reports each one's median run; bench/feature_spread.py's measure and
+bench/data_wait.py's reading of a run's metrics."""
 import argparse
 import importlib.util
 import sys
@@ -16,6 +17,13 @@ _spec = importlib.util.spec_from_file_location("bench_train_throughput", ROOT / 
 throughput = importlib.util.module_from_spec(_spec)
 sys.modules["bench_train_throughput"] = throughput  # dataclasses resolve their module's annotations through it
 _spec.loader.exec_module(throughput)
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -60,12 +68,28 @@ def test_beit_tokenizer_view_is_the_tokenizers_own(preset):
 
 
 def test_feature_spread_of_identical_and_unrelated_positions():
-    spec = importlib.util.spec_from_file_location("bench_feature_spread", ROOT / "bench" / "feature_spread.py")
-    feature_spread = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(feature_spread)
+    feature_spread = _bench_module("feature_spread")
     torch.manual_seed(0)
     same = torch.randn(2, 64, 1, 1).expand(2, 64, 6, 6)          # every position carries its image's vector
     var, cos = feature_spread.spread(same)
     assert var == pytest.approx(0.0, abs=1e-6) and cos == pytest.approx(1.0, abs=1e-5)
     var, cos = feature_spread.spread(torch.randn(2, 256, 12, 12))  # unrelated positions
     assert var == pytest.approx(1.0, abs=0.05) and abs(cos - 1 / 144) < 0.02   # only the diagonal is 1
+
+
+def test_data_wait_leaves_out_the_start_up_window_and_runs_the_job_as_asked(tmp_path):
+    data_wait = _bench_module("data_wait")
+    rows = [{"step": 5, "perf/data_wait_frac": 0.9, "perf/images_per_s": 10.0, "perf/step_time_s": 3.0},
+            {"step": 5, "val/loss": 1.0},
+            {"step": 10, "perf/data_wait_frac": 0.02, "perf/images_per_s": 100.0, "perf/step_time_s": 0.3},
+            {"step": 15, "perf/data_wait_frac": 0.04, "perf/images_per_s": 120.0, "perf/step_time_s": 0.25}]
+    summary = data_wait.summarise(rows)
+    assert summary["data_wait_frac"] == pytest.approx(0.03) and summary["images_per_s"] == pytest.approx(110.0)
+    assert summary["windows"] == 2 and "mfu" not in summary
+    with pytest.raises(ValueError, match="at least 2 windows"):
+        data_wait.summarise(rows[:2])
+    cmd = data_wait.run_command("deepspeed --num_gpus 8", "pretrain_mae", "vit_b16", 16, 100, tmp_path,
+                                ["data.train=s3://b/x"])
+    assert cmd[:3] == ["deepspeed", "--num_gpus", "8"] and cmd[3].endswith("launch/pretrain_mae.py")
+    assert {"data.num_workers=16", "optim.max_steps=100", "log.every=25", "data.val=", "data.train=s3://b/x",
+            f"run.dir={tmp_path}"} <= set(cmd)
