@@ -21,11 +21,16 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import header, write_report  # noqa: E402 - after the path is set
+
 GOAL = 0.05   # data-wait fraction the issue asks for
 
 
@@ -86,27 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]
         results[str(workers)] = {**summarise(rows), "command": cmd}
 
-    device = "cpu"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            device = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    print(f"{args.job} --preset {args.preset}, {args.steps} steps, on {device} ({os.cpu_count()} CPU cores)")
+    report = {**header(), "platform": platform.processor(), "job": args.job, "preset": args.preset,
+              "steps": args.steps, "launcher": args.launcher, "overrides": extra, "goal": GOAL, "results": results}
+    print(f"{args.job} --preset {args.preset}, {args.steps} steps, on {report['device']} ({os.cpu_count()} CPU cores)")
     print(f"{'workers':>8} {'data wait':>10} {'images/s':>10} {'step s':>8}  goal < {GOAL:.0%}")
     for workers, r in results.items():
         verdict = "met" if r["data_wait_frac"] < GOAL else "not met"
-        print(f"{workers:>8} {r['data_wait_frac']:>10.1%} {r['images_per_s']:>10.1f} {r['step_time_s']:>8.4f}  {verdict}")
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
-              "cpu_count": os.cpu_count(), "platform": platform.processor(), "job": args.job, "preset": args.preset,
-              "steps": args.steps, "launcher": args.launcher, "overrides": extra, "goal": GOAL, "results": results}
-    kind = "cpu" if device == "cpu" else "gpu"
-    out = args.out or ROOT / "bench" / "results" / f"data_wait-{args.job}-{args.preset}-{kind}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+        print(f"{workers:>8} {r['data_wait_frac']:>10.1%} {r['images_per_s']:>10.1f} {r['step_time_s']:>8.4f}  "
+              f"{verdict}")
+    kind = "gpu" if torch.cuda.is_available() else "cpu"
+    write_report(report, args.out or ROOT / "bench" / "results" / f"data_wait-{args.job}-{args.preset}-{kind}.json")
     return 0
 
 

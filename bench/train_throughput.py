@@ -11,8 +11,8 @@ transformers, same device, batch, precision and model geometry, in one run:
 * ours: the method's task (`pretrain.mae.MAETask`, `pretrain.beit.BEiTTask`, `pretrain.deit.DeiTTask`,
   `finetune.classification.ClassificationTask`) inside the DeepSpeed engine the jobs use (the runtime's AdamW,
   the DeepSpeed config the jobs generate for `--zero-stage` and the precision), `training_step` +
-  `engine.backward` + `engine.step`, with the job's speed switches (`engine.compile`, `optim.fused`, `engine.fused_attention`, `model.grad_checkpointing`,
-  `engine.grad_accum`) set from the flags;
+  `engine.backward` + `engine.step`, with the job's speed switches (`engine.compile`, `optim.fused`,
+  `engine.fused_attention`, `model.grad_checkpointing`, `engine.grad_accum`) set from the flags;
 * peer: the transformers model of the same method — `ViTMAEForPreTraining`, `BeitForMaskedImageModeling` (+ the
   same frozen dVAE tokenizer for its targets), `DeiTForImageClassificationWithTeacher` (+ the same frozen teacher,
   hard distillation as in the job: 0.5 CE(cls, y) + 0.5 CE(dist, teacher argmax); transformers ships the model but no
@@ -31,13 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +44,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.report import device_name, header, write_report  # noqa: E402 - after the path is set
 
 METHODS = ("mae", "beit", "deit", "cls")
 # the encoder every method trains at each preset (MAE's presets; the other methods use the same ViT)
@@ -179,8 +179,8 @@ def job_deepspeed_config(micro: int, grad_accum: int, zero_stage: int, bf16: boo
     from launch.runtime import config
 
     precision = "bf16" if bf16 else "fp32"
-    cfg = config.JobConfig(data=DataConfig(train="(in memory)", batch_size=micro), model=None,
-                           engine=config.EngineConfig(zero_stage=zero_stage, grad_accum=grad_accum, precision=precision))
+    engine = config.EngineConfig(zero_stage=zero_stage, grad_accum=grad_accum, precision=precision)
+    cfg = config.JobConfig(data=DataConfig(train="(in memory)", batch_size=micro), model=None, engine=engine)
     cfg.derived = config.Derived(job="bench", preset="bench", run_dir="", world_size=1, global_batch=micro * grad_accum,
                                  lr=1e-4, total_steps=1, warmup_steps=0, batches_per_epoch=None, precision=precision,
                                  device=device.type)
@@ -340,7 +340,8 @@ def is_bf16(precision: str, device: torch.device) -> bool:
 def run_side(side: str, args: argparse.Namespace, switches: Switches, device: torch.device) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--side", side, "--method", args.method, "--preset", args.preset,
            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--precision", switches.precision or args.precision, "--zero-stage", str(args.zero_stage), *switch_flags(switches)]
+           "--precision", switches.precision or args.precision, "--zero-stage", str(args.zero_stage),
+           *switch_flags(switches)]
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -426,14 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     flops = next(iter(rows.values()))["flops_per_image"]
     for row in rows.values():  # the peer does the same work as ours; a switch row counts its own model's FLOPs
         row["mfu"] = row.get("flops_per_image", flops) * row["images_per_s"] / peaks[row["precision"]]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = device_name()
     first = next(iter(rows.values()))["images_per_s"]
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
-              "cpu_count": os.cpu_count(), "method": args.method, "preset": args.preset, "batch": args.batch,
+    report = {**header(), "method": args.method, "preset": args.preset, "batch": args.batch,
               "precision": "bf16" if bf16 else "fp32", "steps": args.steps, "warmup": args.warmup,
               "repeats": args.repeats, "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
               "zero_stage": args.zero_stage, "switches": {} if args.switches else vars(switches_of(args)),
-              "matmul_peak_flops": peak, "matmul_peak_flops_by_precision": peaks, "flops_per_image": flops, "results": rows}
+              "matmul_peak_flops": peak, "matmul_peak_flops_by_precision": peaks, "flops_per_image": flops,
+              "results": rows}
     if "peer" in rows:
         report["ratio_images_per_s"] = rows["ours"]["images_per_s"] / rows["peer"]["images_per_s"]
     print(f"{args.method.upper()} {args.preset}, batch {args.batch}, {report['precision']}, ZeRO-{args.zero_stage} on "
@@ -447,10 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ours / peer images/s: {report['ratio_images_per_s']:.2f}x")
     kind = "switches" if args.switches else f"zero{args.zero_stage}"
     filename = f"train_throughput-{args.method}-{args.preset}-{device.type}-{kind}.json"
-    out = args.out or ROOT / "bench" / "results" / filename
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out or ROOT / "bench" / "results" / filename)
     return 0
 
 

@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.report import device_name, header, write_report  # noqa: E402 - after the path is set
 
 
 def tensor_bytes(t: torch.Tensor | None) -> int:
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = {stage: launch(args, stage) for stage in args.stages}
     gib = 2 ** 30
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    device = device_name()
     first = rows[args.stages[0]][0]
     print(f"MAE {args.preset} ({first['params_numel'] / 1e6:.1f}M trained parameters), {args.ranks} ranks, batch "
           f"{args.batch} per rank, {'bf16' if first['bf16'] else 'fp32'} on {device}; GiB per rank "
@@ -182,14 +182,11 @@ def main(argv: list[str] | None = None) -> int:
                      for k in ("params", "grads", "optimizer_states")]
             print(f"{stage:>5} {r['rank']:>4} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
                   f"{r['peak_memory_bytes'] / gib:7.2f}")
-    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": device,
-              "cpu_count": os.cpu_count(), "preset": args.preset, "ranks": args.ranks, "batch_per_rank": args.batch,
+    report = {**header(), "preset": args.preset, "ranks": args.ranks, "batch_per_rank": args.batch,
               "steps": args.steps, "results": {str(k): v for k, v in rows.items()}}
     kind = "cuda" if torch.cuda.is_available() else "cpu"
-    out = args.out or ROOT / "bench" / "results" / f"zero_memory-{args.preset}-{args.ranks}ranks-{kind}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    name = f"zero_memory-{args.preset}-{args.ranks}ranks-{kind}.json"
+    write_report(report, args.out or ROOT / "bench" / "results" / name)
     return 0
 
 
