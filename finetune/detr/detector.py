@@ -17,6 +17,7 @@ each input's pixels (DETR's PostProcess).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -94,8 +95,6 @@ class Detector:
 
 def load_detector(folder: str | Path, device: str | torch.device = "cpu") -> Detector:
     """The Detector in `folder` (an export/ folder, or a finetune_detr run directory holding export/)."""
-    import json
-
     from finetune.detr.task import DETRConfig, build_detr
 
     folder = Path(folder)
