@@ -45,6 +45,11 @@ class ConfigError(ValueError):
     """A configuration the job cannot run with: unknown key, wrong type, missing or contradictory values."""
 
 
+class RunError(RuntimeError):
+    """A failure at run time the job reports as one paragraph, exit 1, no traceback (a dataset that cannot be opened,
+    a checkpoint that cannot be written)."""
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     name: str = ""         # run directory name; "" = the preset's name (tiny, vit_b16, ...)
@@ -109,6 +114,10 @@ class CheckpointConfig:
     # exports the weights to export_best/ (backbone.json records the metric and step); "" = off
     best_metric: str = ""
     best_mode: Literal["max", "min"] = "max"
+    # each node keeps its own ranks' checkpoint files in its own run.dir (local disks, no shared filesystem):
+    # DeepSpeed's use_node_local_storage; TensorBoard, config.yaml and exports stay with global rank 0's node.
+    # Resume works across such nodes; converting needs every rank's files gathered in one directory (README)
+    node_local: bool = False
 
 
 @dataclass(kw_only=True)
