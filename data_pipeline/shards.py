@@ -10,17 +10,36 @@ Everything here is torch-free and shared by `data_pipeline.stream` (training/eva
   of raising, so bad data never stops a run.
 - `plan_epoch(...)` is the one pure function that decides which shards each (rank, worker) reads in an epoch and
   how many batches each worker must yield (see `data_pipeline.stream` for the policy).
+
+Errors, by what the user can do about them (the CLIs and the runtime map them to exit codes):
+
+- `DatasetInputError` (a ValueError): the input is wrong and trying again cannot help, so it is raised at once,
+  never retried: an index.json that is not valid JSON or not an index (garbage, a truncated write, shard entries
+  without "url"/"samples"), a URL that names no shards, a folder without index.json and without shards, a
+  protocol fsspec does not know or whose package is not installed, a `pipe:` URL without allow_pipe. Exit 2.
+- `LocalPathError` (a DatasetInputError and a ShardOpenError): a local file or folder that does not exist or
+  cannot be read (missing, a folder where a file is expected, no permission). Raised at once. Exit 2.
+- `ShardOpenError` (an OSError), any other: a URL that could not be opened after `open_retries` attempts with
+  exponential backoff (network errors, timeouts, refused connections, a remote "not found", which can be an
+  object store lagging behind its writer or a server that is down). It may succeed later. Exit 1.
+
+So a caller catches DatasetInputError first (exit 2), then ShardOpenError / OSError (exit 1).
 """
 
 from __future__ import annotations
 
+import ctypes
 import heapq
 import json
 import logging
 import math
 import random
 import re
+import signal
 import subprocess
+import sys
+import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,7 +47,7 @@ from typing import Any
 
 import braceexpand
 import fsspec
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +63,18 @@ REQUIRABLE = {"image": "missing_image", "cls": "missing_label", "json": "missing
 SkipCallback = Callable[[str, "str | None", str, str, int], None]
 
 
+class DatasetInputError(ValueError):
+    """The dataset as given cannot be used and retrying cannot help (a malformed index.json, a URL naming no shards,
+    ...): the user must fix the input (exit 2). The message names the URL and the fix. See the module docstring."""
+
+
 class ShardOpenError(OSError):
-    """A shard or index could not be opened, even after retrying. The message names the URL and the cause."""
+    """A shard or index could not be opened, even after retrying (network, timeouts: it may work later; exit 1).
+    The message names the URL and the cause."""
+
+
+class LocalPathError(DatasetInputError, ShardOpenError):
+    """A local file or folder that does not exist or cannot be read: raised at once, never retried (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -87,18 +116,26 @@ def is_remote(url: str) -> bool:
 def _with_retries(action: Callable[[], Any], url: str, retries: int, backoff_s: float, what: str) -> Any:
     """Run `action` up to `retries` times with exponential backoff; raise ShardOpenError naming `url` at the end.
 
-    A missing local file fails at once (retrying cannot help). Remote "not found" is retried: fsspec's HTTP
-    filesystem reports refused connections as FileNotFoundError, and object stores can lag behind a writer.
+    Only what can succeed later is retried. Raised at once: a ValueError from `action` (a malformed file: JSON or
+    Unicode decode errors, an unknown protocol) or an ImportError (fsspec's protocol package is not installed) as
+    DatasetInputError; a missing or unreadable local path as LocalPathError. Remote "not found" is retried: fsspec's
+    HTTP filesystem reports refused connections as FileNotFoundError, and object stores can lag behind a writer.
     """
     last_error: Exception | None = None
     for attempt in range(1, retries + 1):
         try:
             return action()
+        except DatasetInputError:
+            raise
+        except (ValueError, ImportError) as error:
+            raise DatasetInputError(f"could not {what} {redact_credentials(url)}: {_describe_error(error)}"
+                                    f"{_INPUT_FIXES.get(what, '')}") from error
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as error:
-            last_error = error
             if not is_remote(url):
-                break
-        except Exception as error:  # noqa: BLE001 - any failure to open is retried, then reported with its cause
+                raise LocalPathError(f"could not {what} {url}: {_describe_error(error)} (a local path: not retried; "
+                                     f"is the path right?)") from error
+            last_error = error
+        except Exception as error:  # noqa: BLE001 - other failures to open (network) are retried, then reported
             last_error = error
         if attempt < retries:
             delay = backoff_s * 2 ** (attempt - 1)
@@ -107,6 +144,12 @@ def _with_retries(action: Callable[[], Any], url: str, retries: int, backoff_s: 
             time.sleep(delay)
     message = f"could not {what} {url} after {attempt} attempt(s): {_describe_error(last_error)}"
     raise ShardOpenError(message) from last_error
+
+
+_INPUT_FIXES = {
+    "read index": f"; {INDEX_FILE} must be the JSON that python -m data_pipeline.write writes: write the shards "
+                  f"again, or delete it to have the shards counted",
+}
 
 
 def _describe_error(error: BaseException | None) -> str:
@@ -133,13 +176,24 @@ def redact_credentials(text: str) -> str:
     return _SECRET_QUERY.sub(lambda m: f"{m['key']}***", text)
 
 
+def _die_with_parent() -> None:
+    """preexec_fn of `pipe:` commands (Linux): the kernel kills the shell when the process reading it dies (a data
+    worker killed with its training process), and the command it execs inherits that."""
+    libc = ctypes.CDLL(None)
+    libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 class PipeFile:
     """The standard output of a shell command (`pipe:CMD`, webdataset's convention), read as a binary stream; a
-    non-zero exit is an OSError naming the (redacted) command."""
+    non-zero exit is an OSError naming the (redacted) command. On Linux the command dies with the process reading it
+    (PR_SET_PDEATHSIG; set only in a single-threaded reader such as a data worker, where preexec_fn is safe); a
+    command that outlives it anyway gets SIGPIPE at its next write."""
 
     def __init__(self, command: str) -> None:
         self.command = command
-        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
+        preexec = _die_with_parent if sys.platform.startswith("linux") and threading.active_count() == 1 else None
+        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=1 << 20,
+                                        preexec_fn=preexec)
 
     def read(self, size: int = -1) -> bytes:
         return self.process.stdout.read(size)
@@ -165,7 +219,7 @@ def _open_file(url: str, cache_dir: str | None, mode: str = "rb"):
     `pipe:CMD` runs CMD (the caller checks it is allowed)."""
     if url.startswith(PIPE_PREFIX):
         if "b" not in mode:
-            raise ValueError(f"{PIPE_PREFIX} URLs hold shards, not text files")
+            raise DatasetInputError(f"{PIPE_PREFIX} URLs hold shards, not text files")
         return PipeFile(url[len(PIPE_PREFIX):])
     protocol = fsspec.utils.get_protocol(url)
     # block_size=0: one streaming GET instead of range requests (tar is read front to back; plain HTTP servers
@@ -179,7 +233,7 @@ def _open_file(url: str, cache_dir: str | None, mode: str = "rb"):
 
 def check_pipe(url: str, allowed: bool) -> None:
     if url.startswith(PIPE_PREFIX) and not allowed:
-        raise ValueError(f"{redact_credentials(url)[:80]}: a {PIPE_PREFIX} URL runs a shell command for every shard; "
+        raise DatasetInputError(f"{redact_credentials(url)[:80]}: a {PIPE_PREFIX} URL runs a shell command for every shard; "
                          "set data.allow_pipe=true if you trust it (fsspec URLs need no shell: s3://, gs://, "
                          "https://...)")
 
@@ -214,11 +268,32 @@ def _read_index(index_url: str, retries: int, backoff_s: float) -> dict[str, Any
             return json.load(handle)
 
     index = _with_retries(read, index_url, retries, backoff_s, "read index")
+    problem = None
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
-        # A malformed file, not a wrong argument type: ValueError, like json's own decode errors.
-        message = f"{index_url} is not a dataset index: expected a JSON object with a 'shards' list"
-        raise ValueError(message)  # noqa: TRY004
+        problem = "expected a JSON object with a 'shards' list"
+    elif not isinstance(index.get("metadata") or {}, dict):
+        problem = "its 'metadata' is not a JSON object"
+    else:
+        for number, entry in enumerate(index["shards"]):
+            if not (isinstance(entry, dict) and isinstance(entry.get("url"), str) and entry["url"]
+                    and _count(entry.get("samples")) is not None):
+                problem = (f"shard entry {number} is {json.dumps(entry)[:120]}, not "
+                           f'{{"url": "<tar file>", "samples": <count >= 0>, "bytes": <size>}}')
+                break
+    if problem is not None:
+        raise DatasetInputError(f"{index_url} is not a dataset index: {problem}{_INPUT_FIXES['read index']}")
     return index
+
+
+def _count(value: Any) -> int | None:
+    """A sample count from index.json (an integer >= 0, or its decimal string), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        return None
+    return count if count >= 0 else None
 
 
 def _exists(url: str) -> bool:
@@ -244,7 +319,7 @@ def load_index(url: str | Sequence[str], reader: ShardReader | None = None) -> D
         label = url if isinstance(url, str) else ",".join(map(str, url))
         shard_urls = expand_urls(url)
         if not shard_urls:
-            raise ValueError(f"dataset URL {url!r} names no shards")
+            raise DatasetInputError(f"dataset URL {url!r} names no shards")
         folders = {shard.rsplit("/", 1)[0] if "/" in shard else "." for shard in shard_urls}
         if len(folders) == 1:
             index_url = _join(folders.pop(), INDEX_FILE)
@@ -264,7 +339,7 @@ def load_index(url: str | Sequence[str], reader: ShardReader | None = None) -> D
         shards = tuple(ShardInfo(_join(folder, entry["url"]), int(entry["samples"]), entry.get("bytes"))
                        for entry in index["shards"])
         if not shards:
-            raise ValueError(f"{index_url} lists no shards")
+            raise DatasetInputError(f"{index_url} lists no shards")
         return DatasetIndex(url, shards, index.get("metadata") or {}, counted=False)
 
     def list_tars() -> list[str]:
@@ -275,7 +350,8 @@ def load_index(url: str | Sequence[str], reader: ShardReader | None = None) -> D
 
     shard_urls = _with_retries(list_tars, folder, retries, backoff, "list")
     if not shard_urls:
-        raise FileNotFoundError(f"{folder} has no {INDEX_FILE} and no *.tar shards (is the URL right?)")
+        error = LocalPathError if not is_remote(folder) else DatasetInputError
+        raise error(f"{folder} has no {INDEX_FILE} and no *.tar shards (is the URL right?)")
     return _counted_index(url, shard_urls, reader)
 
 
@@ -347,50 +423,72 @@ class ShardReader:
         return _with_retries(lambda: _open_file(url, self.cache_dir), url, self.open_retries,
                              self.retry_backoff_s, "open")
 
-    def _groups(self, url: str) -> Iterator[tuple[str, dict[str, bytes], str | None] | BaseException]:
+    def _groups(self, url: str, expected: int | None = None
+                ) -> Iterator[tuple[str, dict[str, bytes], str | None] | BaseException]:
         """Members of one shard grouped by key, in tar order: (key, {suffix: bytes}, problem or None).
 
-        A read error (truncated or corrupt tar) is yielded as the exception, after the group it interrupted
-        (whose problem is then "truncated_tar"), and ends the shard.
+        A read error (a truncated or corrupt tar) ends the shard: it is yielded, as the exception, after the
+        groups it ends, and only the samples it cut are marked "truncated_tar":
+        - the error is in a member's data (its name is known): that member's sample is marked, with the members
+          read so far (none when the cut member is its first); the sample before it ended before the cut and is
+          yielded as read;
+        - the error is in a header (no name): the sample being read is yielded as read when it holds every member
+          suffix its predecessor held (the cut fell between samples, whose members writers keep uniform), and is
+          marked otherwise. A tar cut inside a header can also read as a valid, shorter archive (no error); when
+          `expected` (index.json's count) says samples are missing, its last sample is judged the same way.
         """
+        previous: set[str] | None = None  # member suffixes of the last complete sample
+
+        def whole(group: dict[str, bytes]) -> bool:
+            return previous is None or previous <= group.keys()
+
         with self.open(url) as handle:
-            members = tar_file_iterator(handle)
-            key, group, problem = None, {}, None
+            members = _tar_members(handle)
+            key, group, problem, count = None, {}, None, 0
             while True:
                 try:
-                    member = next(members)
+                    name, data = next(members)
                 except StopIteration:
                     break
                 except Exception as error:  # noqa: BLE001 - tarfile, zlib and network errors all end the shard
-                    if key is not None:
-                        yield key, group, "truncated_tar"
-                    yield error
+                    cut = base_plus_ext(error.name)[0] if isinstance(error, _MemberReadError) else None
+                    if cut is not None and cut != key:  # the cut member starts a sample: the one before is whole
+                        if key is not None:
+                            yield key, group, problem
+                        yield cut, {}, "truncated_tar"
+                    elif key is not None:
+                        intact = cut is None and whole(group)
+                        yield key, group, (problem if intact else "truncated_tar")
+                    yield error.cause if isinstance(error, _MemberReadError) else error
                     return
-                prefix, suffix = base_plus_ext(member["fname"])
+                prefix, suffix = base_plus_ext(name)
                 if prefix is None:
                     continue  # a member without an extension belongs to no sample (webdataset ignores it too)
                 suffix = suffix.lower()
                 if prefix != key:
                     if key is not None:
                         yield key, group, problem
+                        previous, count = set(group), count + 1
                     key, group, problem = prefix, {}, None
                 if suffix in group:
                     problem = problem or "duplicate_member"
-                group[suffix] = member["data"]
+                group[suffix] = data
             if key is not None:
-                yield key, group, problem
+                cut_short = expected is not None and count + 1 < expected and not whole(group)
+                yield key, group, ("truncated_tar" if cut_short else problem)
 
     def samples(self, shard: ShardInfo, on_skip: SkipCallback) -> Iterator[dict[str, Any]]:
         """Raw samples of one shard, `{"__key__": str, "__url__": str, suffix: bytes, ...}`, in tar order.
 
         Samples that cannot be used (bad members, missing required members, a truncated tar) are reported to
         `on_skip` and not yielded. Samples that index.json lists but the tar does not hold are reported as
-        "truncated_tar" (a tar cut at a member boundary reads as a shorter, valid archive).
+        "truncated_tar" (a tar cut at a member boundary reads as a shorter, valid archive). A truncated tar's
+        counts are the samples it lost: the one the cut fell in (when any of it was read) plus those after it.
         Raises ShardOpenError if the shard cannot be opened at all.
         """
         seen = 0
         read_error: BaseException | None = None
-        for item in self._groups(shard.url):
+        for item in self._groups(shard.url, expected=shard.samples):
             if isinstance(item, BaseException):
                 read_error = item
                 break
@@ -403,9 +501,7 @@ class ShardReader:
             yield {"__key__": key, "__url__": shard.url, **members}
         missing = shard.samples - seen
         if read_error is not None or missing > 0:
-            # webdataset appends " @ <file object repr>" to read errors; the URL is reported separately.
-            detail = (f"read error {type(read_error).__name__}: {str(read_error).split(' @ <')[0]}" if read_error
-                      else "tar ends early")
+            detail = f"read error {type(read_error).__name__}: {read_error}" if read_error else "tar ends early"
             if missing > 0:
                 on_skip("truncated_tar", None, shard.url, f"{detail}; {missing} listed sample(s) not in the tar",
                         missing)
@@ -413,8 +509,42 @@ class ShardReader:
                 on_skip("truncated_tar", None, shard.url, detail, 1)
 
     def count_samples(self, url: str) -> int:
-        """Number of sample keys in a shard (bad ones included), read once; a truncated tar counts what it holds."""
+        """Number of sample keys in a shard (bad ones included), read once; a truncated tar counts what it holds
+        (a sample cut in its first member included)."""
         return sum(1 for item in self._groups(url) if not isinstance(item, BaseException))
+
+
+class _MemberReadError(Exception):
+    """The data of the tar member `name` could not be read (the tar is cut or corrupt inside it)."""
+
+    def __init__(self, name: str, cause: BaseException) -> None:
+        super().__init__(f"{name}: {cause}")
+        self.name, self.cause = name, cause
+
+
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: archive metadata, not sample members
+
+
+def _tar_members(handle: Any) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of the regular files of a tar stream (any compression tarfile reads), in order.
+
+    webdataset's `tar_file_iterator`, except that an error while reading a member's data raises _MemberReadError
+    naming the member, so the caller knows which sample a cut falls in; errors in headers propagate as raised.
+    """
+    stream = tarfile.open(fileobj=handle, mode="r|*")
+    while True:
+        info = stream.next()
+        if info is None:
+            return
+        name = info.name
+        if not info.isreg() or not name or _META_MEMBER.match(name):
+            continue
+        try:
+            data = stream.extractfile(info).read()
+        except Exception as error:  # noqa: BLE001 - any failure inside the member is reported with its name
+            raise _MemberReadError(name, error) from error
+        stream.members = []  # streaming: do not keep every TarInfo of the shard
+        yield name, data
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ Data flow (one DataLoader per rank; every step below the plan runs inside each D
       -> plan_epoch: shards shuffled with (seed, epoch), identically on every rank; dealt to the
          world_size x num_workers readers (split by node, then by worker), balanced by sample count
       -> this worker's shards, opened with fsspec (streaming; `simplecache::` when cache_dir is set), retried
-         with backoff; tar members grouped into raw samples by webdataset's tar iterator
+         with backoff when the failure can pass (see `data_pipeline.shards` for which errors are not retried);
+         tar members (tarfile, webdataset's naming: key = name up to the first dot) grouped into raw samples
       -> raw-sample checks (pickle / unexpected / missing members; truncated tar) -> shuffle buffer of raw,
          undecoded samples seeded by (seed, epoch, rank, worker)
       -> decode (PIL image -> RGB, cls -> int, json -> dict) -> the job's map_fn -> collate into full batches
@@ -25,6 +26,12 @@ usable samples than the index lists (corrupt data) pads up to its quota; one tha
 index.json) stops at its quota and counts the rest as skipped ("beyond_index"). Epoch mode needs at least
 world_size x num_workers shards; fewer is a ValueError that says how to fix it.
 
+Batch size bounds (ValueErrors raised by build_stream, before any batch is made; the runtime reports them as config
+errors, exit 2): a training stream in epoch mode needs batch_size <= the samples every rank reads per epoch (a larger
+batch would be made of repeats); a resampled stream needs batch_size <= the dataset's samples; no stream takes more
+than MAX_BATCH_SIZE samples per batch. A training batch larger than what a worker reads per epoch is allowed but
+logged as a warning with the share of repeats (the fix: fewer workers or a smaller batch).
+
 Resampled mode (`mode="resampled"`): infinite; each (rank, worker) draws shards with replacement from an RNG
 seeded by (seed, epoch, rank, worker), so no two readers share a sequence. No padding; `batches_per_epoch` is None.
 
@@ -37,16 +44,31 @@ process: its RNG states are swapped in around each batch, so data and model rand
 
 Bad data never stops a run: a sample that cannot be used is skipped and counted by reason in `stream.skipped`
 (a Counter): "truncated_tar", "corrupt_image", "corrupt_label", "corrupt_json", "missing_image",
-"missing_label" (when `required` names "cls"), "unexpected_member", "multiple_images", "duplicate_member",
+"missing_label", "missing_json", "missing_txt" (a member that `required` names is absent; tasks declare theirs as
+`required_members` and the runtime passes them), "unexpected_member", "multiple_images", "duplicate_member",
 "pickle_member" (.pyd/.pickle/.pkl are never decoded), "map_error" (map_fn raised), "beyond_index", or the reason
-a map_fn gave in `SkipSample("reason")`. Workers log skipped samples (key and shard URL) at a limited rate.
+a map_fn gave in `SkipSample("reason")`. A map_fn's KeyError for a member the sample lacks ("cls", "json", "txt",
+"image") counts as that member's missing_* reason even when it was not required. A truncated tar counts exactly the
+samples it lost (see `ShardReader.samples`). Workers log skipped samples (key and shard URL) at a limited rate.
+
+Worker processes never outlive the process that iterates the stream: each DataLoader worker asks the kernel to
+kill it when its parent dies (Linux prctl PR_SET_PDEATHSIG, so SIGKILL of the training process included; `pipe:`
+commands started by a worker get the same), checks at start that the parent has not died already, and where prctl
+is unavailable watches its parent from a thread instead.
 """
 
+import ctypes
+import functools
 import hashlib
 import io
 import json
 import logging
+import os
 import random
+import signal
+import sys
+import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -60,6 +82,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from data_pipeline.shards import (
     IMAGE_EXTENSIONS,
     PICKLE_EXTENSIONS,
+    REQUIRABLE,
     DatasetIndex,
     EpochPlan,
     ShardInfo,
@@ -76,6 +99,8 @@ MODES = ("epoch", "resampled")
 SKIPPED_KEY = "__skipped__"  # private batch key: skipped-sample counts since the worker's previous batch
 _LOG_FIRST_SKIPS = 5  # per reason and worker, then one warning every _LOG_EVERY_SKIPS
 _LOG_EVERY_SKIPS = 1000
+MAX_BATCH_SIZE = 1 << 20  # samples per batch per rank: anything larger is a typo, refused before memory is allocated
+_PADDING_WARN_SHARE = 0.1  # a training epoch with more repeats than this share of its samples is logged as a warning
 
 T = TypeVar("T")
 
@@ -267,7 +292,8 @@ class ShardBatchDataset(IterableDataset):
                 skips(skip.reason, sample["__key__"], sample["__url__"], skip.detail)
                 continue
             except Exception as error:  # noqa: BLE001 - one bad sample must not stop the run; it is counted
-                skips("map_error", sample["__key__"], sample["__url__"], f"{type(error).__name__}: {error}")
+                reason = _missing_member(error, sample) or "map_error"
+                skips(reason, sample["__key__"], sample["__url__"], f"{type(error).__name__}: {error}")
                 continue
             if on_usable is not None:
                 on_usable()
@@ -356,6 +382,70 @@ class ShardBatchDataset(IterableDataset):
             if len(pending) == self.batch_size:
                 yield self._batch(pending, 0, skips)
                 pending = []
+
+
+def _missing_member(error: Exception, raw: dict[str, Any]) -> str | None:
+    """The missing_* reason when `error` is a map_fn's KeyError for a member the raw sample lacks, else None."""
+    if not isinstance(error, KeyError) or not error.args:
+        return None
+    wanted = str(error.args[0])
+    for name, reason in REQUIRABLE.items():
+        present = (any(suffix in IMAGE_EXTENSIONS for suffix in raw) if name == "image" else name in raw)
+        if not present and (wanted == name or f"'{name}'" in wanted):
+            return reason
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (a dead parent nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _set_parent_death_signal() -> bool:
+    """Linux: have the kernel SIGKILL this process when its parent exits. False where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def die_with_parent(parent_pid: int, worker_id: int | None = None) -> None:
+    """Make this process (a DataLoader worker; the `worker_init_fn` BatchStream installs) end when its parent ends,
+    SIGKILL of the parent included, so no worker is ever left orphaned, holding memory.
+
+    Linux: prctl(PR_SET_PDEATHSIG, SIGKILL). Elsewhere, or when prctl fails, a daemon thread checks every 0.5 s
+    that the process's parent is still the one it started with. Either way, a parent that died before this ran
+    (`parent_pid`, the process that started the workers, is gone) ends the process at once.
+    """
+    armed = _set_parent_death_signal()
+    parent = os.getppid()
+    if parent != parent_pid and not _pid_alive(parent_pid):
+        os._exit(1)  # re-parented already: the training process died while this worker was starting
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent,), name="die-with-parent", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def seed_global_rngs(text: str) -> None:
@@ -456,6 +546,9 @@ class BatchStream:
         expected = self.batches_per_epoch
         skipped_before = sum(self.skipped.values())
         count = 0
+        # installed per iteration: the workers' parent is the process iterating (the stream may have been built in
+        # another process)
+        self._loader.worker_init_fn = functools.partial(die_with_parent, os.getpid())
         batches = iter(self._loader)
         try:
             for batch in batches:
@@ -476,6 +569,45 @@ class BatchStream:
         if newly_skipped:
             logger.warning("rank %d epoch %d: skipped %d sample(s); totals so far: %s",
                            self._dataset.rank, self.epoch, newly_skipped, dict(self.skipped))
+
+
+def check_batch_size(index: DatasetIndex, plan: EpochPlan | None, batch_size: int, world_size: int,
+                     num_workers: int) -> None:
+    """Refuse a training batch made of repeats (the same on every rank, so all ranks fail alike); warn about heavy
+    padding. `plan` is the epoch plan (None: resampled mode).
+
+    Raises:
+        ValueError: epoch mode, batch_size > the samples the rank with the fewest reads per epoch; resampled mode,
+            batch_size > the dataset's samples. The message names the numbers and the fixes.
+    """
+    dataset = f"{index.num_samples} samples in {len(index.shards)} shard(s)"
+    if plan is None:
+        if batch_size > index.num_samples:
+            raise ValueError(
+                f"batch_size={batch_size} (data.batch_size) is larger than the whole dataset ({dataset}): every "
+                f"batch would repeat samples. Fix: data.batch_size={index.num_samples} or less (engine.grad_accum "
+                f"gives a larger effective batch), or a larger dataset")
+        return
+    rank = min(range(world_size), key=plan.rank_samples)
+    per_rank = plan.rank_samples(rank)
+    readers = readers_per_rank(num_workers)
+    split = f"{dataset}, split over {world_size} rank(s) x {readers} worker(s)"
+    if batch_size > per_rank:
+        fewer_ranks = " or fewer ranks" if world_size > 1 else ""
+        raise ValueError(
+            f"batch_size={batch_size} (data.batch_size) is larger than the {per_rank} samples rank {rank} reads per "
+            f"epoch ({split}): every batch would be mostly repeats of the same samples. Fix: data.batch_size="
+            f"{per_rank} or less (engine.grad_accum gives a larger effective batch){fewer_ranks}, a larger dataset, "
+            f"or data.mode=resampled with a dataset of at least {batch_size} samples")
+    rank = max(range(world_size), key=plan.rank_padding)
+    padding, samples = plan.rank_padding(rank), plan.rank_samples(rank)
+    if padding > _PADDING_WARN_SHARE * samples:
+        smallest = min(worker.samples for worker in plan.rank_workers(rank))
+        logger.warning(
+            "batch_size=%d: rank %d's %d batches per epoch hold %d repeats for %d samples (%.0f%%; %s, its smallest "
+            "worker reads %d): a worker pads its last batch and a rank pads up to the busiest one. Fewer data."
+            "num_workers, a smaller data.batch_size or more even shards reduce it",
+            batch_size, rank, plan.batches_per_epoch, padding, samples, 100 * padding / samples, split, smallest)
 
 
 def build_stream(url: str | Sequence[str], map_fn: Callable[[dict], dict], batch_size: int = 64, *,
@@ -499,15 +631,21 @@ def build_stream(url: str | Sequence[str], map_fn: Callable[[dict], dict], batch
         shuffle_buffer: raw samples each worker buffers for shuffling (ignored when train is False).
         cache_dir: read remote shards through fsspec `simplecache::` into this folder ("" or None: stream only).
         collate_fn: list of map_fn outputs -> dict; default torch's default_collate.
-        required: members every sample needs ("image", "cls", "json", "txt"); others missing -> skipped.
+        required: members every sample needs ("image", "cls", "json", "txt"); a sample without one is skipped
+            and counted as missing_image / missing_label / missing_json / missing_txt (jobs pass their task's
+            `required_members`).
         open_retries, retry_backoff_s: attempts to open a URL and the first delay (doubling) between them.
         allow_pipe: accept `pipe:CMD` shard URLs (a shell command per shard; refused unless set).
         pin_memory: batches in page-locked memory for asynchronous copies to the GPU; None = when CUDA is present.
         prefetch_factor: batches each worker prepares ahead of the training loop (with num_workers > 0).
 
     Raises:
-        ValueError: bad arguments, or (epoch mode) fewer shards than world_size x max(1, num_workers).
-        ShardOpenError: the index or a shard to count cannot be opened (shards opened later raise it in iteration).
+        ValueError: bad arguments; (epoch mode) fewer shards than world_size x max(1, num_workers); a batch size
+            out of bounds (see the module docstring; checked for training streams, `train=True`).
+        DatasetInputError (a ValueError): a malformed index.json, a URL naming no shards, a missing local path
+            (LocalPathError, also a ShardOpenError) -- inputs to fix, never retried.
+        ShardOpenError: the index or a shard to count cannot be opened after retrying (shards opened later raise
+            it in iteration).
     """
     if isinstance(url, str) and url.startswith("embedded:"):
         from data_pipeline import embedded  # lazily: builds the bundled dataset's shards on first use
@@ -519,6 +657,10 @@ def build_stream(url: str | Sequence[str], map_fn: Callable[[dict], dict], batch
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+    if batch_size > MAX_BATCH_SIZE:
+        raise ValueError(f"batch_size={batch_size} (data.batch_size) is more than {MAX_BATCH_SIZE} samples per batch "
+                         f"and rank, the most a stream accepts. Fix: data.batch_size is per rank: use a smaller one "
+                         f"(more ranks or engine.grad_accum give a larger global batch)")
     for one in [url] if isinstance(url, str) else url:
         check_pipe(str(one), allow_pipe)
     reader = ShardReader(cache_dir=cache_dir or None, open_retries=open_retries, retry_backoff_s=retry_backoff_s,
@@ -530,6 +672,8 @@ def build_stream(url: str | Sequence[str], map_fn: Callable[[dict], dict], batch
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     stream = BatchStream(dataset, index, num_workers, pin_memory=pin, prefetch_factor=prefetch_factor)
     plan = stream.plan  # epoch mode: raises now, on every rank, if the shards cannot be split
+    if train:
+        check_batch_size(index, plan, batch_size, world_size, num_workers)
     if plan is None:
         logger.info("stream %s: %d shards, %d samples; rank %d/%d resamples shards with replacement",
                     index.url, len(index.shards), index.num_samples, rank, world_size)
