@@ -273,6 +273,8 @@ def render_confusion(confusion: Tensor, names: list[str]) -> Tensor:
 class ClassificationTask:
     """Finetuning or linear probing for the shared runtime (contracts.md: the Task interface)."""
 
+    required_members = ("image", "cls")  # a sample without its label is counted as missing_label
+
     def __init__(self, cfg: ClassificationConfig) -> None:
         from data_pipeline.transforms import ClassificationEvalTransform, ClassificationTrainTransform
 

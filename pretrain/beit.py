@@ -321,6 +321,8 @@ class BEiTTask:
     then takes its size from model.vocab_size, which the runtime saved resolved).
     """
 
+    required_members = ("image",)  # what every sample must hold; the stream counts others as missing_*
+
     def __init__(self, cfg: BEiTConfig, load_tokenizer: bool = True) -> None:
         self.cfg = cfg
         self.tokenizer: nn.Module | None = None

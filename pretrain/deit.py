@@ -293,6 +293,7 @@ class DeiTTask:
     """DeiT training for the shared runtime (contracts.md: the Task interface)."""
 
     export_name = "backbone"
+    required_members = ("image", "cls")  # a sample without its label is counted as missing_label
 
     def __init__(self, cfg: DeiTConfig, load_teacher: Callable[[DeiTConfig], Teacher] | None = None) -> None:
         from data_pipeline.transforms import (ClassificationEvalTransform, ClassificationTrainTransform,

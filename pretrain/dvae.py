@@ -454,6 +454,7 @@ class DVAETask:
     """dVAE training for the shared runtime: model, transforms, schedules, step, evaluation, pictures, export."""
 
     export_name = TOKENIZER_NAME
+    required_members = ("image",)  # what every sample must hold; the stream counts others as missing_*
 
     def __init__(self, cfg: DVAEConfig) -> None:
         # imported here, not at module level, so the tokenizer can be used without the data pipeline

@@ -249,6 +249,8 @@ class MaskedAutoencoderViT(nn.Module):
 class MAETask:
     """MAE for the shared runtime: model, transforms, parameter groups, step, evaluation, pictures, export."""
 
+    required_members = ("image",)  # what every sample must hold; the stream counts others as missing_*
+
     def __init__(self, cfg: MAEConfig) -> None:
         # imported here, not at module level, so the model can be used without the data pipeline
         from data_pipeline.transforms import EvalTransform, MAETrainTransform

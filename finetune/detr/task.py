@@ -194,6 +194,8 @@ def draw_detections(image: Tensor, gt_boxes: Tensor, pred_boxes: Tensor, mean: t
 class DETRTask:
     """DETR finetuning for the shared runtime (contracts.md: the Task interface)."""
 
+    required_members = ("image", "json")  # a sample without its boxes is counted as missing_json
+
     def __init__(self, cfg: DETRConfig) -> None:
         from data_pipeline.detection_transforms import DetectionEvalTransform, DetectionTrainTransform, PadCollate
 

@@ -243,6 +243,7 @@ class IPTTask:
     """IPT for the shared runtime (contracts.md: the Task interface)."""
 
     export_name = EXPORT_NAME
+    required_members = ("image",)  # what every sample must hold; the stream counts others as missing_*
 
     def __init__(self, cfg: IPTConfig) -> None:
         self.cfg = cfg

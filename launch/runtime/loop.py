@@ -15,6 +15,8 @@ Optional task hooks (a task without them runs unchanged):
     train_collate, eval_collate picklable callables(list of map_fn outputs) -> batch, run in the data workers
                                 (default: torch's default_collate), e.g. per-batch degradations, detection targets
     export_name                 basename of the exported files (default "backbone": backbone.safetensors + .json)
+    required_members            the members every sample must hold, e.g. ("image", "cls") (default ("image",)):
+                                passed to build_stream, which skips a sample without one as missing_label etc.
     extra_exports(state_dict)   -> {name: (tensors, meta)}: more files beside the export, e.g. DeiT's whole
                                 classifier (classifier.safetensors + .json); written to export/ and export_best/
 Evaluation runs every `log.eval_every` steps, at the end of every epoch with `log.eval_every_epoch`, and at the
@@ -195,6 +197,7 @@ class Trainer:
     # --- setup ---------------------------------------------------------------------------------------------
 
     def _build_stream(self, url: str, map_fn: Callable, train: bool) -> Any:
+        from data_pipeline.shards import DatasetInputError
         from data_pipeline.stream import build_stream
 
         d, w = self.cfg.data, self.world
@@ -204,7 +207,10 @@ class Trainer:
                                 seed=self.cfg.run.seed, shuffle_buffer=d.shuffle_buffer, cache_dir=d.cache_dir or None,
                                 collate_fn=getattr(self.task, "train_collate" if train else "eval_collate", None),
                                 allow_pipe=d.allow_pipe, prefetch_factor=d.prefetch_factor,
-                                pin_memory=None if d.pin_memory == "auto" else d.pin_memory)
+                                pin_memory=None if d.pin_memory == "auto" else d.pin_memory,
+                                required=getattr(self.task, "required_members", ("image",)))
+        except DatasetInputError as e:  # an input to fix (malformed index.json, a missing local path): exit 2
+            raise ConfigError(f"data.{'train' if train else 'val'}={url}: {e}") from None
         except OSError as e:
             raise DataError(f"data.{'train' if train else 'val'}={url}: cannot open the dataset ({e})") from None
         except ValueError as e:
