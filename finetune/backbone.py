@@ -143,6 +143,10 @@ def create_from_config(meta: Mapping[str, Any], **overrides: Any) -> nn.Module:
     is `timm.create_model(meta["architecture"], **model_kwargs)`.
     """
     kwargs = {**meta.get("model_kwargs", {}), **overrides}
+    if "init_values" in kwargs and kwargs["init_values"] is None:
+        # no LayerScale (older exports wrote null): timm.create_model drops None kwargs, so the registered default
+        # would apply (beit_*: 0.1, gammas the weights do not have); timm creates gammas only `if init_values`
+        kwargs["init_values"] = 0.0
     if is_beit(meta):
         # timm's Beit spells VisionTransformer's pooling-norm switch `use_fc_norm` and has no `class_token`
         if "fc_norm" in kwargs:

@@ -70,6 +70,10 @@ class ConvertError(RuntimeError):
     """Nothing to convert: no checkpoint, a tag that is not there, a file or job this tool does not know."""
 
 
+class CheckFailed(RuntimeError):
+    """The written backbone does not rebuild or load in timm (exit 1: a fault of the conversion, not the input)."""
+
+
 @dataclass
 class Converted:
     state_dict: dict[str, Tensor]                         # timm keys
@@ -229,7 +233,11 @@ def convert_run(path: Path, tag: str) -> Converted:
         raise ConvertError(f"the checkpoint was written by job {job_name!r}, which this tool does not know "
                            f"(known: {', '.join(JOBS)})")
     job = JOBS[job_name]
-    task = job.build_task(task_config(job.task_config, cfg.get("model") or {}))
+    try:
+        task = job.build_task(task_config(job.task_config, cfg.get("model") or {}))
+    except (ValueError, TypeError) as e:  # the task config's own checks, or a task that cannot be built from it
+        raise ConvertError(f"the {job_name} model cannot be rebuilt from the checkpoint's model.* config: {e}") \
+            from None
     if isinstance(states.get("task"), dict) and hasattr(task, "load_extra_state"):
         task.load_extra_state(states["task"])  # e.g. the dVAE's schedule step, recorded in its export
     state_dict = consolidate(tag_dir, states)
@@ -248,13 +256,16 @@ def convert_run(path: Path, tag: str) -> Converted:
     return Converted(tensors, backbone, features, getattr(task, "export_name", "backbone"), extras)
 
 
-def convert_file(path: Path, num_heads: int | None) -> Converted:
+def convert_file(path: Path, num_heads: int | None, check: bool = True) -> Converted:
+    """A published checkpoint; with `check`, its own model is built too (for the feature check), before anything is
+    written, so a checkpoint that does not load into its own layout is an input error (exit 2). --no-check skips it."""
     try:
         imported = import_reference(load_checkpoint_file(path), num_heads=num_heads)
+        features = source_features(imported) if check else None
     except UnknownFormatError as e:
         raise ConvertError(f"{path}: {e}") from None
     backbone = {**imported.config, "converted_from": {"file": str(path), "format": imported.format}}
-    return Converted(imported.state_dict, backbone, source_features(imported))
+    return Converted(imported.state_dict, backbone, features)
 
 
 def save_export(out_dir: Path, name: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
@@ -268,8 +279,12 @@ def save_export(out_dir: Path, name: str, tensors: dict[str, Tensor], meta: dict
 
 def reload_backbone(out_dir: Path) -> torch.nn.Module:
     """The timm model backbone.json describes (conv stem and sin-cos positions included), loaded strictly."""
-    model = create_from_config(read_config(out_dir))
-    model.load_state_dict(load_file(str(out_dir / "backbone.safetensors")), strict=True)
+    try:
+        model = create_from_config(read_config(out_dir))
+        model.load_state_dict(load_file(str(out_dir / "backbone.safetensors")), strict=True)
+    except (RuntimeError, ValueError) as e:
+        raise CheckFailed(f"timm check: the backbone written to {out_dir} does not load strictly into timm: "
+                          + " ".join(str(e).split())) from None
     return model
 
 
@@ -311,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         if source.is_file() and source.name.endswith("_model_states.pt"):
             source = source.parent  # a DeepSpeed file: its checkpoint folder
         if source.is_file():
-            converted = convert_file(source, args.num_heads)
+            converted = convert_file(source, args.num_heads, check=not args.no_check)
         elif source.is_dir():
             converted = convert_run(source, args.tag)
         else:
@@ -333,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConvertError, ConfigError) as e:
         logger.error("%s", e)
         return 2
+    except CheckFailed as e:
+        logger.error("%s", e)
+        return 1
     ok = diff <= args.atol
     (logger.info if ok else logger.error)("timm check: %s loads strictly; max |features - source features| = %.3g "
                                           "(atol %.1g)", converted.config["architecture"], diff, args.atol)

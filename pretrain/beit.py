@@ -508,7 +508,9 @@ class BEiTTask:
             "img_size": cfg.img_size, "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim, "depth": cfg.depth,
             "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_ratio, "qkv_bias": True,
             "use_abs_pos_emb": cfg.abs_pos_emb, "use_rel_pos_bias": cfg.rel_pos_bias != "none",
-            "use_shared_rel_pos_bias": False, "init_values": cfg.layer_scale or None, "num_classes": 0,
+            # 0.0 without LayerScale, not None: timm.create_model drops None kwargs and beit_*'s default (0.1) would
+            # create gamma_1/gamma_2, which this export does not have
+            "use_shared_rel_pos_bias": False, "init_values": cfg.layer_scale or 0.0, "num_classes": 0,
             # the pretrained final norm is kept before the pooling (unilm drops it for fc_norm when finetuning
             # with mean pooling; finetune_cls chooses that with its own global_pool)
             "global_pool": "avg", "use_fc_norm": False,

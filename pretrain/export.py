@@ -157,6 +157,8 @@ def load_backbone(path: str | Path) -> nn.Module:
     path = Path(path)
     config = json.loads((path / CONFIG_NAME).read_text())
     kwargs = dict(config["model_kwargs"])
+    if "init_values" in kwargs and kwargs["init_values"] is None:
+        kwargs["init_values"] = 0.0  # no LayerScale; None would be dropped by timm and its registered default apply
     if "pretrained_cfg_overlay" in config:
         kwargs["pretrained_cfg_overlay"] = config["pretrained_cfg_overlay"]
     model = timm.create_model(config["architecture"], pretrained=False, **kwargs)

@@ -63,6 +63,9 @@ SHARED_REL_POS_TABLE = "rel_pos_bias.relative_position_bias_table"
 # BEiT's gamma init value as a timm kwarg: any value works, it only makes timm create gamma_1/gamma_2, which the
 # checkpoint then fills.
 LAYER_SCALE_MARKER = 0.1
+# ... and without gammas: 0.0, not None. timm.create_model drops None-valued kwargs, so `init_values=None` would let
+# the registered default (beit_*: 0.1, i.e. gammas) apply; timm's Beit creates gammas only `if init_values`.
+NO_LAYER_SCALE = 0.0
 
 
 class UnknownFormatError(ValueError):
@@ -251,7 +254,7 @@ def _import_beit(state_dict: dict[str, Tensor], num_heads: int | None) -> Import
         "use_abs_pos_emb": "pos_embed" in out,
         "use_rel_pos_bias": "blocks.0.attn.relative_position_bias_table" in out,
         "use_shared_rel_pos_bias": False,
-        "init_values": LAYER_SCALE_MARKER if "blocks.0.gamma_1" in out else None,
+        "init_values": LAYER_SCALE_MARKER if "blocks.0.gamma_1" in out else NO_LAYER_SCALE,
         "num_classes": 0,
         # BEiT finetunes with average pooling; a pretrained checkpoint keeps its final norm before the pooling
         "global_pool": "avg",
@@ -314,8 +317,13 @@ def _timm_source(imported: ImportedBackbone) -> Callable[[Tensor], Tensor]:
     if SHARED_REL_POS_TABLE in src:
         kwargs["use_shared_rel_pos_bias"] = True
         kwargs["use_rel_pos_bias"] = "blocks.0.attn.relative_position_bias_table" in src
-    model = timm.create_model(imported.config["architecture"], pretrained=False, **kwargs)
-    model.load_state_dict(src, strict=True)
+    try:
+        model = timm.create_model(imported.config["architecture"], pretrained=False, **kwargs)
+        model.load_state_dict(src, strict=True)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as e:  # timm's asserts; load_state_dict's report
+        detail = " ".join(str(e).split())
+        raise UnknownFormatError(f"the {imported.format} checkpoint does not load into timm's "
+                                 f"{imported.config['architecture']} built for its layout: {detail}") from None
     model.eval()
     return model.forward_features
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_pipeline.stream import build_stream
@@ -169,7 +170,10 @@ def test_missing_tokenizer_is_a_config_error(tmp_path, caplog):
 
 @pytest.mark.parametrize("variant", [dict(rel_pos_bias="shared"), dict(rel_pos_bias="layer", abs_pos_emb=True),
                                      dict(rel_pos_bias="none", abs_pos_emb=True),
-                                     dict(rel_pos_bias="none", abs_pos_emb=True, layer_scale=0.0)])
+                                     dict(rel_pos_bias="none", abs_pos_emb=True, layer_scale=0.0),
+                                     # no LayerScale with relative bias: timm's Beit must not create gammas
+                                     dict(rel_pos_bias="shared", layer_scale=0.0),
+                                     dict(rel_pos_bias="layer", layer_scale=0.0)])
 def test_export_loads_strictly_into_timm_with_equal_features(variant, tmp_path):
     torch.manual_seed(0)
     task = BEiTTask(BEiTConfig(target="mean_color", **TINY, **variant))
@@ -231,6 +235,31 @@ def test_mean_color_target_runs_without_a_tokenizer(shards, tmp_path):
     assert pretrain_beit.main(args) == 0
     meta = json.loads((tmp_path / "pretrain_beit" / "mc" / "export" / "backbone.json").read_text())
     assert meta["target"] == "mean_color" and meta["model_kwargs"]["num_classes"] == 0
+
+
+def test_run_without_layer_scale_exports_and_converts(shards, tmp_path):
+    """model.layer_scale=0 with the shared relative bias: the job's export and the converter's (with and without
+    --no-check) load strictly into timm.create_model(architecture, **model_kwargs): no gamma_1/gamma_2 (issue 18)."""
+    args = TINY_ARGS + ["target=mean_color", "model.layer_scale=0", "model.rel_pos_bias=shared",
+                        f"data.train={shards.url}", "data.val=", "optim.max_steps=1", "ckpt.every=0",
+                        f"run.dir={tmp_path}", "run.name=nols"]
+    assert pretrain_beit.main(args) == 0
+    run = tmp_path / "pretrain_beit" / "nols"
+    for folder in (run / "export", tmp_path / "converted", tmp_path / "converted_nocheck"):
+        if folder.name.startswith("converted"):
+            extra = ["--no-check"] if folder.name.endswith("nocheck") else []
+            assert convert_checkpoint.main([str(run), "--out", str(folder), *extra]) == 0
+        meta = json.loads((folder / "backbone.json").read_text())
+        assert meta["architecture"].startswith("beit") and meta["model_kwargs"]["init_values"] == 0.0
+        tensors = load_file(str(folder / "backbone.safetensors"))
+        assert not any("gamma" in k for k in tensors)
+        model = timm.create_model(meta["architecture"], pretrained=False, **meta["model_kwargs"]).eval()
+        model.load_state_dict(tensors, strict=True)
+    # a backbone.json from before the fix (init_values: null) loads too
+    meta = json.loads((run / "export" / "backbone.json").read_text())
+    meta["model_kwargs"]["init_values"] = None
+    (run / "export" / "backbone.json").write_text(json.dumps(meta))
+    bb.load_backbone(run / "export")
 
 
 @pytest.mark.multiproc

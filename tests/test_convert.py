@@ -183,12 +183,14 @@ UNILM_BEIT_BLOCK_KEYS = {"gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "at
                          "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"}
 
 
-def beit_source() -> tuple[dict, Callable]:
+def beit_source(layer_scale: bool = True) -> tuple[dict, Callable]:
     """microsoft/unilm beit pretraining layout (modeling_pretrain.py, use_shared_rel_pos_bias, no abs pos_embed):
-    timm's Beit with a shared table has the same names; unilm also saves the index buffers, mask_token, lm_head."""
+    timm's Beit with a shared table has the same names; unilm also saves the index buffers, mask_token, lm_head.
+    Without LayerScale (unilm's init_values=0) the blocks have no gamma_1/gamma_2."""
     model = _perturbed(timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8,
                                          embed_dim=48, depth=2, num_heads=3, use_abs_pos_emb=False,
-                                         use_rel_pos_bias=False, use_shared_rel_pos_bias=True, init_values=0.1,
+                                         use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+                                         init_values=0.1 if layer_scale else 0.0,
                                          num_classes=0, global_pool="avg", use_fc_norm=False))
     state = dict(model.state_dict())
     index = gen_relative_position_index((4, 4))
@@ -198,7 +200,8 @@ def beit_source() -> tuple[dict, Callable]:
     expected = {"cls_token", "mask_token", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
                 "norm.bias", "lm_head.weight", "lm_head.bias", "rel_pos_bias.relative_position_bias_table",
                 "rel_pos_bias.relative_position_index"}
-    expected |= {f"blocks.{i}.{k}" for i in range(2) for k in UNILM_BEIT_BLOCK_KEYS}
+    block_keys = UNILM_BEIT_BLOCK_KEYS if layer_scale else UNILM_BEIT_BLOCK_KEYS - {"gamma_1", "gamma_2"}
+    expected |= {f"blocks.{i}.{k}" for i in range(2) for k in block_keys}
     assert set(state) == expected  # exactly unilm's names
     return {"model": state}, model.forward_features
 
@@ -219,6 +222,7 @@ SOURCES = {
     "mae": lambda: mae_source(full=False),
     "mae_full": lambda: mae_source(full=True),
     "beit": beit_source,
+    "beit_no_layer_scale": lambda: beit_source(layer_scale=False),
     "deit_distilled": lambda: deit_source(distilled=True),
     "deit": lambda: deit_source(distilled=False),
     "mae_finetuned": lambda: deit_source(distilled=False, fc_norm=True),
@@ -232,7 +236,7 @@ def test_reference_checkpoint_converts_to_timm_with_the_same_features(fmt, tmp_p
     out = tmp_path / "out"
     assert main([str(tmp_path / "source.pth"), "--out", str(out), "--atol", str(ATOL)]) == 0
     config = json.loads((out / "backbone.json").read_text())
-    assert config["converted_from"]["format"] == fmt
+    assert config["converted_from"]["format"] == fmt.removesuffix("_no_layer_scale")
     backbone = load_file(str(out / "backbone.safetensors"))
     assert not any(k.startswith(("decoder_", "mask_token", "lm_head", "head", "rel_pos_bias")) for k in backbone)
     assert not any(k.endswith("relative_position_index") for k in backbone)
@@ -240,7 +244,9 @@ def test_reference_checkpoint_converts_to_timm_with_the_same_features(fmt, tmp_p
     assert model.num_classes == 0
     if fmt == "deit_distilled":
         assert type(model).__name__ == "VisionTransformerDistilled" and "dist_token" in backbone
-    if fmt == "beit":
+    if fmt == "beit_no_layer_scale":
+        assert not any("gamma" in k for k in backbone) and config["model_kwargs"]["init_values"] == 0.0
+    if fmt.startswith("beit"):
         assert type(model).__name__ == "Beit" and model.rel_pos_bias is None
         shared = checkpoint_file["model"]["rel_pos_bias.relative_position_bias_table"]
         for i in range(2):  # the shared table, copied into each block
@@ -248,6 +254,38 @@ def test_reference_checkpoint_converts_to_timm_with_the_same_features(fmt, tmp_p
     imgs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(imgs), features(imgs), rtol=0, atol=ATOL)
+
+
+def _one_paragraph_error(text: str) -> None:
+    assert "Traceback" not in text and text.strip() and "\n\n" not in text.strip()
+
+
+def test_no_check_errors_are_one_paragraph(tmp_path, caplog):
+    """--no-check skips the source model and the timm reload, but what cannot be converted still exits 2 with one
+    paragraph: a run whose saved model config its task refuses (a real process: no traceback on stderr), a missing
+    file, and with the check on a BEiT whose blocks disagree (gammas in block 0 only)."""
+    tag_dir = tmp_path / "run" / "checkpoints" / "step00000001"
+    tag_dir.mkdir(parents=True)
+    model = {"target": "mean_color", "img_size": 30, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    torch.save({"module": {"cls_token": torch.zeros(1, 1, 32)}, "step": 1,
+                "config": {"derived": {"job": "pretrain_beit"}, "model": model}}, tag_dir / checkpoint.MODEL_STATES[0])
+    proc = subprocess.run([sys.executable, "launch/convert_checkpoint.py", str(tmp_path / "run"), "--no-check",
+                           "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "model.img_size=30" in proc.stderr, proc.stderr
+    _one_paragraph_error(proc.stdout + proc.stderr)
+
+    checkpoint_file, _ = beit_source()
+    del checkpoint_file["model"]["blocks.1.gamma_1"], checkpoint_file["model"]["blocks.1.gamma_2"]
+    torch.save(checkpoint_file, tmp_path / "odd_beit.pth")
+    for argv, message in [([str(tmp_path / "odd_beit.pth")], "does not load into timm's"),
+                          ([str(tmp_path / "missing.pth"), "--no-check"], "no such file")]:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and message in errors[0], errors
+        _one_paragraph_error(errors[0])
+    assert not (tmp_path / "o").exists()
 
 
 def test_heads_of_a_non_standard_width_must_be_given(tmp_path, caplog):
