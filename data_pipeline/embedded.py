@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_pipeline.write import INDEX_NAME, Sample, Source, SourceError, coco_source, encode_image, write_shards
+from data_pipeline.shard_writer import (INDEX_NAME, Sample, Source, SourceError, coco_source, encode_image,
+                                        write_shards)
 
 log = logging.getLogger(__name__)
 
@@ -390,10 +391,19 @@ def _lookup(name: str) -> EmbeddedDataset:
         raise SourceError(f"Unknown embedded dataset {name!r}; the embedded datasets are:\n{describe()}") from None
 
 
+# import name -> pip name, for the message about a missing package
+_PIP_NAMES = {"sklearn": "scikit-learn", "skimage": "scikit-image"}
+
+
 def source(name: str, seed: int = 0) -> Source:
     """The Source of an embedded dataset (for write_shards), with its name and version in the metadata."""
     ds = _lookup(name)
-    src = ds.build(seed)
+    try:
+        src = ds.build(seed)
+    except ModuleNotFoundError as e:  # the package that ships the data (scikit-learn, scikit-image, matplotlib)
+        package = (e.name or str(e)).split(".")[0]
+        raise SourceError(f"{PREFIX}{name} is built from data inside the package {package!r}, which is not "
+                          f"installed: pip install {_PIP_NAMES.get(package, package)}") from e
     src.metadata["embedded"] = {"name": name, "version": ds.version, "seed": seed}
     return src
 

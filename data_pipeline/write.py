@@ -11,505 +11,36 @@ SOURCE is one of:
 * a folder of unlabelled images (no sub-folders, or any folder with ``--unlabelled``);
 * ``embedded:NAME``: one of the datasets built from data that ships inside packages (data_pipeline.embedded).
 
-The layout follows tmbdev's ``imagenet-wds/makeshards.py``: raw encoded bytes (re-encoded only with
-``--resize``), records pre-shuffled with ``--seed`` so that no shard holds a single class, and a new shard
-whenever ``--maxcount`` samples or ``--maxsize`` bytes would be exceeded. webdataset's ``ShardWriter`` opens
-only local paths and its byte count ignores tar headers and padding, so shards are rolled here around
-``TarWriter`` on fsspec streams, with exact sizes. ``index.json`` (format in contracts.md) lists every shard
-with its samples and bytes, plus the dataset's metadata. Every image is opened and fully decoded with PIL
-before it is written; unreadable files are skipped, counted, and listed in the summary and the index.
+The samples, sources and the writer itself live in data_pipeline.shard_writer (layout, pre-shuffling, exact shard
+sizes); this module recognises SOURCE and is the command. Exit status: 0 written; 2 for what the command or its
+inputs must fix (a missing, unreadable or empty source, an unknown embedded name or its missing package, a
+destination that cannot be written: read-only, under a file, an http(s) URL, an unknown protocol), each in one
+paragraph naming the path or URL; 1 when writing fails at run time (a network or disk error part-way).
 """
 from __future__ import annotations
 
 import argparse
-import io
-import json
+import contextlib
+import errno
 import logging
 import os
-import random
 import sys
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import fsspec
-import webdataset as wds
-from PIL import Image
-from tqdm import tqdm
+
+from data_pipeline import embedded
+from data_pipeline.shard_writer import (  # noqa: F401 - the names callers import from data_pipeline.write
+    DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, INDEX_NAME, LoadedImage, Sample, Skipped, Source, SourceError, UnreadableImage,
+    WriteResult, coco_file_source, coco_source, encode_image, imagefolder_source, load_image, resize_samples,
+    unlabelled_source, write_shards)
+from data_pipeline.shard_writer import _is_hidden
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
-DEFAULT_MAXCOUNT = 1000
-DEFAULT_MAXSIZE = int(1e9)
-# tar geometry (USTAR, stream mode "w|"): one 512-byte header per member (our names are < 100 chars), data
-# padded to 512, two zero blocks at the end, and the whole file padded to a 20-block record.
-_BLOCK = 512
-_RECORD = 20 * _BLOCK
-# Extensions the stream's decoder (PIL through webdataset) recognises, for the formats PIL reports.
-_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "TIFF": "tiff", "BMP": "bmp", "GIF": "gif"}
 
-
-class SourceError(Exception):
-    """A source that is missing, empty or malformed; the CLI reports it in one paragraph and exits with 2."""
-
-
-class UnreadableImage(Exception):
-    """An image that PIL cannot open and fully decode (truncated, not an image, decompression bomb…)."""
-
-
-@dataclass
-class Sample:
-    """One sample to write: encoded image bytes, their extension, and optional label and json.
-
-    Attributes:
-        image: encoded image bytes, stored as they are.
-        ext: extension of the image member (``jpg``, ``png``, ``webp``…), the image's real format.
-        cls: integer class label, stored as the ASCII ``cls`` member.
-        json: JSON-serialisable dict, stored as the UTF-8 ``json`` member.
-    """
-
-    image: bytes
-    ext: str
-    cls: int | None = None
-    json: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A record that could not be turned into a sample; counted and listed in the index's metadata."""
-
-    path: str
-    reason: str
-
-
-@dataclass
-class Source:
-    """A dataset ready to write: its metadata and its samples in (pre-shuffled) write order.
-
-    Attributes:
-        metadata: the index.json ``metadata`` (``kind``, ``source``, ``classes`` / ``categories``…);
-            ``skipped`` is filled in by :func:`write_shards`.
-        samples: samples and skipped records, lazily produced, in the order they are written.
-        total: number of records, for the progress bar (None if unknown).
-    """
-
-    metadata: dict[str, Any]
-    samples: Iterable[Sample | Skipped]
-    total: int | None = None
-
-
-@dataclass
-class LoadedImage:
-    """An image checked by PIL, possibly downscaled: bytes to store and the scale applied to coordinates."""
-
-    data: bytes
-    ext: str
-    width: int
-    height: int
-    orig_width: int
-    orig_height: int
-
-    @property
-    def scale_x(self) -> float:
-        return self.width / self.orig_width
-
-    @property
-    def scale_y(self) -> float:
-        return self.height / self.orig_height
-
-
-# ----------------------------------------------------------------------------------------------- images
-
-
-def load_image(data: bytes, resize: int | None = None) -> LoadedImage:
-    """Verify encoded image bytes with PIL (open + full decode) and optionally downscale them.
-
-    Args:
-        data: encoded image bytes.
-        resize: if set and the shorter side is longer than this, resize (Lanczos) so that the shorter side
-            equals it and re-encode (JPEG quality 95 for JPEG sources, otherwise the same format). Images that
-            are already small enough are stored untouched: upsampling would add bytes and no information.
-
-    Returns:
-        The bytes to store, their extension, the stored size and the scale from original to stored pixels.
-
-    Raises:
-        UnreadableImage: PIL cannot open or fully decode the bytes.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format or ""
-            im.load()  # open() only parses the header; truncated or corrupt pixel data fails here
-            width, height = im.size
-            ext = _FORMAT_EXT.get(fmt) or _registered_ext(fmt)
-            if resize is None or min(width, height) <= resize:
-                return LoadedImage(data, ext, width, height, width, height)
-            scale = resize / min(width, height)
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            resized = im.resize(size, Image.Resampling.LANCZOS)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UnreadableImage(f"{type(e).__name__}: {e}") from e
-    encoded, ext = encode_image(resized, "jpg" if ext == "jpg" else ext)
-    return LoadedImage(encoded, ext, size[0], size[1], width, height)
-
-
-def encode_image(im: Image.Image, ext: str = "jpg", quality: int = 95) -> tuple[bytes, str]:
-    """Encode a PIL image; formats PIL cannot write (or JPEG's unsupported modes) fall back sensibly.
-
-    Returns:
-        (encoded bytes, extension actually used).
-    """
-    buf = io.BytesIO()
-    if ext == "jpg":
-        if im.mode not in ("RGB", "L"):
-            im = im.convert("RGB")  # JPEG has no alpha or palette
-        im.save(buf, format="JPEG", quality=quality)
-    elif ext == "webp":
-        im.save(buf, format="WEBP", quality=quality)
-    elif ext == "png":
-        im.save(buf, format="PNG")
-    else:  # GIF, TIFF, BMP…: re-encoding only happens with --resize; PNG is lossless and always decodable
-        return encode_image(im, "png")
-    return buf.getvalue(), ext
-
-
-def _registered_ext(fmt: str) -> str:
-    for ext, f in Image.registered_extensions().items():
-        if f == fmt:
-            return ext.lstrip(".").lower()
-    raise UnreadableImage(f"format {fmt!r} has no known file extension")
-
-
-# ----------------------------------------------------------------------------------------------- writing
-
-
-class _CountingFile:
-    """Write-only wrapper counting the bytes that really reach the fsspec stream."""
-
-    def __init__(self, f: Any) -> None:
-        self.f = f
-        self.count = 0
-
-    def write(self, b: bytes) -> int:
-        self.count += len(b)
-        self.f.write(b)
-        return len(b)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _tar_bytes(payload_sizes: Iterable[int]) -> int:
-    """Bytes the members take in a tar: a header block each plus data padded to whole blocks."""
-    return sum(_BLOCK + -(-n // _BLOCK) * _BLOCK for n in payload_sizes)
-
-
-def _tar_file_bytes(content: int) -> int:
-    """Final file size for `content` member bytes: two end blocks, padded to a whole record."""
-    return -(-(content + 2 * _BLOCK) // _RECORD) * _RECORD
-
-
-def sample_members(sample: Sample) -> dict[str, bytes]:
-    """The tar members of a sample (without ``__key__``): image, optional ``cls`` and ``json``."""
-    members = {sample.ext: sample.image}
-    if sample.cls is not None:
-        members["cls"] = str(int(sample.cls)).encode("ascii")
-    if sample.json is not None:
-        members["json"] = json.dumps(sample.json, separators=(",", ":")).encode("utf-8")
-    return members
-
-
-@dataclass
-class _OpenShard:
-    name: str
-    file: Any
-    counter: _CountingFile
-    tar: wds.TarWriter
-    samples: int = 0
-    content: int = 0
-
-    def close(self) -> dict[str, Any]:
-        self.tar.close()
-        self.file.close()  # a remote file is uploaded on close; the shard only exists from here on
-        return {"url": self.name, "samples": self.samples, "bytes": self.counter.count}
-
-
-@dataclass
-class WriteResult:
-    """What :func:`write_shards` wrote: the index (as written to index.json) and where."""
-
-    index: dict[str, Any]
-    url: str
-    skipped: list[Skipped] = field(default_factory=list)
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.index["num_samples"])
-
-
-def write_shards(
-    samples: Iterable[Sample | Skipped],
-    out_url: str,
-    metadata: dict[str, Any],
-    *,
-    maxcount: int = DEFAULT_MAXCOUNT,
-    maxsize: int = DEFAULT_MAXSIZE,
-    prefix: str = "train",
-    total: int | None = None,
-    progress: bool = True,
-    storage_options: dict[str, Any] | None = None,
-) -> WriteResult:
-    """Write samples, in the given order, into ``PREFIX-000000.tar``, ``PREFIX-000001.tar``… and ``index.json``.
-
-    A shard is closed before a sample that would take it past `maxcount` samples or `maxsize` bytes (the
-    real file size, tar padding included), so shards never exceed either limit unless one sample alone is
-    larger than `maxsize`. ``index.json`` is written last: a folder with an index holds a complete set.
-
-    Args:
-        samples: samples in write order (already shuffled); ``Skipped`` entries are counted, not written.
-        out_url: destination folder, any fsspec URL (local path, ``file://``, ``memory://``, ``s3://``…).
-        metadata: index.json metadata; ``skipped`` is added here.
-        maxcount: most samples per shard.
-        maxsize: most bytes per shard file.
-        prefix: shard name prefix.
-        total: number of entries in `samples`, for the progress bar.
-        progress: show a tqdm progress bar (stderr).
-        storage_options: passed to the fsspec filesystem.
-
-    Returns:
-        The index and the skipped records.
-
-    Raises:
-        SourceError: nothing could be written (every record was skipped or there were none).
-    """
-    if maxcount < 1 or maxsize < 1:
-        raise ValueError(f"maxcount and maxsize must be positive, got {maxcount} and {maxsize}")
-    fs, root = fsspec.core.url_to_fs(out_url, **(storage_options or {}))
-    root = root.rstrip("/")
-    if fs.exists(f"{root}/{INDEX_NAME}"):
-        log.warning("%s already holds a dataset; its index.json will be replaced", out_url)
-    shards: list[dict[str, Any]] = []
-    skipped: list[Skipped] = []
-    shard: _OpenShard | None = None
-    written = 0
-
-    def open_shard() -> _OpenShard:
-        name = f"{prefix}-{len(shards):06d}.tar"
-        f = fs.open(f"{root}/{name}", "wb")
-        counter = _CountingFile(f)
-        # mtime fixed so that the same source and seed give byte-identical shards
-        return _OpenShard(name, f, counter, wds.TarWriter(counter, encoder=False, mtime=0))
-
-    fs.makedirs(root, exist_ok=True)
-    bar = tqdm(samples, total=total, unit="img", desc=f"writing {prefix} shards", disable=not progress,
-               dynamic_ncols=True)
-    try:
-        for item in bar:
-            if isinstance(item, Skipped):
-                skipped.append(item)
-                log.debug("skipped %s: %s", item.path, item.reason)
-                bar.set_postfix(skipped=len(skipped), refresh=False)
-                continue
-            members = sample_members(item)
-            size = _tar_bytes(len(v) for v in members.values())
-            if shard is not None and (shard.samples >= maxcount
-                                      or _tar_file_bytes(shard.content + size) > maxsize):
-                shards.append(shard.close())
-                shard = None
-            if shard is None:
-                shard = open_shard()
-            shard.tar.write({"__key__": f"{written:06d}", **members})
-            shard.samples += 1
-            shard.content += size
-            written += 1
-        if shard is not None:
-            shards.append(shard.close())
-            shard = None
-    finally:
-        bar.close()
-        if shard is not None:  # an exception mid-shard: close the file so no handle leaks, index not written
-            shard.file.close()
-    if written == 0:
-        reason = f"all {len(skipped)} files were unreadable" if skipped else "it holds no images"
-        raise SourceError(f"Nothing to write from {metadata.get('source', 'the source')}: {reason}.")
-    metadata = {**metadata, "skipped": {"count": len(skipped), "paths": [s.path for s in skipped]}}
-    index = {
-        "format": "webdataset",
-        "version": 1,
-        "num_samples": written,
-        "num_bytes": sum(s["bytes"] for s in shards),
-        "shards": shards,
-        "metadata": metadata,
-    }
-    with fs.open(f"{root}/{INDEX_NAME}", "w") as f:
-        json.dump(index, f, indent=1)
-    log.debug("wrote %d samples in %d shards (%.1f MB) to %s", written, len(shards), index["num_bytes"] / 1e6,
-             out_url)
-    return WriteResult(index=index, url=out_url, skipped=skipped)
-
-
-# ----------------------------------------------------------------------------------------------- sources
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _files_under(folder: Path) -> list[Path]:
-    """All non-hidden files below `folder`, recursively, in sorted order (hidden folders are not entered)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if not _is_hidden(f))
-    return found
-
-
-def _read_checked(path: Path, resize: int | None) -> LoadedImage | Skipped:
-    try:
-        return load_image(path.read_bytes(), resize)
-    except OSError as e:  # unreadable file (permissions, broken link)
-        return Skipped(str(path), f"{type(e).__name__}: {e}")
-    except UnreadableImage as e:
-        return Skipped(str(path), str(e))
-
-
-def imagefolder_source(root: Path, *, seed: int = 0, resize: int | None = None) -> Source:
-    """An ImageFolder directory: sub-folders are classes (sorted → 0, 1, …), files below them their images.
-
-    Files directly in `root` belong to no class and are skipped (listed). Hidden files and folders are ignored.
-    """
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_hidden(d.name))
-    records: list[tuple[Path, int]] = [(p, label) for label, c in enumerate(classes) for p in _files_under(root / c)]
-    stray = sorted(p for p in root.iterdir() if p.is_file() and not _is_hidden(p.name))
-    if not records:
-        raise SourceError(f"The ImageFolder {root} has {len(classes)} class folders ({', '.join(classes[:5])}…) "
-                          "but no files in them; put each class's images in its own sub-folder.")
-    random.Random(seed).shuffle(records)  # pre-shuffle: neighbours in the stream come from different classes
-
-    def samples() -> Iterator[Sample | Skipped]:
-        for p in stray:
-            yield Skipped(str(p), "not in a class folder")
-        for path, label in records:
-            img = _read_checked(path, resize)
-            yield img if isinstance(img, Skipped) else Sample(img.data, img.ext, cls=label)
-
-    meta = {"kind": "classification", "source": str(root.resolve()), "classes": classes}
-    return Source(meta, samples(), total=len(records) + len(stray))
-
-
-def unlabelled_source(root: Path, *, seed: int = 0, resize: int | None = None) -> Source:
-    """Every (non-hidden) file below `root`, recursively, as an unlabelled image."""
-    paths = _files_under(root)
-    if not paths:
-        raise SourceError(f"The folder {root} holds no files; expected images (or class sub-folders).")
-    random.Random(seed).shuffle(paths)
-
-    def samples() -> Iterator[Sample | Skipped]:
-        for path in paths:
-            img = _read_checked(path, resize)
-            yield img if isinstance(img, Skipped) else Sample(img.data, img.ext)
-
-    return Source({"kind": "unlabelled", "source": str(root.resolve())}, samples(), total=len(paths))
-
-
-def coco_source(
-    coco: dict[str, Any],
-    read_bytes: Callable[[str], bytes],
-    *,
-    source: str,
-    seed: int = 0,
-    resize: int | None = None,
-) -> Source:
-    """A COCO instances dataset: one sample per image, its annotations in the sample's json.
-
-    The json holds ``image_id``, ``file_name``, ``width``, ``height`` (of the stored image), ``boxes``
-    (COCO xywh in stored pixels), ``category_ids``, ``iscrowd`` and ``area`` (contracts.md). Images without
-    annotations are kept (they are negatives). An image whose real size differs from the size the
-    annotations declare is skipped: its boxes would be in another coordinate frame.
-
-    Args:
-        coco: the parsed instances json (``images``, ``annotations``, ``categories``).
-        read_bytes: file_name -> encoded image bytes (raises OSError if missing).
-        source: description for the metadata (path of the json).
-        seed: pre-shuffle seed.
-        resize: shorter-side downscale (boxes, sizes and areas are rescaled with the image).
-    """
-    try:
-        images = list(coco["images"])
-        categories = [{"id": int(c["id"]), "name": str(c["name"])} for c in coco.get("categories", [])]
-        by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for ann in coco.get("annotations", []):
-            by_image[int(ann["image_id"])].append(ann)
-    except (KeyError, TypeError, ValueError) as e:
-        raise SourceError(f"{source} is not a COCO instances json (missing or malformed {e}); it needs 'images', "
-                          "'annotations' and 'categories' lists.") from e
-    if not images:
-        raise SourceError(f"The COCO json {source} lists no images.")
-    random.Random(seed).shuffle(images)
-
-    def samples() -> Iterator[Sample | Skipped]:
-        for info in images:
-            name = str(info["file_name"])
-            try:
-                img = load_image(read_bytes(name), resize)
-            except (OSError, UnreadableImage) as e:
-                yield Skipped(name, f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
-                continue
-            w0, h0 = img.orig_width, img.orig_height
-            if "width" in info and "height" in info and (int(info["width"]), int(info["height"])) != (w0, h0):
-                yield Skipped(name, f"image is {w0}x{h0} but the annotations say {info['width']}x{info['height']}")
-                continue
-            anns = by_image.get(int(info["id"]), [])
-            sx, sy = img.scale_x, img.scale_y
-            boxes = [[a["bbox"][0] * sx, a["bbox"][1] * sy, a["bbox"][2] * sx, a["bbox"][3] * sy] for a in anns]
-            target = {
-                "image_id": int(info["id"]),
-                "file_name": name,
-                "width": img.width,
-                "height": img.height,
-                "boxes": boxes,
-                "category_ids": [int(a["category_id"]) for a in anns],
-                "iscrowd": [int(a.get("iscrowd", 0)) for a in anns],
-                "area": [float(a.get("area", a["bbox"][2] * a["bbox"][3])) * sx * sy for a in anns],
-            }
-            yield Sample(img.data, img.ext, json=target)
-
-    meta = {"kind": "detection", "source": source, "categories": categories}
-    return Source(meta, samples(), total=len(images))
-
-
-def coco_file_source(path: Path, images: Path | None, *, seed: int = 0, resize: int | None = None) -> Source:
-    """A COCO instances json file; images are read from `images` (default: the json's folder)."""
-    try:
-        coco = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"Cannot read the COCO json {path}: {e}.") from e
-    if not isinstance(coco, dict):
-        raise SourceError(f"{path} is not a COCO instances json (top level is not an object).")
-    folder = images if images is not None else path.parent
-    if not folder.is_dir():
-        raise SourceError(f"The image folder {folder} for the COCO json {path} does not exist; pass --images DIR.")
-    return coco_source(coco, lambda name: (folder / name).read_bytes(), source=str(path.resolve()), seed=seed,
-                       resize=resize)
-
-
-def resize_samples(samples: Iterable[Sample | Skipped], resize: int) -> Iterator[Sample | Skipped]:
-    """Downscale samples produced in memory (embedded datasets), rescaling detection json like the COCO path."""
-    for s in samples:
-        if isinstance(s, Skipped):
-            yield s
-            continue
-        img = load_image(s.image, resize)
-        target = s.json
-        if target is not None and "boxes" in target:
-            sx, sy = img.scale_x, img.scale_y
-            target = {**target, "width": img.width, "height": img.height,
-                      "boxes": [[x * sx, y * sy, w * sx, h * sy] for x, y, w, h in target["boxes"]],
-                      "area": [a * sx * sy for a in target["area"]]}
-        yield Sample(img.data, img.ext, s.cls, target)
+class DestinationError(Exception):
+    """OUT_URL cannot be written (read-only, under a file, an http URL...); the CLI reports it and exits with 2."""
 
 
 def open_source(
@@ -523,32 +54,84 @@ def open_source(
     """Recognise SOURCE (embedded name, COCO json, ImageFolder, folder of images) and open it.
 
     Raises:
-        SourceError: missing, empty or unrecognised source.
+        SourceError: missing, unreadable, empty or unrecognised source (the message names it and the fix).
     """
-    if source.startswith("embedded:"):
-        from data_pipeline import embedded  # embedded builds on this module, so import it only when asked
-
-        src = embedded.source(source.removeprefix("embedded:"), seed=seed)
+    if source.startswith(embedded.PREFIX):
+        src = embedded.source(source.removeprefix(embedded.PREFIX), seed=seed)
         if resize is not None:
             src = Source(src.metadata, resize_samples(src.samples, resize), src.total)
         return src
     path = Path(source).expanduser()
-    if not path.exists():
-        from data_pipeline.embedded import REGISTRY
+    try:
+        if not path.exists():
+            raise SourceError(
+                f"The source {source!r} does not exist. SOURCE must be an ImageFolder directory (one sub-folder of "
+                "images per class), a folder of unlabelled images, a COCO instances .json (images under --images "
+                f"DIR), or embedded:NAME with NAME one of {', '.join(embedded.REGISTRY)}.")
+        if path.is_file():
+            if path.suffix.lower() != ".json":
+                raise SourceError(f"The source {source!r} is a file but not a COCO .json; pass a folder of images, "
+                                  "an ImageFolder directory or a COCO instances json.")
+            return coco_file_source(path, Path(images).expanduser() if images else None, seed=seed, resize=resize)
+        if not path.is_dir():
+            raise SourceError(f"The source {source!r} is neither a folder nor a file (a device, socket or pipe?); "
+                              "pass a folder of images, an ImageFolder directory or a COCO instances json.")
+        has_subdirs = any(p.is_dir() and not _is_hidden(p.name) for p in path.iterdir())
+        if unlabelled or not has_subdirs:
+            return unlabelled_source(path, seed=seed, resize=resize)
+        return imagefolder_source(path, seed=seed, resize=resize)
+    except OSError as e:  # a folder that cannot be listed (permissions), a path through a file...
+        raise SourceError(f"Cannot read the source {source!r}: {e.strerror or e} ({type(e).__name__}); check that "
+                          "the path is right and readable by this user.") from e
 
-        raise SourceError(
-            f"The source {source!r} does not exist. SOURCE must be an ImageFolder directory (one sub-folder of "
-            "images per class), a folder of unlabelled images, a COCO instances .json (images under --images "
-            f"DIR), or embedded:NAME with NAME one of {', '.join(REGISTRY)}.")
-    if path.is_file():
-        if path.suffix.lower() != ".json":
-            raise SourceError(f"The source {source!r} is a file but not a COCO .json; pass a folder of images, "
-                              "an ImageFolder directory or a COCO instances json.")
-        return coco_file_source(path, Path(images).expanduser() if images else None, seed=seed, resize=resize)
-    has_subdirs = any(p.is_dir() and not _is_hidden(p.name) for p in path.iterdir())
-    if unlabelled or not has_subdirs:
-        return unlabelled_source(path, seed=seed, resize=resize)
-    return imagefolder_source(path, seed=seed, resize=resize)
+
+def check_destination(out_url: str) -> None:
+    """Refuse, before any source is read, an OUT_URL that cannot hold shards (see DestinationError).
+
+    Checked: the URL's protocol is known and its fsspec backend installed; http(s) (read-only in fsspec); and for
+    local paths, that the nearest existing folder on the way is a folder, writable, and not on a read-only mount.
+    Remote stores (s3://, gs://...) are only checked when written: their permissions are the server's.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(out_url)
+    except ImportError as e:  # fsspec names the package to install ("Install s3fs to access S3")
+        raise DestinationError(f"Cannot write to {out_url!r}: {e}") from e
+    except ValueError as e:  # "Protocol not known: foo"
+        raise DestinationError(f"Cannot write to {out_url!r}: {e}. OUT_URL is a local folder or an fsspec URL "
+                               "(file://, s3://, gs://, memory://...).") from e
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & {"http", "https"}:
+        raise DestinationError(f"Cannot write to {out_url!r}: http(s) URLs are read-only. Write the shards to a local "
+                               "folder or an object store (s3://, gs://...) and serve that folder over http instead.")
+    if not protocols & {"file", "local"}:
+        return
+    existing, missing = Path(path), []
+    while not existing.exists() and existing != existing.parent:
+        existing, missing = existing.parent, [existing, *missing]
+    if not existing.is_dir():
+        raise DestinationError(f"Cannot write to {out_url!r}: {existing} is a file, not a folder; OUT_URL must be a "
+                               "folder (new or existing) that is not inside a file.")
+    if not os.access(existing, os.W_OK):
+        raise DestinationError(f"Cannot write to {out_url!r}: {existing} is not writable by this user (read-only "
+                               "folder or mount); choose another OUT_URL or fix its permissions.")
+    if missing:  # /proc, /sys and the like pass the checks above: create the folders once, and remove them again
+        try:
+            os.makedirs(missing[-1])
+        except OSError as e:
+            raise _destination_error(out_url, e) or DestinationError(f"Cannot create {out_url!r}: {e}") from e
+        for folder in reversed(missing):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _destination_error(out_url: str, error: OSError) -> DestinationError | None:
+    """A DestinationError for the OSErrors a user fixes by choosing another OUT_URL, None for run-time ones."""
+    fixable = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENOENT}
+    if error.errno in fixable or isinstance(error, (PermissionError, NotADirectoryError, IsADirectoryError)):
+        return DestinationError(f"Cannot write to {out_url!r}: {error.strerror or error}"
+                                f"{f' ({error.filename})' if error.filename else ''}; choose a folder this user can "
+                                "create and write (not under /proc, /sys, a file or a read-only mount).")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -586,27 +169,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (0 written, 2 source or argument error)."""
+    """Command-line entry point; returns the exit code (module docstring: 0 written, 2 fix the command or the
+    inputs, 1 failed at run time)."""
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     maxcount, prefix = args.maxcount, args.prefix
     try:
+        check_destination(args.out_url)
         src = open_source(args.source, images=args.images, seed=args.seed, resize=args.resize,
                           unlabelled=args.unlabelled)
-        if args.source.startswith("embedded:"):
-            from data_pipeline import embedded
-
-            ds = embedded.REGISTRY[args.source.removeprefix("embedded:")]
+        if args.source.startswith(embedded.PREFIX):
+            ds = embedded.REGISTRY[args.source.removeprefix(embedded.PREFIX)]
             maxcount = maxcount or embedded.maxcount_for(ds, src.total)
             prefix = prefix or ds.prefix
         metadata = {**src.metadata, "seed": args.seed, "resize": args.resize}
-        result = write_shards(src.samples, args.out_url, metadata, maxcount=maxcount or DEFAULT_MAXCOUNT,
-                              maxsize=args.maxsize, prefix=prefix or "train", total=src.total,
-                              progress=not args.quiet)
-    except SourceError as e:
+        try:
+            result = write_shards(src.samples, args.out_url, metadata, maxcount=maxcount or DEFAULT_MAXCOUNT,
+                                  maxsize=args.maxsize, prefix=prefix or "train", total=src.total,
+                                  progress=not args.quiet)
+        except NotImplementedError as e:  # an fsspec filesystem without writing (zip://, github://...)
+            raise DestinationError(f"Cannot write to {args.out_url!r}: its fsspec filesystem cannot write files; "
+                                   "write to a local folder or an object store (s3://, gs://...).") from e
+        except OSError as e:
+            raise _destination_error(args.out_url, e) or e
+    except (SourceError, DestinationError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a network or disk failure part-way: the command itself was right
+        print(f"error: writing the shards to {args.out_url!r} failed: {type(e).__name__}: {e}. Nothing is complete "
+              f"there until {INDEX_NAME} is written; run the command again.", file=sys.stderr)
+        return 1
     index = result.index
     print(f"wrote {index['num_samples']} samples in {len(index['shards'])} shards "
           f"({index['num_bytes'] / 1e6:.1f} MB) to {args.out_url} (index: {INDEX_NAME})")
@@ -620,4 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the main of the imported module, not of this __main__ copy, so that there is one data_pipeline.write
+    # (its classes included) however the command is started.
+    from data_pipeline.write import main as _main
+
+    sys.exit(_main())
