@@ -10,7 +10,10 @@ its shuffle buffer). `--verify` reads and decodes every sample exactly as a job 
 key and reason. `--json` prints the same report as JSON. The plan comes from `data_pipeline.shards.plan_epoch`,
 the function the training stream itself calls, so what this prints is what a job with the same settings reads.
 
-Exit status: 0; 1 when the shards cannot be split for the job (epoch mode) or --verify found bad samples.
+Exit status: 0; 1 when the shards cannot be split for the job (epoch mode), --verify found bad samples, or the
+URL could not be read after the retries (network: it may work later); 2 for what the command or the dataset
+must fix (a missing or unreadable local path, a folder without shards, a malformed index.json, no samples, an
+unknown embedded name, a bad flag), each in one paragraph naming the URL or flag.
 """
 
 import argparse
@@ -24,7 +27,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_pipeline.shards import DatasetIndex, EpochPlan, ShardInfo, ShardReader, load_index, plan_epoch
+from data_pipeline.shard_writer import SourceError
+from data_pipeline.shards import (REQUIRABLE, DatasetIndex, DatasetInputError, EpochPlan, ShardInfo, ShardReader,
+                                  is_remote, load_index, plan_epoch, redact_credentials)
 from data_pipeline.stream import SkipSample, decode_sample
 
 logger = logging.getLogger(__name__)
@@ -104,19 +109,24 @@ def _balance_warnings(plan: EpochPlan) -> list[str]:
 
 def inspect_dataset(url: str | Sequence[str], *, world_size: int = 1, num_workers: int = 2, epoch: int = 0,
                     seed: int = 0, batch_size: int = 64, train: bool = True, keys: bool = False,
-                    verify: bool = False, required: Sequence[str] = ("image",), cache_dir: str | None = None
-                    ) -> dict[str, Any]:
+                    verify: bool = False, required: Sequence[str] = ("image",), cache_dir: str | None = None,
+                    open_retries: int = 5, retry_backoff_s: float = 1.0) -> dict[str, Any]:
     """Describe a dataset and the epoch-mode plan of a job with these settings, as a JSON-serialisable dict.
 
     Keys: url, counted (no index.json: samples were counted), shards, samples, bytes, metadata, shard_list,
     plan (None when the shards cannot be split: see plan_error), plan_error, warnings, and with `verify`:
     verify = {"checked", "bad": [{"key", "url", "reason", "detail", "count"}], "by_reason"}.
+
+    Raises:
+        DatasetInputError: the URL or the dataset must be fixed (data_pipeline.shards), SourceError: an embedded
+        name that does not exist or cannot be built, ShardOpenError (OSError): unreadable after the retries.
     """
     if isinstance(url, str) and url.startswith("embedded:"):
         from data_pipeline import embedded  # lazily, as build_stream does
 
         url = embedded.resolve(url)
-    reader = ShardReader(cache_dir=cache_dir, required=tuple(required))
+    reader = ShardReader(cache_dir=cache_dir, required=tuple(required), open_retries=open_retries,
+                         retry_backoff_s=retry_backoff_s)
     index: DatasetIndex = load_index(url, reader)
     report: dict[str, Any] = {
         "url": index.url, "counted": index.counted, "shards": len(index.shards), "samples": index.num_samples,
@@ -203,39 +213,101 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _int_at_least(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _members(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in REQUIRABLE]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(REQUIRABLE)}, got {text!r}")
+    return names
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.inspect",
                                      description="Show a sharded dataset and what each rank and worker reads.")
     parser.add_argument("url", help="folder with index.json, brace pattern, 'a.tar,b.tar', or embedded:NAME")
-    parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks of the job (default 1)")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="DataLoader workers per rank (default 2, as data.num_workers)")
-    parser.add_argument("--epoch", type=int, default=0, help="epoch whose shard shuffle to show (default 0)")
+    parser.add_argument("--world-size", type=_int_at_least(1), default=1,
+                        help="data-parallel ranks of the job (default 1)")
+    parser.add_argument("--workers", type=_int_at_least(0), default=2,
+                        help="DataLoader workers per rank (default 2, as data.num_workers; 0: the main process)")
+    parser.add_argument("--epoch", type=_int_at_least(0), default=0,
+                        help="epoch whose shard shuffle to show (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="the job's run.seed (default 0)")
-    parser.add_argument("--batch-size", type=int, default=64,
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=64,
                         help="per-rank batch size (default 64, as data.batch_size)")
     parser.add_argument("--eval", action="store_true", help="evaluation order: no shard shuffle")
     parser.add_argument("--keys", action="store_true", help="list the sample keys each rank and worker reads")
     parser.add_argument("--verify", action="store_true", help="decode every sample and report the bad ones by key")
-    parser.add_argument("--require", default="image",
+    parser.add_argument("--require", type=_members, default=("image",),
                         help="comma-separated members every sample needs: image, cls, json, txt (default image)")
     parser.add_argument("--cache-dir", default=None, help="read remote shards through this local cache")
+    parser.add_argument("--retries", type=_int_at_least(1), default=5,
+                        help="attempts to open a remote URL before giving up (default 5; local paths: 1)")
+    parser.add_argument("--retry-backoff", type=_non_negative_float, default=1.0, metavar="SECONDS",
+                        help="wait before the 2nd attempt, doubled after each further one (default 1.0)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+def _error(message: str) -> None:
+    print(f"error: {redact_credentials(message)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (see the module docstring)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    required = tuple(name.strip() for name in args.require.split(",") if name.strip())
-    report = inspect_dataset(args.url, world_size=args.world_size, num_workers=args.workers, epoch=args.epoch,
-                             seed=args.seed, batch_size=args.batch_size, train=not args.eval, keys=args.keys,
-                             verify=args.verify, required=required, cache_dir=args.cache_dir)
+    try:
+        report = inspect_dataset(args.url, world_size=args.world_size, num_workers=args.workers, epoch=args.epoch,
+                                 seed=args.seed, batch_size=args.batch_size, train=not args.eval, keys=args.keys,
+                                 verify=args.verify, required=args.require, cache_dir=args.cache_dir,
+                                 open_retries=args.retries, retry_backoff_s=args.retry_backoff)
+    except (DatasetInputError, SourceError) as error:  # LocalPathError (a missing local path) is one too
+        _error(f"{error}")
+        return 2
+    except OSError as error:
+        if args.url.startswith("embedded:"):  # building into the cache failed: its folder, not the name
+            _error(f"cannot build {args.url} into its cache: {error}; set VITPRETRAIN_CACHE to a writable folder")
+            return 2
+        if not is_remote(args.url):
+            _error(f"cannot read {args.url}: {error}; check the path and its permissions")
+            return 2
+        _error(f"{error}. The URL is remote and may work later (a server down, the network): check it, then run "
+               f"again (--retries and --retry-backoff set how long to keep trying).")
+        return 1
+    if report["samples"] == 0:
+        _error(f"{args.url} holds no samples ({report['shards']} shard(s), all empty): write the dataset again "
+               "with python -m data_pipeline.write, or point at the folder that holds it.")
+        return 2
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     failed = report["plan_error"] is not None or bool(report.get("verify", {}).get("bad"))
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the main of the imported module, not of this __main__ copy, so that there is one data_pipeline.inspect
+    # however the command is started.
+    from data_pipeline.inspect import main as _main
+
+    sys.exit(_main())

@@ -21,15 +21,20 @@ written beside it, as the job writes them at its end: DeiT's whole classifier (c
 A file: a published MAE / BEiT / DeiT checkpoint (see pretrain/reference_checkpoints.py), detected by its keys.
 
 Then the backbone is reloaded (strict) with `finetune.backbone.create_from_config` and its features are compared with the
-source model's on a random input; the max abs difference is logged. Exit codes: 0 done, 1 features differ by more
-than --atol, 2 nothing to convert (no checkpoint, unknown tag, unknown format, unknown job).
+source model's on a random input; the max abs difference is logged. Exit codes: 0 done; 1 features differ by more
+than --atol, or writing --out failed at run time (disk full); 2 for what the command or its inputs must fix: nothing
+to convert (no checkpoint, unknown tag, unknown format, unknown job), a file that is not a trustworthy checkpoint (it
+pickles more than tensors, plain types and DeepSpeed's own classes: refused before anything is unpickled), an --out
+that cannot be written (under a file, read-only), a bad flag; each in one paragraph naming the file, folder or flag.
 """
 import argparse
 import contextlib
+import errno
 import io
 import json
 import logging
 import math
+import os
 import re
 import sys
 import typing
@@ -126,7 +131,24 @@ def deepspeed_classes(files: list[Path]) -> list[type]:
     try:
         return checkpoint.deepspeed_classes(files)
     except checkpoint.UnsafeCheckpointError as e:
+        raise ConvertError(f"{e}. Not a trustworthy checkpoint: nothing in it was loaded; convert only checkpoints "
+                           "your own runs wrote (or a published .pth/.safetensors file).") from None
+
+
+def load_model_states(tag_dir: Path) -> dict[str, Any]:
+    """The checkpoint's model-states file (module weights + client state), unpickled only after deepspeed_classes
+    found nothing in it but tensors, plain types and DeepSpeed's own classes."""
+    try:
+        path = checkpoint.model_states_file(tag_dir)
+    except FileNotFoundError as e:
         raise ConvertError(str(e)) from None
+    classes = deepspeed_classes([path])
+    try:
+        return _load_with(path, classes)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError... for a damaged file
+        raise ConvertError(f"{path} cannot be loaded as a DeepSpeed model-states file ({type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0][:200]}): a damaged or truncated checkpoint; convert "
+                           "another tag (--tag) or checkpoint.") from None
 
 
 def _load_with(path: Path, classes: list[type]) -> dict[str, Any]:
@@ -226,7 +248,7 @@ def convert_run(path: Path, tag: str) -> Converted:
     ckpt_dir, tag, run_dir = locate(path, tag)
     tag_dir = ckpt_dir / tag
     logger.info("checkpoint %s", tag_dir)
-    states = torch.load(checkpoint.model_states_file(tag_dir), map_location="cpu", weights_only=True, mmap=True)
+    states = load_model_states(tag_dir)
     cfg = saved_config(states, run_dir)
     job_name = (cfg.get("derived") or {}).get("job")
     if job_name not in JOBS:
@@ -263,7 +285,7 @@ def convert_file(path: Path, num_heads: int | None, check: bool = True) -> Conve
         imported = import_reference(load_checkpoint_file(path), num_heads=num_heads)
         features = source_features(imported) if check else None
     except UnknownFormatError as e:
-        raise ConvertError(f"{path}: {e}") from None
+        raise ConvertError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
     backbone = {**imported.config, "converted_from": {"file": str(path), "format": imported.format}}
     return Converted(imported.state_dict, backbone, features)
 
@@ -301,6 +323,45 @@ def compare_features(out_dir: Path, features: Callable[[Tensor], Tensor], seed: 
     return (ours - theirs).abs().max().item()
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:  # nan too
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before converting anything, an --out folder that cannot be written: a file, under a file, read-only."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == out else f"is under the file {existing}"
+        raise ConvertError(f"--out {out} {what}; --out must be a folder (new or existing) for the backbone files")
+    if not os.access(existing, os.W_OK):
+        raise ConvertError(f"--out {out}: {existing} is not writable by this user (read-only folder or mount); "
+                           "choose another --out")
+
+
+def _out_error(out: Path, error: OSError) -> ConvertError | None:
+    """A ConvertError (exit 2) for the OSErrors writing --out that a different --out fixes; None for run-time ones."""
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
+                       errno.ENOENT):
+        return ConvertError(f"cannot write --out {out}: {error.strerror or error}"
+                            f"{f' ({error.filename})' if error.filename else ''}; choose a folder this user can create "
+                            "and write (not under /proc, /sys, a file or a read-only mount)")
+    return None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -309,10 +370,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run dir, checkpoints folder, checkpoint folder, or a published .pth/.safetensors file")
     parser.add_argument("--out", type=Path, required=True, help="folder for backbone.safetensors + backbone.json")
     parser.add_argument("--tag", default="latest", help="checkpoint tag (e.g. step00000100); default: 'latest'")
-    parser.add_argument("--num-heads", type=int, default=None,
+    parser.add_argument("--num-heads", type=_positive_int, default=None,
                         help="attention heads of a published ViT whose width is not a standard one (not in its "
                              "weights)")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+    parser.add_argument("--atol", type=_non_negative_float, default=DEFAULT_ATOL,
                         help=f"largest feature difference accepted by the check (default {DEFAULT_ATOL})")
     parser.add_argument("--no-check", action="store_true", help="skip the reload and feature comparison")
     return parser.parse_args(argv)
@@ -323,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     tracking.setup_logging(0)
     source: Path = args.source
     try:
+        check_out(args.out)
         if source.is_file() and source.name.endswith("_model_states.pt"):
             source = source.parent  # a DeepSpeed file: its checkpoint folder
         if source.is_file():
@@ -351,6 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as e:
         logger.error("%s", e)
         return 1
+    except OSError as e:  # writing --out, mostly (reading the inputs fails as ConvertError)
+        name, out = str(e.filename or ""), str(args.out)
+        if name and not (name.startswith(out) or out.startswith(name)):
+            logger.error("cannot read %s: %s; check the path and its permissions", name, e.strerror or e)
+            return 2
+        error = _out_error(args.out, e)
+        logger.error("%s", error or f"writing --out {args.out} failed: {type(e).__name__}: {e}")
+        return 2 if error else 1
     ok = diff <= args.atol
     (logger.info if ok else logger.error)("timm check: %s loads strictly; max |features - source features| = %.3g "
                                           "(atol %.1g)", converted.config["architecture"], diff, args.atol)

@@ -23,6 +23,7 @@ give it; otherwise it is the standard one for the width (ViT-Ti/S/B/L/H), or it 
 """
 import argparse
 import logging
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -113,14 +114,30 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        return unwrap(load_file(str(path)))
+        try:
+            return unwrap(load_file(str(path)))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError for a damaged file
+            raise UnknownFormatError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError or others depending on what is wrong
-        raise UnknownFormatError(f"{path}: cannot be read as a weights-only torch checkpoint "
-                                 f"({str(e).splitlines()[0][:300]})") from None
+    except pickle.UnpicklingError:  # torch's text would suggest weights_only=False: this is the project's refusal
+        try:
+            names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n != "argparse.Namespace"]
+        except Exception:  # noqa: BLE001 - a legacy (non-zip) file: torch cannot list them
+            names = []
+        what = f"pickles {', '.join(names[:3])}" if names else "pickles objects other than tensors and plain types"
+        raise UnknownFormatError(f"{path} {what}: not a trustworthy checkpoint, refused without unpickling it (a "
+                                 "checkpoint of weights needs nothing but tensors and plain types)") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError... for a file that is not one of its
+        raise UnknownFormatError(f"{path}: cannot be read as a torch checkpoint ({_first_line(e)}); expected a "
+                                 ".pth/.pt/.bin written by torch.save, or a .safetensors file") from None
     return unwrap(checkpoint)
+
+
+def _first_line(error: BaseException) -> str:
+    text = (str(error).splitlines() or [""])[0][:300]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _is_pretraining_only(key: str) -> bool:
