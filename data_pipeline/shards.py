@@ -423,8 +423,7 @@ class ShardReader:
         return _with_retries(lambda: _open_file(url, self.cache_dir), url, self.open_retries,
                              self.retry_backoff_s, "open")
 
-    def _groups(self, url: str, expected: int | None = None
-                ) -> Iterator[tuple[str, dict[str, bytes], str | None] | BaseException]:
+    def _groups(self, url: str) -> Iterator[tuple[str, dict[str, bytes], str | None] | BaseException]:
         """Members of one shard grouped by key, in tar order: (key, {suffix: bytes}, problem or None).
 
         A read error (a truncated or corrupt tar) ends the shard: it is yielded, as the exception, after the
@@ -432,19 +431,24 @@ class ShardReader:
         - the error is in a member's data (its name is known): that member's sample is marked, with the members
           read so far (none when the cut member is its first); the sample before it ended before the cut and is
           yielded as read;
-        - the error is in a header (no name): the sample being read is yielded as read when it holds every member
-          suffix its predecessor held (the cut fell between samples, whose members writers keep uniform), and is
-          marked otherwise. A tar cut inside a header can also read as a valid, shorter archive (no error); when
-          `expected` (index.json's count) says samples are missing, its last sample is judged the same way.
+        - the error is in a header (no name): the sample being read is yielded as read when it holds every kind of
+          member its predecessor held (any image counts as "image") (the cut fell between samples, whose members writers keep uniform; for the
+          shard's first sample: every required member), and is marked otherwise. A tar that ends inside a header
+          or without its end-of-archive blocks is such an error too (tarfile alone would read a shorter archive).
         """
-        previous: set[str] | None = None  # member suffixes of the last complete sample
+        previous: set[str] | None = None  # member kinds of the last complete sample
+
+        def kinds(group: dict[str, bytes]) -> set[str]:  # member suffixes, any image extension as "image"
+            return {"image" if suffix in IMAGE_EXTENSIONS else suffix for suffix in group}
 
         def whole(group: dict[str, bytes]) -> bool:
-            return previous is None or previous <= group.keys()
+            if previous is None:  # the shard's first sample: whole if it holds what a sample must
+                return member_problem(group, self.required) is None
+            return previous <= kinds(group)
 
         with self.open(url) as handle:
             members = _tar_members(handle)
-            key, group, problem, count = None, {}, None, 0
+            key, group, problem = None, {}, None
             while True:
                 try:
                     name, data = next(members)
@@ -468,27 +472,27 @@ class ShardReader:
                 if prefix != key:
                     if key is not None:
                         yield key, group, problem
-                        previous, count = set(group), count + 1
+                        previous = kinds(group)
                     key, group, problem = prefix, {}, None
                 if suffix in group:
                     problem = problem or "duplicate_member"
                 group[suffix] = data
             if key is not None:
-                cut_short = expected is not None and count + 1 < expected and not whole(group)
-                yield key, group, ("truncated_tar" if cut_short else problem)
+                yield key, group, problem
 
     def samples(self, shard: ShardInfo, on_skip: SkipCallback) -> Iterator[dict[str, Any]]:
         """Raw samples of one shard, `{"__key__": str, "__url__": str, suffix: bytes, ...}`, in tar order.
 
         Samples that cannot be used (bad members, missing required members, a truncated tar) are reported to
         `on_skip` and not yielded. Samples that index.json lists but the tar does not hold are reported as
-        "truncated_tar" (a tar cut at a member boundary reads as a shorter, valid archive). A truncated tar's
-        counts are the samples it lost: the one the cut fell in (when any of it was read) plus those after it.
+        "truncated_tar" (with the read error that ended the tar, if one did). A truncated tar's counts are the
+        samples it lost: the one the cut fell in (when any of it was read) plus those after it; a sample that
+        ended before the cut is yielded.
         Raises ShardOpenError if the shard cannot be opened at all.
         """
         seen = 0
         read_error: BaseException | None = None
-        for item in self._groups(shard.url, expected=shard.samples):
+        for item in self._groups(shard.url):
             if isinstance(item, BaseException):
                 read_error = item
                 break
@@ -522,6 +526,23 @@ class _MemberReadError(Exception):
         self.name, self.cause = name, cause
 
 
+_CUT_HEADER = "vitpretrain_cut_header"
+
+
+class _CutAwareTarInfo(tarfile.TarInfo):
+    """tarfile ends an archive silently at a header that is cut, empty or invalid (not at offset 0), which is how a
+    truncated tar reads; this records the cause on the TarFile, so the end is reported as the read error it is. A
+    proper end (a zero block: EOFHeaderError) is not recorded."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as error:
+            setattr(tarfile_, _CUT_HEADER, error)
+            raise
+
+
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: archive metadata, not sample members
 
 
@@ -531,10 +552,13 @@ def _tar_members(handle: Any) -> Iterator[tuple[str, bytes]]:
     webdataset's `tar_file_iterator`, except that an error while reading a member's data raises _MemberReadError
     naming the member, so the caller knows which sample a cut falls in; errors in headers propagate as raised.
     """
-    stream = tarfile.open(fileobj=handle, mode="r|*")
+    stream = tarfile.open(fileobj=handle, mode="r|*", tarinfo=_CutAwareTarInfo)
     while True:
         info = stream.next()
         if info is None:
+            cut = getattr(stream, _CUT_HEADER, None)
+            if cut is not None:
+                raise tarfile.ReadError(f"the tar ends inside a header ({type(cut).__name__}: {cut})")
             return
         name = info.name
         if not info.isreg() or not name or _META_MEMBER.match(name):

@@ -2,10 +2,16 @@
 real DataLoader worker processes."""
 
 import logging
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
+import tarfile
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,3 +260,213 @@ def test_data_config_defaults_and_validation():
             config.cache_dir) == ("", 64, 2, "epoch", 1000, "")
     with pytest.raises(ValueError, match="mode"):
         DataConfig(train="x", mode="sometimes")
+
+
+# --- truncated tars: exact counts --------------------------------------------------------------------------------
+
+def _member_spans(path) -> dict[str, tuple[int, int, int]]:
+    """member name -> (header offset, data offset, data end) in a tar file."""
+    with tarfile.open(path) as archive:
+        return {m.name: (m.offset, m.offset_data, m.offset_data + m.size) for m in archive.getmembers()}
+
+
+def test_tar_cut_inside_a_samples_first_member_counts_only_the_lost_samples(shard_factory):
+    """The cut falls inside the first member of sample 000005 (its header, or its data): 000005..000009 are lost
+    (5), 000004 ended before the cut and is read."""
+    big_json = {"note": "x" * 3000}  # "json" sorts before "png": the first member of every sample, and a large one
+    samples = [{**shard_factory.sample(f"{n:06d}", fmt="png"), "json": big_json} for n in range(10)]
+    dataset = shard_factory.write([samples, [shard_factory.sample("000010")]])
+    spans = _member_spans(dataset.shard_paths[0])
+    header, data, end = spans["000005.json"]
+    assert header < data < end and min(spans) == "000000.json", "json is each sample's first member"
+    original = dataset.shard_paths[0].read_bytes()
+    for cut in (header + 100, data, data + 1000, end - 1):
+        dataset.shard_paths[0].write_bytes(original[:cut])
+        stream = build_stream(dataset.url, to_item, batch_size=2, num_workers=0, train=False)
+        _, keys = read_epoch(stream)
+        assert sorted(keys) == [f"{n:06d}" for n in range(5)] + ["000010"], cut
+        assert stream.skipped == Counter({"truncated_tar": 5}), cut
+
+
+def test_truncated_tar_counts_equal_the_samples_lost_at_every_cut(shard_factory):
+    """Cut a shard at many byte positions (headers, PAX records, data, padding): the yielded samples are exactly
+    those whose members all precede the cut, and the skip counts add up to the samples lost."""
+    from data_pipeline.shards import ShardReader
+
+    dataset = shard_factory.classification(sizes=(5,), name="sweep")
+    path = dataset.shard_paths[0]
+    ends: dict[str, int] = {}
+    for name, (_, _, end) in _member_spans(path).items():
+        key = name.split(".")[0]
+        ends[key] = max(ends.get(key, 0), end)
+    original = path.read_bytes()
+    shard = ShardInfo(str(path), 5)
+    for cut in range(0, len(original), 53):
+        path.write_bytes(original[:cut])
+        skips: list[tuple] = []
+        keys = [s["__key__"] for s in ShardReader(required=("image", "cls")).samples(shard, lambda *a: skips.append(a))]
+        intact = sorted(key for key, end in ends.items() if end <= cut)
+        assert keys == intact, cut
+        assert sum(skip[4] for skip in skips) == 5 - len(intact), (cut, skips)
+        assert all(skip[0] == "truncated_tar" for skip in skips), (cut, skips)
+
+
+# --- batch size bounds -------------------------------------------------------------------------------------------
+
+def test_a_batch_larger_than_a_rank_reads_per_epoch_is_refused_with_the_numbers(uneven_dataset):
+    """27 samples in 6 shards over 2 ranks: the smaller rank reads 13 per epoch."""
+    plan = plan_epoch(build_stream(uneven_dataset.url, to_item, batch_size=2, num_workers=0).index.shards,
+                      world_size=2, num_workers=1, epoch=0, seed=0, batch_size=2, shuffle=True)
+    smallest = min(plan.rank_samples(0), plan.rank_samples(1))
+    assert smallest == 13
+    with pytest.raises(ValueError) as error:
+        build_stream(uneven_dataset.url, to_item, batch_size=14, rank=1, world_size=2, num_workers=1)
+    message = str(error.value)
+    for part in ("batch_size=14 (data.batch_size)", "13 samples rank", "27 samples in 6 shard(s)",
+                 "2 rank(s) x 1 worker(s)", "data.batch_size=13 or less", "fewer ranks"):
+        assert part in message, (part, message)
+    build_stream(uneven_dataset.url, to_item, batch_size=13, rank=1, world_size=2, num_workers=1)  # the bound itself
+    # evaluation drops padding: a large eval batch is allowed; an absurd one is not, in any mode, before any read
+    assert build_stream(uneven_dataset.url, to_item, batch_size=100, num_workers=0, train=False).batches_per_epoch == 1
+    for mode in ("epoch", "resampled"):
+        with pytest.raises(ValueError, match=r"batch_size=1000000000000 .* more than 1048576"):
+            build_stream(uneven_dataset.url, to_item, batch_size=10**12, mode=mode, train=False)
+    with pytest.raises(ValueError, match=r"batch_size=28 .* larger than the whole dataset \(27 samples"):
+        build_stream(uneven_dataset.url, to_item, batch_size=28, mode="resampled")
+
+
+def test_the_runtime_reports_a_batch_size_out_of_bounds_as_a_config_error(uneven_dataset):
+    """launch.runtime's Trainer._build_stream turns it into ConfigError (exit 2), naming data.train."""
+    from types import SimpleNamespace
+
+    from launch.runtime.config import ConfigError
+    from launch.runtime.loop import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = SimpleNamespace(data=DataConfig(train=uneven_dataset.url, batch_size=5000, num_workers=0),
+                                  run=SimpleNamespace(seed=0))
+    trainer.world = SimpleNamespace(rank=0, world_size=1)
+    trainer.task = SimpleNamespace()
+    with pytest.raises(ConfigError, match=r"data.train=.*batch_size=5000 \(data.batch_size\) is larger than the 27 "
+                                          r"samples rank 0 reads per epoch"):
+        trainer._build_stream(uneven_dataset.url, to_item, train=True)
+    (uneven_dataset.root / "index.json").write_text("{garbage")
+    with pytest.raises(ConfigError, match="index.json"):
+        trainer._build_stream(uneven_dataset.url, to_item, train=False)
+
+
+# --- missing members ---------------------------------------------------------------------------------------------
+
+def test_a_classification_stream_counts_a_sample_without_label_as_missing_label(bad_dataset):
+    from data_pipeline.transforms import ClassificationEvalTransform
+    from finetune.classification import ClassificationTask
+
+    transform = ClassificationEvalTransform(8, crop_pct=1.0)
+    stream = build_stream(bad_dataset.url, transform, batch_size=2, num_workers=0, train=False,
+                          required=ClassificationTask.required_members)
+    list(stream)
+    assert stream.skipped["missing_label"] == 1 and "map_error" not in stream.skipped
+    # a map_fn that needs the label although it was not required: its KeyError counts as missing_label too
+    stream = build_stream(bad_dataset.url, transform, batch_size=2, num_workers=0, train=False, required=("image",))
+    list(stream)
+    assert stream.skipped["missing_label"] == 1 and "map_error" not in stream.skipped
+
+
+# --- errors that retrying cannot fix -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n garbage \xff\xfe", b"{\"shards\": [", b"[1, 2, 3]",
+                                     b"{\"shards\": [{\"url\": \"a.tar\"}]}"])
+def test_a_malformed_index_fails_at_once_as_an_input_error(uneven_dataset, content):
+    from data_pipeline.shards import DatasetInputError
+
+    (uneven_dataset.root / "index.json").write_bytes(content)
+    started = time.monotonic()
+    with pytest.raises(DatasetInputError, match=r"index\.json") as error:
+        build_stream(uneven_dataset.url, to_item, batch_size=2, num_workers=0)  # default: 5 attempts, 1 s backoff
+    assert time.monotonic() - started < 1.0, "not retried"
+    assert isinstance(error.value, ValueError) and not isinstance(error.value, OSError)
+    assert "data_pipeline.write" in str(error.value)
+
+
+def test_a_missing_local_path_fails_at_once_as_an_input_error(tmp_path):
+    from data_pipeline.shards import DatasetInputError, LocalPathError
+
+    started = time.monotonic()
+    for url in (str(tmp_path / "nowhere"), str(tmp_path / "nowhere" / "train-{000000..000001}.tar")):
+        with pytest.raises(LocalPathError, match="nowhere") as error:
+            build_stream(url, to_item, batch_size=2, num_workers=0)
+        assert isinstance(error.value, DatasetInputError) and isinstance(error.value, ShardOpenError)
+    assert time.monotonic() - started < 1.0, "not retried"
+
+
+# --- worker processes never outlive their parent -----------------------------------------------------------------
+
+_ORPHAN_SCRIPT = '''
+import os, sys, time
+from data_pipeline.stream import build_stream
+
+def stuck(sample):
+    open(os.path.join(sys.argv[2], str(os.getpid())), "w").close()
+    time.sleep(120)  # busy in a batch: torch's own watchdog only looks at the parent between batches
+    return {}
+
+if __name__ == "__main__":
+    for batch in build_stream(sys.argv[1], stuck, batch_size=2, num_workers=2, train=False):
+        pass
+'''
+
+_FALLBACK_SCRIPT = '''
+import multiprocessing, os, sys, time
+import data_pipeline.stream as stream
+
+def worker(parent):
+    stream._set_parent_death_signal = lambda: False  # as where prctl is unavailable: the watching thread
+    stream.die_with_parent(parent)
+    open(os.path.join(sys.argv[2], str(os.getpid())), "w").close()
+    time.sleep(120)
+
+if __name__ == "__main__":
+    for _ in range(2):
+        multiprocessing.get_context("fork").Process(target=worker, args=(os.getpid(),)).start()
+    time.sleep(120)
+'''
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"  # a zombie: dead, not reaped yet
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("script", [_ORPHAN_SCRIPT, _FALLBACK_SCRIPT], ids=["prctl", "watch_thread"])
+def test_no_worker_outlives_a_sigkilled_parent(uneven_dataset, tmp_path, script):
+    (tmp_path / "main.py").write_text(script)
+    pids_dir = tmp_path / "pids"
+    pids_dir.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "main.py"), uneven_dataset.url, str(pids_dir)],
+                              cwd=root, env=env)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.2)
+            workers = [int(p.name) for p in pids_dir.iterdir()]
+        assert len(workers) == 2, f"workers did not start (parent exit {parent.poll()})"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(pid) for pid in workers), "a worker outlived its SIGKILLed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid in workers:  # our own test's processes, by pid
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
