@@ -291,13 +291,14 @@ def write_shards(
     import webdataset as wds  # imported here: it imports torch (seconds), which the command's errors need not wait for
 
     def open_shard() -> _OpenShard:
+        if not shards:  # the folder appears with the first shard: a source with nothing to write leaves nothing
+            fs.makedirs(root, exist_ok=True)
         name = f"{prefix}-{len(shards):06d}.tar"
         f = fs.open(f"{root}/{name}", "wb")
         counter = _CountingFile(f)
         # mtime fixed so that the same source and seed give byte-identical shards
         return _OpenShard(name, f, counter, wds.TarWriter(counter, encoder=False, mtime=0))
 
-    fs.makedirs(root, exist_ok=True)
     bar = tqdm(samples, total=total, unit="img", desc=f"writing {prefix} shards", disable=not progress,
                dynamic_ncols=True)
     try:

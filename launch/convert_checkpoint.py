@@ -131,8 +131,8 @@ def deepspeed_classes(files: list[Path]) -> list[type]:
     try:
         return checkpoint.deepspeed_classes(files)
     except checkpoint.UnsafeCheckpointError as e:
-        raise ConvertError(f"{e}. Not a trustworthy checkpoint: nothing in it was loaded; convert only checkpoints "
-                           "your own runs wrote (or a published .pth/.safetensors file).") from None
+        raise ConvertError(f"{e}; this is not a trustworthy checkpoint and nothing in it was loaded: convert only "
+                           "checkpoints your own runs wrote (or a published .pth/.safetensors file)") from None
 
 
 def load_model_states(tag_dir: Path) -> dict[str, Any]:
