@@ -23,7 +23,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import timm
@@ -100,7 +100,17 @@ class ClassificationConfig:
     ema_decay: float = 0.0         # EMA of the weights per optimizer step (e.g. 0.9999); 0 = off; needs ZeRO <= 2
     grad_checkpointing: bool = False   # recompute each block in backward (memory for ViT-L/H)
 
+    # each field's range, checked (with finiteness) by the job config before the dataclass is built
+    LIMITS: ClassVar[dict[str, str]] = {
+        "num_classes": ">= 2", "img_size": ">= 0", "patch_size": ">= 1", "embed_dim": ">= 1", "depth": ">= 1",
+        "num_heads": ">= 1", "mlp_ratio": "> 0", "conv_stem": ">= 1", "head_init_std": ">= 0",
+        "layer_decay": "(0, 1]", "drop_path": "[0, 1)", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
+        "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1)", "reprob": "[0, 1]", "crop_scale": "(0, 1]",
+        "hflip": "[0, 1]", "crop_pct": "(0, 1]", "ema_decay": "[0, 1)"}
+
     def __post_init__(self) -> None:
+        self.crop_scale = tuple(self.crop_scale)  # a JSON round trip hands back a list
+        self.conv_stem = tuple(self.conv_stem)
         errors = []
         init = self.init.strip()
         if init.startswith("timm:"):
@@ -115,6 +125,17 @@ class ClassificationConfig:
                 errors.append(f"model.init={init}: {e}")
         if not self.class_token and self.global_pool == "token":
             errors.append("model.global_pool=token needs model.class_token=true")
+        if init == "none":  # the geometry of the from-scratch ViT (a backbone or timm model brings its own)
+            side = self.img_size or SCRATCH_IMG_SIZE
+            if self.patch_size > 0 and side % self.patch_size:
+                shown = self.img_size or f"0 (= {SCRATCH_IMG_SIZE})"
+                errors.append(f"model.img_size={shown} is not a multiple of model.patch_size={self.patch_size}")
+            if self.num_heads > 0 and self.embed_dim % self.num_heads:
+                errors.append(f"model.num_heads={self.num_heads} does not divide model.embed_dim={self.embed_dim}")
+            if self.pos_embed == "sincos" and self.embed_dim % 4:
+                errors.append(f"model.pos_embed=sincos needs model.embed_dim={self.embed_dim} to be a multiple of 4")
+        if self.crop_scale[0] > self.crop_scale[1]:
+            errors.append(f"model.crop_scale={list(self.crop_scale)} must be (min, max) with min <= max")
         if self.conv_stem and 2 ** len(self.conv_stem) != self.patch_size:
             errors.append(f"model.conv_stem={list(self.conv_stem)} has {len(self.conv_stem)} stride-2 layers; "
                           f"model.patch_size={self.patch_size} needs log2(patch_size) of them")

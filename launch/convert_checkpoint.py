@@ -234,7 +234,7 @@ def task_config(cls: type, model: dict[str, Any]) -> Any:
     if unknown:
         raise ConvertError(f"the checkpoint's model.{unknown[0]} is not a field of {cls.__name__} "
                            "(written by another version of the code?)")
-    return cls(**{k: config.coerce(f"model.{k}", v, hints[k]) for k, v in model.items()})
+    return config.make_section("model", cls, {k: config.coerce(f"model.{k}", v, hints[k]) for k, v in model.items()})
 
 
 def no_grad_features(encoder_features: Callable[[torch.nn.Module, Tensor], Tensor], model: torch.nn.Module,

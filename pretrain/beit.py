@@ -34,7 +34,7 @@ import logging
 import random
 import zlib
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -95,7 +95,15 @@ class BEiTConfig:
     export_keys: str = "auto"         # "beit" | "vit" | "auto" (vit when there is no relative position bias)
     grad_checkpointing: bool = False
 
+    # each field's range, checked (with finiteness) by the job config before the dataclass is built
+    LIMITS: ClassVar[dict[str, str]] = {
+        "img_size": ">= 1", "patch_size": ">= 1", "embed_dim": ">= 1", "depth": ">= 1", "num_heads": ">= 1",
+        "mlp_ratio": "> 0", "vocab_size": ">= 0", "layer_scale": ">= 0", "drop_path": "[0, 1)",
+        "num_masked": ">= 0", "min_mask_block": ">= 0", "mask_min_aspect": "(0, 1]", "corrupt_ratio": "(0, 1)",
+        "crop_scale": "(0, 1]", "color_jitter": ">= 0"}
+
     def __post_init__(self) -> None:
+        self.crop_scale = tuple(self.crop_scale)  # a JSON round trip hands back a list
         if self.target not in TARGETS:
             raise ValueError(f"model.target must be one of {TARGETS}, got {self.target!r}")
         if self.rel_pos_bias not in ("shared", "layer", "none"):
@@ -108,8 +116,22 @@ class BEiTConfig:
         if self.rel_pos_bias == "none" and not self.abs_pos_emb:
             raise ValueError("model.rel_pos_bias=none with model.abs_pos_emb=false leaves the ViT without any "
                              "position information: set abs_pos_emb=true")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}")
+        errors = []
+        if self.patch_size > 0 and self.img_size % self.patch_size:
+            errors.append(f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}")
+        if self.num_heads > 0 and self.embed_dim % self.num_heads:
+            errors.append(f"model.num_heads={self.num_heads} does not divide model.embed_dim={self.embed_dim}")
+        if self.crop_scale[0] > self.crop_scale[1]:
+            errors.append(f"model.crop_scale={list(self.crop_scale)} must be (min, max) with min <= max")
+        if not errors and self.patch_size > 0:
+            try:  # the masks this grid allows (the generator checks counts against the grid)
+                make_mask_generator(self)
+            except ValueError as e:
+                keys = ("model.corrupt_ratio" if self.target == "mean_color"
+                        else "model.num_masked / min_mask_block / mask_min_aspect")
+                errors.append(f"{keys} for the {self.grid}x{self.grid} grid: {e}")
+        if errors:
+            raise ValueError("; ".join(errors))
 
     @property
     def grid(self) -> int:

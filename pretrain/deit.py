@@ -42,7 +42,7 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import timm
 import torch
@@ -120,7 +120,16 @@ class DeiTConfig:
     ema_decay: float = 0.0         # EMA of the weights per optimizer step (DeiT: 0.99996); 0 = off; ZeRO <= 2
     grad_checkpointing: bool = False
 
+    # each field's range, checked (with finiteness) by the job config before the dataclass is built
+    LIMITS: ClassVar[dict[str, str]] = {
+        "alpha": "[0, 1]", "tau": "> 0", "num_classes": ">= 2", "img_size": ">= 1", "patch_size": ">= 1",
+        "embed_dim": ">= 1", "depth": ">= 1", "num_heads": ">= 1", "mlp_ratio": "> 0", "drop_path": "[0, 1)",
+        "layer_scale": ">= 0", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
+        "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1)", "color_jitter": ">= 0", "reprob": "[0, 1]",
+        "crop_scale": "(0, 1]", "hflip": "[0, 1]", "crop_pct": "(0, 1]", "repeats": ">= 1", "ema_decay": "[0, 1)"}
+
     def __post_init__(self) -> None:
+        self.crop_scale = tuple(self.crop_scale)  # a JSON round trip hands back a list
         errors = []
         teacher = self.teacher.strip()
         if self.distill != "none" and not teacher:
@@ -139,10 +148,12 @@ class DeiTConfig:
             errors.append(f"model.alpha={self.alpha} must be in [0, 1]")
         if self.tau <= 0:
             errors.append(f"model.tau={self.tau} must be > 0")
-        if self.img_size % self.patch_size:
+        if self.patch_size > 0 and self.img_size % self.patch_size:
             errors.append(f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}")
-        if self.embed_dim % self.num_heads:
+        if self.num_heads > 0 and self.embed_dim % self.num_heads:
             errors.append(f"model.num_heads={self.num_heads} does not divide model.embed_dim={self.embed_dim}")
+        if self.crop_scale[0] > self.crop_scale[1]:
+            errors.append(f"model.crop_scale={list(self.crop_scale)} must be (min, max) with min <= max")
         if self.no_embed_class and self.distill != "none":
             errors.append("model.no_embed_class needs distill=none (timm's distilled ViT keeps prefix position rows)")
         if self.loss == "bce" and self.label_smoothing > 0:

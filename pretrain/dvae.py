@@ -48,7 +48,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -93,6 +93,13 @@ class DVAEConfig:
     kl_weight: float = 6.6              # beta (per dimension, see the module docstring) after kl_warmup_steps
     kl_warmup_steps: int = 5000         # optimizer steps over which beta rises from 0 (cosine)
     crop_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop area range of the training crops (BEiT's view)
+
+    # each field's range, checked (with finiteness) by the job config before the dataclass is built; the relations
+    # between fields (downsampling, temperatures, crop range) below
+    LIMITS: ClassVar[dict[str, str]] = {
+        "img_size": ">= 1", "vocab_size": ">= 2", "hidden": ">= 4", "num_groups": "[1, 16]",
+        "blocks_per_group": ">= 1", "decoder_init": ">= 1", "temperature_start": "> 0", "temperature_end": "> 0",
+        "temperature_steps": ">= 0", "kl_weight": ">= 0", "kl_warmup_steps": ">= 0", "crop_scale": "(0, 1]"}
 
     def __post_init__(self) -> None:
         self.crop_scale = tuple(self.crop_scale)  # a JSON round trip hands back a list

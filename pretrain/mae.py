@@ -23,7 +23,7 @@ conv weight's (c, p, q) order. `forward` accepts an explicit `noise` so a run ca
 import logging
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -71,6 +71,30 @@ class MAEConfig:
     norm_pix_loss: bool = True        # target normalised per patch (the paper's pretraining setting)
     drop_path: float = 0.0            # stochastic depth, linear over encoder blocks (MAE pretrains without)
     grad_checkpointing: bool = False  # recompute each block in backward (activation memory for ViT-L/H)
+
+    # each field's range, checked (with finiteness) by the job config before the dataclass is built
+    LIMITS: ClassVar[dict[str, str]] = {
+        "img_size": ">= 1", "patch_size": ">= 1", "embed_dim": ">= 1", "depth": ">= 1", "num_heads": ">= 1",
+        "decoder_embed_dim": ">= 1", "decoder_depth": ">= 1", "decoder_num_heads": ">= 1", "mlp_ratio": "> 0",
+        "mask_ratio": "(0, 1)", "drop_path": "[0, 1)"}
+
+    def __post_init__(self) -> None:
+        """The geometry: whole patches, heads dividing the widths, 2-D sin-cos tables, a patch left visible."""
+        errors = []
+        if self.patch_size > 0 and self.img_size % self.patch_size:
+            errors.append(f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}")
+        for width, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads")):
+            w, h = getattr(self, width), getattr(self, heads)
+            if h > 0 and w % h:
+                errors.append(f"model.{heads}={h} does not divide model.{width}={w}")
+            if w % 4:
+                errors.append(f"model.{width}={w} must be a multiple of 4 (2-D sin-cos positions)")
+        if not errors and self.patch_size > 0 and 0 <= self.mask_ratio < 1:
+            patches = (self.img_size // self.patch_size) ** 2
+            if num_visible(patches, self.mask_ratio) < 1:
+                errors.append(f"model.mask_ratio={self.mask_ratio} leaves no visible patch of {patches}")
+        if errors:
+            raise ValueError("; ".join(errors))
 
 
 # Named architectures as MAEConfig overrides (the paper's encoders all share the 512-wide, 8-block decoder).

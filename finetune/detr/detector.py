@@ -110,8 +110,11 @@ def load_detector(folder: str | Path, device: str | torch.device = "cpu") -> Det
     known = {f.name for f in fields(DETRConfig)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["detr"].items() if k in known}
     # the weights are all in the file: the backbone folder the run started from is not needed (nor checked)
-    patch = meta["backbone"].get("model_kwargs", {}).get("patch_size", values.get("patch_size"))
-    cfg = replace(DETRConfig(**{**values, "init": "scratch", "patch_size": patch}), drop_path=0.0)
+    # the ViT's geometry is the backbone's (a run from a backbone folder left the scratch fields at their defaults)
+    kwargs = meta["backbone"].get("model_kwargs", {})
+    geometry = {k: kwargs[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+                if isinstance(kwargs.get(k), int) and not isinstance(kwargs.get(k), bool)}
+    cfg = replace(DETRConfig(**{**values, "init": "scratch", **geometry}), drop_path=0.0)
     backbone = bb.create_from_config(meta["backbone"], drop_path_rate=0.0)
     model = build_detr(cfg, backbone)
     state = load_file(str(folder / f"{DETECTOR_NAME}.safetensors"))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from safetensors.torch import load_file
@@ -110,6 +110,17 @@ class DETRConfig:
     draw_images: int = 4           # images with boxes per picture step
     draw_score: float = 0.3        # predictions drawn when their class score is at least this
 
+    # each field's range, checked (with finiteness) by the job config before the dataclass is built
+    LIMITS: ClassVar[dict[str, str]] = {
+        "img_size": ">= 0", "patch_size": ">= 1", "embed_dim": ">= 1", "depth": ">= 1", "num_heads": ">= 1",
+        "mlp_ratio": "> 0", "drop_path": "[0, 1)", "feature_stride": ">= 0", "hidden_dim": ">= 2", "nheads": ">= 1",
+        "enc_layers": ">= 0", "dec_layers": ">= 1", "dim_feedforward": ">= 1", "dropout": "[0, 1)",
+        "num_queries": ">= 1", "num_classes": ">= 1", "cost_class": ">= 0", "cost_bbox": ">= 0",
+        "cost_giou": ">= 0", "eos_coef": ">= 0", "loss_ce": ">= 0", "loss_bbox": ">= 0", "loss_giou": ">= 0",
+        "backbone_lr_scale": ">= 0", "layer_decay": "(0, 1]", "scales": ">= 1", "max_size": ">= 1",
+        "crop_resize": ">= 1", "crop_size": ">= 1", "crop_prob": "[0, 1]", "hflip": "[0, 1]", "eval_size": ">= 1",
+        "draw_images": ">= 0", "draw_score": "[0, 1]"}
+
     def __post_init__(self) -> None:
         errors = []
         if self.init.strip() != "scratch":
@@ -119,8 +130,15 @@ class DETRConfig:
                 errors.append(f"model.init={self.init}: {e}")
         if self.num_classes < 1:
             errors.append(f"model.num_classes={self.num_classes} must be >= 1")
-        if self.hidden_dim % self.nheads or self.hidden_dim % 2:
+        if self.nheads <= 0 or self.hidden_dim % self.nheads or self.hidden_dim % 2:
             errors.append(f"model.hidden_dim={self.hidden_dim} must be even and divisible by nheads={self.nheads}")
+        if self.init.strip() == "scratch":  # the geometry of the from-scratch ViT (a backbone brings its own)
+            side = self.img_size or SCRATCH_IMG_SIZE
+            if self.patch_size > 0 and side % self.patch_size:
+                shown = self.img_size or f"0 (= {SCRATCH_IMG_SIZE})"
+                errors.append(f"model.img_size={shown} is not a multiple of model.patch_size={self.patch_size}")
+            if self.num_heads > 0 and self.embed_dim % self.num_heads:
+                errors.append(f"model.num_heads={self.num_heads} does not divide model.embed_dim={self.embed_dim}")
         if self.feature_stride and self.patch_size and self.init.strip() == "scratch":
             ratio = self.patch_size / self.feature_stride
             if ratio not in (4.0, 2.0, 1.0, 0.5):

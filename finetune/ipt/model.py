@@ -82,9 +82,9 @@ class IPTArch:
 
     def check(self) -> list[str]:
         errors = []
-        if self.img_size % self.patch_dim:
+        if self.patch_dim <= 0 or self.img_size % self.patch_dim:
             errors.append(f"img_size={self.img_size} must be a multiple of patch_dim={self.patch_dim}")
-        if self.embed_dim % self.num_heads:
+        if self.num_heads <= 0 or self.embed_dim % self.num_heads:
             errors.append(f"the token width n_feats x patch_dim^2 = {self.embed_dim} must be divisible by "
                           f"num_heads={self.num_heads}")
         if self.head_kernel % 2 == 0:

@@ -33,7 +33,7 @@ import logging
 import math
 import zlib
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -93,8 +93,17 @@ class IPTConfig:
     # 0 = all of data.val
     eval_images: int = 0
 
+    # each field's range, checked (with finiteness) by the job config before the dataclass is built; the geometry
+    # (img_size a multiple of patch_dim, heads dividing the token width, odd kernels) in IPTArch.check
+    LIMITS: ClassVar[dict[str, str]] = {
+        "img_size": ">= 1", "n_feats": ">= 1", "patch_dim": ">= 1", "num_heads": ">= 1", "enc_layers": ">= 1",
+        "dec_layers": ">= 1", "mlp_ratio": "> 0", "head_kernel": ">= 1", "res_blocks": ">= 0",
+        "contrastive_weight": ">= 0", "contrastive_temperature": "> 0", "eval_size": ">= 0", "tile_overlap": ">= 0",
+        "eval_batch": ">= 1", "eval_images": ">= 0"}
+
     def __post_init__(self) -> None:
-        errors = self.arch().check()
+        # the architecture's checks name its fields ("img_size=25 must be ..."): as keys of this section
+        errors = [f"model.{e}" if e.split("=", 1)[0].isidentifier() else e for e in self.arch().check()]
         init = self.init.strip()
         if init != "none":
             try:

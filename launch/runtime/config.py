@@ -6,6 +6,13 @@ Every key is `section.field` (`optim.base_lr`); values are parsed with `yaml.saf
 field's type (int, float, bool, str, tuples/lists of numbers, Literal choices). Unknown keys and wrong types raise
 `ConfigError` with the closest valid keys; the job turns it into exit code 2 before any process group starts.
 
+Values are then checked in one place (`section_errors`), for every section and every task's model.* alike: every
+float (alone, in a tuple or optional) must be finite unless the dataclass lists the field in `NONFINITE_OK`, and a
+dataclass declares each field's range in `LIMITS` ({"patch_size": ">= 1", "betas": "[0, 1)"}; a tuple's values are
+checked one by one). Only then is the dataclass built, so its `__post_init__` checks the relations between fields
+(img_size a multiple of patch_size, heads dividing the width) on values already in range. The run directory must be
+a creatable, writable folder (`check_run_paths`), and a preset a .yaml file holding a mapping.
+
 Derived values (world size, global batch, absolute lr, total and warmup steps) are computed once by `resolve` and
 written next to the configuration (config.yaml, checkpoints). The DeepSpeed config is generated from the
 resolved configuration by `deepspeed_config`; a user's `--deepspeed_config FILE` is deep-merged over it.
@@ -20,11 +27,12 @@ import json
 import logging
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -39,6 +47,15 @@ REQUIRED_HINTS = {"data.train": ": a folder with index.json, a brace pattern of 
                                 "(e.g. data.train=s3://bucket/imagenet/train)"}
 # The batch size the `optim.base_lr` rule is stated for (MAE: lr = blr * eff_batch_size / 256).
 LR_REFERENCE_BATCH = 256
+# run.name is one folder name; an earlier run is moved aside to NAME-YYYYmmdd-HHMMSS.N, which must still fit in
+# NAME_MAX (255 bytes on Linux, macOS, Windows)
+MAX_RUN_NAME_BYTES = 200
+# the longest run directory path accepted (PATH_MAX 4096 less room for the files inside it)
+MAX_RUN_DIR_BYTES = 3800
+# pseudo-filesystems a run directory can never live in (/dev/shm is a real tmpfs)
+SYSTEM_DIRS = ("/proc", "/sys", "/dev")
+SYSTEM_DIRS_ALLOWED = ("/dev/shm",)
+PRESET_SUFFIXES = (".yaml", ".yml")
 
 
 class ConfigError(ValueError):
@@ -56,6 +73,9 @@ class RunConfig:
     dir: str = "runs"      # run directories live in <dir>/<job>/<name>/
     seed: int = 0          # rank r seeds torch/numpy/random with seed + r (the model is built with `seed` on all)
     resume: str = "none"   # "auto": latest checkpoint of this run dir (fresh start if none) | "none" | a path
+
+    # numpy's seeds are 32-bit, and rank r seeds with seed + r
+    LIMITS: ClassVar[dict[str, str]] = {"seed": "[0, 2147483647]"}
 
 
 @dataclass(kw_only=True)
@@ -78,6 +98,10 @@ class OptimConfig:
     # and CPU have it); a bool so that YAML's on/off/true/false all read as meant
     fused: Literal["auto"] | bool = "auto"
 
+    LIMITS: ClassVar[dict[str, str]] = {
+        "base_lr": ">= 0", "lr": ">= 0", "min_lr": ">= 0", "weight_decay": ">= 0", "betas": "[0, 1)", "eps": "> 0",
+        "max_steps": ">= 0", "epochs": ">= 0", "warmup_steps": ">= 0", "warmup_epochs": ">= 0", "momentum": "[0, 1)"}
+
 
 @dataclass(kw_only=True)
 class EngineConfig:
@@ -97,6 +121,8 @@ class EngineConfig:
     # attention module; false = the explicit softmax(q k^T) v, for debugging or comparison
     fused_attention: bool = True
 
+    LIMITS: ClassVar[dict[str, str]] = {"grad_accum": ">= 1", "grad_clip": ">= 0"}
+
 
 @dataclass(kw_only=True)
 class LogConfig:
@@ -104,6 +130,8 @@ class LogConfig:
     eval_every: int = 0      # steps between validations (data.val set); 0 = only at the end
     images_every: int = 0    # steps between reconstruction grids; 0 = only at the end
     eval_every_epoch: bool = False   # also validate at the end of every epoch of data.train (MAE's finetuning)
+
+    LIMITS: ClassVar[dict[str, str]] = {"every": ">= 1", "eval_every": ">= 0", "images_every": ">= 0"}
 
 
 @dataclass(kw_only=True)
@@ -114,6 +142,8 @@ class CheckpointConfig:
     # exports the weights to export_best/ (backbone.json records the metric and step); "" = off
     best_metric: str = ""
     best_mode: Literal["max", "min"] = "max"
+
+    LIMITS: ClassVar[dict[str, str]] = {"every": ">= 0", "keep": ">= 0"}
     # each node keeps its own ranks' checkpoint files in its own run.dir (local disks, no shared filesystem):
     # DeepSpeed's use_node_local_storage; TensorBoard, config.yaml and exports stay with global rank 0's node.
     # Resume works across such nodes; converting needs every rank's files gathered in one directory (README)
@@ -279,6 +309,86 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp!r}")
 
 
+# --- value checks every section gets ---------------------------------------------------------------------------
+
+_LIMIT_RE = re.compile(r"^\s*(?:(>=|>|<=|<)\s*([-+.\deE]+)|([\[(])\s*([-+.\deE]+)\s*,\s*([-+.\deE]+)\s*([\])]))\s*$")
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A range from a LIMITS entry: ">= 1", "> 0", "<= 8", "[0, 1)", "(0, 1]" (interval notation)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Limit:
+        m = _LIMIT_RE.match(text)
+        if not m:
+            raise ValueError(f"{text!r} is not a limit ('>= 1', '> 0', '[0, 1)', ...)")
+        op, bound, left, low, high, right = m.groups()
+        if op:
+            value = float(bound)
+            if op.startswith(">"):
+                return cls(low=value, low_open=op == ">", text=f"{op} {bound}")
+            return cls(high=value, high_open=op == "<", text=f"{op} {bound}")
+        return cls(float(low), float(high), left == "(", right == ")", f"in {left}{low}, {high}{right}")
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+
+def _numbers(value: Any) -> list[int | float]:
+    """The numbers in a field value (itself, or a tuple's / list's items); bools and None are not numbers."""
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _numbers(v)]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
+    return []
+
+
+def _shown(value: Any) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def section_errors(section: str, cls: type, values: dict[str, Any]) -> list[str]:
+    """The value errors of `values` (field -> coerced value) for the dataclass `cls` of `section`: non-finite floats
+    (unless the field is in `cls.NONFINITE_OK`) and values outside the field's `cls.LIMITS` range."""
+    limits: dict[str, str] = getattr(cls, "LIMITS", {})
+    nonfinite_ok = getattr(cls, "NONFINITE_OK", ())
+    errors = []
+    for name, value in values.items():
+        numbers = _numbers(value)
+        key = f"{section}.{name}"
+        if name not in nonfinite_ok and any(isinstance(n, float) and not math.isfinite(n) for n in numbers):
+            errors.append(f"{key}={_shown(value)} must be a finite number")
+            continue
+        if name in limits:
+            limit = Limit.parse(limits[name])
+            if not all(limit.holds(n) for n in numbers):
+                each = " (each value)" if isinstance(value, (list, tuple)) else ""
+                errors.append(f"{key}={_shown(value)} must be {limit.text}{each}")
+    return errors
+
+
+def make_section(section: str, cls: type, values: dict[str, Any]) -> Any:
+    """`cls(**values)` after `section_errors`; ConfigError with every problem found (one paragraph)."""
+    errors = section_errors(section, cls, values)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:  # the dataclass's own __post_init__ checks (relations between fields)
+        raise ConfigError(str(e)) from None
+    except ArithmeticError as e:  # a check that divides by a value the LIMITS table does not bound
+        raise ConfigError(f"{section}: {e} (a value out of range?)") from None
+
+
 def _unknown_key(key: str, task_config: type, archs: dict | None) -> ConfigError:
     keys = valid_keys(task_config, archs)
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
@@ -297,9 +407,14 @@ def _unknown_key(key: str, task_config: type, archs: dict | None) -> ConfigError
 def preset_path(job: str, preset: str) -> Path:
     """A preset name (launch/presets/<job>/<name>.yaml) or a path to a YAML file."""
     path = Path(preset)
-    if path.suffix in (".yaml", ".yml") or os.sep in preset:
+    if path.suffix or os.sep in preset or "/" in preset:  # a file, not a preset name
+        if path.is_dir():
+            raise ConfigError(f"--preset {preset}: a directory, not a YAML file")
         if not path.is_file():
             raise ConfigError(f"--preset {preset}: no such file")
+        if path.suffix.lower() not in PRESET_SUFFIXES:
+            raise ConfigError(f"--preset {preset}: not a YAML file ({' or '.join(PRESET_SUFFIXES)}); a preset is a "
+                              "YAML mapping of sections (run:, data:, model:, optim: ...)")
         return path
     path = PRESETS_DIR / job / f"{preset}.yaml"
     if not path.is_file():
@@ -327,9 +442,16 @@ def _flatten(tree: Any, prefix: str, where: str) -> list[tuple[str, Any]]:
 def load_preset(path: Path) -> list[tuple[str, Any]]:
     """(dotted key, value) pairs of a preset file, in file order. A config.yaml of an earlier run loads too."""
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"--preset {path}: not valid YAML ({e})") from None
+        raise ConfigError(f"--preset {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--preset {path}: cannot be read as text ({e})") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--preset {path}: holds a YAML {type(tree).__name__}; a preset is a YAML mapping of "
+                          "sections (run:, data:, model:, optim: ...)")
     tree.pop("derived", None)  # a run's config.yaml records derived values; they are recomputed
     return _flatten(tree, "", str(path))
 
@@ -388,8 +510,8 @@ def build(task_config: type, items: list[tuple[str, Any]], archs: dict[str, dict
             errors.extend(f"{name}.{m} is required" + REQUIRED_HINTS.get(f"{name}.{m}", "") for m in missing)
             continue
         try:
-            parts[name] = cls(**values[name])
-        except (TypeError, ValueError) as e:  # a section's own __post_init__ checks
+            parts[name] = make_section(name, cls, values[name])
+        except ConfigError as e:
             errors.append(str(e))
     if errors:
         raise ConfigError("; ".join(errors))
@@ -400,18 +522,12 @@ def build(task_config: type, items: list[tuple[str, Any]], archs: dict[str, dict
 
 def check(cfg: JobConfig) -> None:
     """Value checks that need no world: ranges, and a local data path that does not exist."""
+    # each field's own range and finiteness: section_errors (every section, LIMITS); here what needs several sections
     errors = []
-    positive = {"data.batch_size": cfg.data.batch_size, "engine.grad_accum": cfg.engine.grad_accum,
-                "log.every": cfg.log.every}
-    errors += [f"{k}={v} must be > 0" for k, v in positive.items() if v <= 0]
-    non_negative = {"optim.base_lr": cfg.optim.base_lr, "optim.lr": cfg.optim.lr, "optim.min_lr": cfg.optim.min_lr,
-                    "optim.weight_decay": cfg.optim.weight_decay, "optim.max_steps": cfg.optim.max_steps,
-                    "optim.epochs": cfg.optim.epochs, "optim.warmup_steps": cfg.optim.warmup_steps,
-                    "optim.warmup_epochs": cfg.optim.warmup_epochs, "optim.momentum": cfg.optim.momentum,
-                    "engine.grad_clip": cfg.engine.grad_clip,
-                    "log.eval_every": cfg.log.eval_every, "log.images_every": cfg.log.images_every,
-                    "ckpt.every": cfg.ckpt.every, "ckpt.keep": cfg.ckpt.keep, "data.num_workers": cfg.data.num_workers}
-    errors += [f"{k}={v} must be >= 0" for k, v in non_negative.items() if v < 0]
+    if cfg.data.batch_size <= 0:
+        errors.append(f"data.batch_size={cfg.data.batch_size} must be > 0")
+    if cfg.data.num_workers < 0:
+        errors.append(f"data.num_workers={cfg.data.num_workers} must be >= 0")
     if cfg.engine.precision != "auto":
         errors += precision_errors(cfg.engine.precision, cfg.engine.zero_stage)
     if cfg.optim.max_steps == 0 and cfg.optim.epochs == 0:
@@ -436,6 +552,43 @@ def check(cfg: JobConfig) -> None:
         errors.append(f"run.resume={cfg.run.resume}: no such checkpoint directory (or use auto | none)")
     if errors:
         raise ConfigError("; ".join(errors))
+
+
+def check_run_paths(cfg: JobConfig, job: str) -> None:
+    """run.name must be one folder name and run.dir a folder path where <dir>/<job>/<name> can be created and
+    written: not an existing file (nor under one), not in /proc, /sys or /dev, not too long. Nothing is created."""
+    errors = []
+    name, run_dir = cfg.run.name, cfg.run.dir
+    if "/" in name or os.sep in name or "\0" in name or name in (".", ".."):
+        errors.append(f"run.name={name!r} must be a single folder name (no '/', not . or ..)")
+    elif len(name.encode()) > MAX_RUN_NAME_BYTES:
+        errors.append(f"run.name is {len(name)} characters ({len(name.encode())} bytes); a run name is one folder "
+                      f"name of at most {MAX_RUN_NAME_BYTES} bytes")
+    if not run_dir.strip() or "\0" in run_dir:
+        errors.append(f"run.dir={run_dir!r} must be a folder path")
+    if errors:
+        raise ConfigError("; ".join(errors))
+    target = Path(os.path.abspath(run_dir)) / job / name
+    real = Path(os.path.realpath(target))
+    def under(path: Path, folders: tuple[str, ...]) -> bool:
+        return any(path == Path(d) or Path(d) in path.parents for d in folders)
+
+    if under(real, SYSTEM_DIRS) and not under(real, SYSTEM_DIRS_ALLOWED):
+        raise ConfigError(f"run.dir={run_dir}: runs cannot be written under {real.parts[0]}{real.parts[1]} "
+                          f"(the run directory would be {real})")
+    if len(str(target).encode()) > MAX_RUN_DIR_BYTES:
+        raise ConfigError(f"run.dir={run_dir[:80]}...: the run directory path is {len(str(target).encode())} bytes; "
+                          f"at most {MAX_RUN_DIR_BYTES}")
+    for folder in (target, *target.parents):  # the deepest part that exists must be a writable folder
+        if not os.path.lexists(folder):
+            continue
+        if not folder.is_dir():
+            where = "" if folder == Path(os.path.abspath(run_dir)) else f": {folder} is in its path"
+            raise ConfigError(f"run.dir={run_dir}: not a directory{where} (a file is there; runs are written to "
+                              f"<run.dir>/{job}/{name}/)")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"run.dir={run_dir}: {folder} is not writable, so {target} cannot be created")
+        break
 
 
 def precision_errors(precision: str, zero_stage: int) -> list[str]:
@@ -507,6 +660,7 @@ def parse_args(job: str, task_config: type, argv: list[str] | None = None,
     preset = path.stem if path.parent == PRESETS_DIR / job else str(path)
     if not cfg.run.name:
         cfg.run.name = path.stem
+    check_run_paths(cfg, job)
     user_ds: dict[str, Any] = {}
     if args.deepspeed_config:
         user_ds = load_deepspeed_json(args.deepspeed_config)
