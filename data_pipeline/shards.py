@@ -418,7 +418,8 @@ class ShardReader:
             raise ValueError(f"open_retries must be >= 1, got {self.open_retries}")
 
     def open(self, url: str):
-        """A binary file object for `url`, opened with retries; raises ShardOpenError naming the URL."""
+        """A binary file object for `url`, opened with retries; raises ShardOpenError naming the URL (LocalPathError
+        or DatasetInputError, at once, when retrying cannot help)."""
         check_pipe(url, self.allow_pipe)
         return _with_retries(lambda: _open_file(url, self.cache_dir), url, self.open_retries,
                              self.retry_backoff_s, "open")

@@ -132,6 +132,10 @@ class DataConfig:
         if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError(f"data.batch_size must be >= 1 and data.num_workers, data.shuffle_buffer >= 0; got "
                              f"{self.batch_size}, {self.num_workers}, {self.shuffle_buffer}")
+        if self.batch_size > MAX_BATCH_SIZE:  # the bounds that depend on the dataset are build_stream's
+            raise ValueError(f"data.batch_size={self.batch_size} is more than {MAX_BATCH_SIZE} samples per batch and "
+                             f"rank, the most a stream accepts (it is per rank: more ranks or engine.grad_accum give "
+                             f"a larger global batch)")
 
 
 class SkipSample(Exception):

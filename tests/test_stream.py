@@ -260,6 +260,8 @@ def test_data_config_defaults_and_validation():
             config.cache_dir) == ("", 64, 2, "epoch", 1000, "")
     with pytest.raises(ValueError, match="mode"):
         DataConfig(train="x", mode="sometimes")
+    with pytest.raises(ValueError, match=r"data.batch_size=1000000000000 is more than 1048576"):
+        DataConfig(train="x", batch_size=10**12)  # refused while parsing the config, before any process starts
 
 
 # --- truncated tars: exact counts --------------------------------------------------------------------------------
