@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from launch.runtime import checkpoint, config, distributed, engine as engine_lib, tracking
-from launch.runtime.config import ConfigError, JobConfig, ParsedArgs
+from launch.runtime.config import ConfigError, JobConfig, ParsedArgs, RunError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def run_job(*, job: str, task_config: type, build_task: Callable[[Any], Any], ar
     except ConfigError as e:
         logger.error("%s: config error: %s", job, e)
         return 2
-    except DataError as e:
+    except RunError as e:  # a failure at run time (data, checkpoint writes): one paragraph, exit 1
         logger.error("%s: %s", job, e)
         return 1
     finally:
@@ -72,7 +72,7 @@ def run_job(*, job: str, task_config: type, build_task: Callable[[Any], Any], ar
         torch.set_num_threads(threads)  # share_cpu_cores may have changed it; a caller's process keeps its own
 
 
-class DataError(RuntimeError):
+class DataError(RunError):
     """A dataset that cannot be opened (wrong URL, no index, unreadable shards)."""
 
 
@@ -217,8 +217,9 @@ class Trainer:
             raise ConfigError(f"data.{'train' if train else 'val'}={url}: {e}") from None
 
     def _prepare_run_dir(self, fresh: bool) -> None:
-        """A fresh run into a run dir that holds an earlier one moves the earlier one aside (nothing is deleted)."""
-        if self.world.is_main and fresh and self.run_dir.is_dir() and any(self.run_dir.iterdir()):
+        """A fresh run into a run dir that holds an earlier one moves the earlier one aside (nothing is deleted); with
+        ckpt.node_local every node's writer does so in its own run dir."""
+        if self.storage.is_writer and fresh and self.run_dir.is_dir() and any(self.run_dir.iterdir()):
             stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime((self.run_dir / "config.yaml").stat().st_mtime)
                                   if (self.run_dir / "config.yaml").exists() else time.localtime())
             aside = self.run_dir.with_name(f"{self.run_dir.name}-{stamp}")
@@ -228,20 +229,20 @@ class Trainer:
             shutil.move(str(self.run_dir), str(aside))
             logger.warning("run.resume=%s: starting a new run; the earlier run in %s was moved to %s "
                            "(run.resume=auto continues a run)", self.cfg.run.resume, self.run_dir, aside)
-        if self.world.is_main:
+        if self.storage.is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
 
     def setup(self) -> None:
         cfg, world = self.cfg, self.world
-        target = checkpoint.resume_target(cfg.run.resume, self.ckpt_dir)
+        # collectives, before anything is built: every rank can write the run dir and sees it as the storage layout
+        # wants; the checkpoint to resume from is chosen once and every rank holds its files of it (else exit 2)
+        self.storage = checkpoint.check_storage(self.run_dir, self.ckpt_dir, rank=world.rank,
+                                                local_rank=world.local_rank, node_local=cfg.ckpt.node_local)
+        target, saved_world = checkpoint.agree_resume(cfg.run.resume, self.ckpt_dir, self.storage, cfg.to_dict(),
+                                                      world.world_size)
         if cfg.run.resume == "auto" and target is None:
             logger.info("run.resume=auto: no checkpoint in %s, starting fresh", self.ckpt_dir)
-        saved_world = None
-        if target is not None:
-            checkpoint.check_safe(target[0] / target[1])
-            checkpoint.check_resumable(target[0] / target[1], cfg.to_dict(), world.world_size)
-            saved_world = checkpoint.saved_world_size(target[0] / target[1])
         self._prepare_run_dir(fresh=target is None and cfg.run.resume in ("auto", "none"))
         # another number of ranks than wrote a ZeRO checkpoint: its optimizer partitions do not fit; DeepSpeed's
         # universal format holds whole tensors, which the new ranks partition again
@@ -291,6 +292,8 @@ class Trainer:
             ds_config = config.deep_merge(ds_config, self.args.deepspeed_config)
         if elastic:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        if self.storage.node_local:  # each node's first rank writes the model states into its node's run dir
+            ds_config.setdefault("checkpoint", {})["use_node_local_storage"] = True
         self.ds_config = ds_config
 
         o = cfg.optim
@@ -505,7 +508,7 @@ class Trainer:
                 return
         self.best = {"metric": key, "value": value, "step": self.step}
         path = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.client_state(), keep=0,
-                               rank=self.world.rank, local_rank=self.world.local_rank, tag=checkpoint.BEST_TAG)
+                               storage=self.storage, tag=checkpoint.BEST_TAG)
         out = self.export(self.run_dir / "export_best", extra={"best": self.best})
         logger.info("best %s %.4f at step %d: %s, %s", key, value, self.step, path, out)
 
@@ -530,7 +533,7 @@ class Trainer:
     def save(self) -> Path:
         t0 = time.perf_counter()
         path = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.client_state(), keep=self.cfg.ckpt.keep,
-                               rank=self.world.rank, local_rank=self.world.local_rank)
+                               storage=self.storage)
         logger.info("checkpoint %s (%.1f s)", path, time.perf_counter() - t0)
         return path
 
@@ -562,6 +565,13 @@ class Trainer:
 
     def run(self) -> int:
         self.setup()
+        try:
+            return self._train()
+        except RunError:  # e.g. a checkpoint no rank could write: what was logged so far stays readable
+            self.tracker.close()
+            raise
+
+    def _train(self) -> int:
         cfg, d, log_cfg = self.cfg, self.derived, self.cfg.log
         start_step, t_start = self.step, time.perf_counter()
         first_loss = last_values = None
