@@ -3,11 +3,15 @@ run.resume=auto log, step for step, bit for bit the losses of an uninterrupted r
 ranks in resampled mode); checkpoints are atomic and pruning keeps a complete one; non-finite losses are skipped or
 stop the run; corrupt samples are counted exactly; bad configs exit 2 without a traceback; pickled payloads are
 refused."""
+import contextlib
+import errno
 import json
+import logging
 import math
 import os
 import pickle
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -194,6 +198,131 @@ def test_prune_never_removes_the_only_complete_checkpoint(tmp_path):
     assert checkpoint.is_complete(tmp_path / "step00000002")
     fake_checkpoint(tmp_path, 8, True)
     assert checkpoint.prune(tmp_path, keep=1) == ["step00000002", "step00000004", "step00000006"]
+
+
+def test_a_newer_complete_checkpoint_wins_over_latest(tmp_path, caplog):
+    """A kill between a save's COMPLETE marker and the move of `latest`: `latest` names the older step 2, step 4 is
+    whole; resume takes step 4 and says why."""
+    for step in (2, 4):
+        fake_checkpoint(tmp_path, step, True)
+    (tmp_path / "latest").write_text("step00000002")
+    assert checkpoint.resume_target("auto", tmp_path) == (tmp_path, "step00000004")
+    assert "'latest' -> step00000002 is older" in caplog.text and "step00000004" in caplog.text
+
+
+@pytest.mark.parametrize("code, cause", [(errno.ENOSPC, "no space left"), (errno.EROFS, "read-only file system"),
+                                         (errno.EACCES, "permission denied")])
+def test_write_causes_are_named(tmp_path, code, cause):
+    text = checkpoint.write_cause(tmp_path / "x.pt", OSError(code, os.strerror(code)))
+    assert text.startswith(cause) and "free on its filesystem" in text
+    # torch's C++ writer gives no errno: a probe write beside the file finds the cause (here: none, the disk is fine)
+    assert checkpoint.write_cause(tmp_path / "x.pt", RuntimeError("basic_ios::clear: iostream error")).startswith(
+        "RuntimeError: basic_ios::clear")
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """RLIMIT_FSIZE in this process (root too): writes past `limit` bytes fail with EFBIG, as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def permissions_bind(tmp_path: Path) -> bool:
+    """Whether a folder's mode stops this process writing into it (not for root with CAP_DAC_OVERRIDE)."""
+    folder = tmp_path / "mode-check"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "x").write_text("x")
+    except PermissionError:
+        return True
+    finally:
+        folder.chmod(0o755)
+    return False
+
+
+def unwritable(how: str, folder: Path):
+    """`folder` made unwritable: chmod 0555 (not for root, whom permissions do not stop) or a file-size limit that
+    fails every write (the kernel's EFBIG, root included)."""
+    if how == "chmod":
+        @contextlib.contextmanager
+        def chmod():
+            folder.chmod(0o555)
+            try:
+                yield
+            finally:
+                folder.chmod(0o755)
+        return chmod()
+    return file_size_limit(0)
+
+
+def one_paragraph(caplog) -> str:
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None, [r.getMessage() for r in errors]
+    assert "Traceback" not in caplog.text
+    return errors[0].getMessage()
+
+
+@pytest.mark.parametrize("how", ["chmod", "fsize"])
+def test_an_unwritable_checkpoints_folder_is_refused_before_training(shards, tmp_path, caplog, how):
+    if how == "chmod" and not permissions_bind(tmp_path):
+        pytest.skip("this process writes into read-only folders (root)")
+    args = job_args(shards, tmp_path, "ro", "data.num_workers=0", "optim.max_steps=2", "ckpt.every=0")
+    assert pretrain_mae.main(args) == 0
+    ckpt = tmp_path / "runs" / "pretrain_mae" / "ro" / "checkpoints"
+    caplog.clear()
+    with unwritable(how, ckpt):
+        assert pretrain_mae.main(args + ["run.resume=auto", "optim.max_steps=4"]) == 2
+    message = one_paragraph(caplog)
+    assert "not writable" in message and str(ckpt if how == "chmod" else ckpt.parent) in message
+    assert ("permission denied" if how == "chmod" else "file too large") in message
+    assert "step 3" not in caplog.text and "resuming from" not in caplog.text  # nothing trained, nothing loaded
+
+
+@pytest.mark.parametrize("how", ["chmod", "fsize"])
+def test_a_failed_save_exits_1_naming_path_and_cause(shards, tmp_path, caplog, monkeypatch, how):
+    """The save of step 4 fails (checkpoints/ read-only, or every write past 16 KiB refused as on a full disk: the
+    model states then fail inside DeepSpeed's save): exit 1, one paragraph naming the path, the cause and step 2, the
+    last complete checkpoint, which stays whole and resumes."""
+    if how == "chmod" and not permissions_bind(tmp_path):
+        pytest.skip("this process writes into read-only folders (root)")
+    args = job_args(shards, tmp_path, "full", "data.num_workers=0", "optim.max_steps=6", "ckpt.every=2",
+                    "ckpt.keep=0")
+    ckpt = tmp_path / "runs" / "pretrain_mae" / "full" / "checkpoints"
+    original = checkpoint.save
+    failing = unwritable(how, ckpt) if how == "chmod" else file_size_limit(16 << 10)
+    active = []
+
+    def save(engine, ckpt_dir, step, *a, **k):
+        if step == 4:
+            active.append(failing)
+            failing.__enter__()
+        return original(engine, ckpt_dir, step, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    try:
+        assert pretrain_mae.main(args) == 1
+    finally:
+        for context in active:
+            context.__exit__(None, None, None)
+    message = one_paragraph(caplog)
+    assert str(ckpt / "step00000004") in message and str(ckpt / "step00000002") in message and "intact" in message
+    assert ("permission denied" if how == "chmod" else "file too large") in message
+    assert "step 5" not in caplog.text  # it stopped at the failed save
+    tag_dir = ckpt / "step00000002"
+    assert checkpoint.is_complete(tag_dir) and not checkpoint.is_complete(ckpt / "step00000004")
+    assert checkpoint.missing_files(tag_dir, checkpoint.read_manifest(tag_dir), (0,)) == []
+    assert (ckpt / "latest").read_text() == "step00000002"
+    monkeypatch.setattr(checkpoint, "save", original)
+    caplog.clear()
+    assert pretrain_mae.main(args + ["run.resume=auto"]) == 0
+    assert f"resuming from {tag_dir}" in caplog.text and checkpoint.is_complete(ckpt / "step00000006")
 
 
 def test_a_pickled_payload_is_refused(tmp_path):
