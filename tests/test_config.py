@@ -163,6 +163,7 @@ def test_deepspeed_config_pins_defaults():
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 4
     assert ds["train_batch_size"] == 64
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32", "buffer_dtype": "bf16"}   # buffers follow the weights
     assert ds["zero_optimization"]["stage"] == 2
     assert "scheduler" not in ds and "optimizer" not in ds and ds["steps_per_print"] >= 10**9
     ds = config.deepspeed_config(resolved("engine.grad_clip=1.5"), on_gpu=False)

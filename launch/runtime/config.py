@@ -769,6 +769,9 @@ def deepspeed_config(cfg: JobConfig, on_gpu: bool) -> dict[str, Any]:
 
     - gradient_clipping always written: DeepSpeed's default became 1.0 (PR #8068); 0.0 means off.
     - data_types.grad_accum_dtype fp32: otherwise gradients accumulate in bf16 under ZeRO (#1800, #2768).
+    - data_types.buffer_dtype = the 16-bit precision: DeepSpeed 0.19 stopped casting buffers with the parameters, and
+      a float buffer that meets activations then promotes them to fp32 in front of a bf16 weight (timm Beit's
+      k_bias zeros: "self and mat2 must have the same dtype" in BEiT's first step). Older versions cast both.
     - no scheduler and no optimizer block: the job passes its AdamW and sets the lr per step itself.
     """
     d, e = cfg.derived, cfg.engine
@@ -792,7 +795,8 @@ def deepspeed_config(cfg: JobConfig, on_gpu: bool) -> dict[str, Any]:
         "bf16": {"enabled": d.precision == "bf16"},
         "fp16": {"enabled": d.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        "data_types": {"grad_accum_dtype": "fp32"},
+        "data_types": {"grad_accum_dtype": "fp32",
+                       **({"buffer_dtype": d.precision} if d.precision in ("bf16", "fp16") else {})},
         "zero_optimization": zero,
         # torch.optim.AdamW is a client optimizer DeepSpeed does not list as ZeRO-tested; it works with all stages
         "zero_allow_untested_optimizer": True,
