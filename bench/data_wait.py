@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import header, write_report  # noqa: E402 - after the path is set
+from bench.report import child_env, header, write_report  # noqa: E402 - after the path is set
 
 GOAL = 0.05   # data-wait fraction the issue asks for
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--job {args.job}: launch/{args.job}.py does not exist")
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="data-wait-"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     results: dict[str, Any] = {}
     for workers in args.workers:
         cmd = run_command(args.launcher, args.job, args.preset, workers, args.steps, workdir, extra)

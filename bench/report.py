@@ -24,6 +24,14 @@ def header() -> dict[str, Any]:
             "cpu_count": os.cpu_count()}
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child that runs the project's code: the repository root put in front of
+    PYTHONPATH, which keeps what was there (the GPU check's folder of installed wheels, for one)."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, path] if path else [root]), **extra}
+
+
 def write_report(report: dict[str, Any], out: Path) -> Path:
     """`report` as indented JSON at `out` (folders created), announced on stdout."""
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import device_name, header, write_report  # noqa: E402 - after the path is set
+from bench.report import child_env, device_name, header, write_report  # noqa: E402 - after the path is set
 
 METHODS = ("mae", "beit", "deit", "cls")
 # the encoder every method trains at each preset (MAE's presets; the other methods use the same ViT)
@@ -342,8 +342,7 @@ def run_side(side: str, args: argparse.Namespace, switches: Switches, device: to
            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--precision", switches.precision or args.precision, "--zero-stage", str(args.zero_stage),
            *switch_flags(switches)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT),
-           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")}
+    env = child_env(DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu"))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import device_name, header, write_report  # noqa: E402 - after the path is set
+from bench.report import child_env, device_name, header, write_report  # noqa: E402 - after the path is set
 
 
 def tensor_bytes(t: torch.Tensor | None) -> int:
@@ -138,7 +138,7 @@ def launch(args: argparse.Namespace, stage: int) -> list[dict[str, Any]]:
     cmd += ["--num_gpus", str(args.ranks), "--master_port", str(free_port()), str(Path(__file__).resolve()),
             "--worker", "--stage", str(stage), "--preset", args.preset, "--batch", str(args.batch),
             "--steps", str(args.steps)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.ranks)))
