@@ -27,6 +27,7 @@ to convert (no checkpoint, unknown tag, unknown format, unknown job), a file tha
 pickles more than tensors, plain types and DeepSpeed's own classes: refused before anything is unpickled), an --out
 that cannot be written (under a file, read-only), a bad flag; each in one paragraph naming the file, folder or flag.
 """
+# ruff: noqa: E402 - the imports below torch-free argument checks (_exit_early), which answer in a fraction of a second
 import argparse
 import contextlib
 import errno
@@ -44,6 +45,78 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger("convert_checkpoint")
+
+DEFAULT_ATOL = 1e-4
+
+
+class ConvertError(RuntimeError):
+    """Nothing to convert: no checkpoint, a tag that is not there, a file or job this tool does not know."""
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:  # nan too
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before converting anything, an --out folder that cannot be written: a file, under a file, read-only."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == out else f"is under the file {existing}"
+        raise ConvertError(f"--out {out} {what}; --out must be a folder (new or existing) for the backbone files")
+    if not os.access(existing, os.W_OK):
+        raise ConvertError(f"--out {out}: {existing} is not writable by this user (read-only folder or mount); "
+                           "choose another --out")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("source", type=Path,
+                        help="run dir, checkpoints folder, checkpoint folder, or a published .pth/.safetensors file")
+    parser.add_argument("--out", type=Path, required=True, help="folder for backbone.safetensors + backbone.json")
+    parser.add_argument("--tag", default="latest", help="checkpoint tag (e.g. step00000100); default: 'latest'")
+    parser.add_argument("--num-heads", type=_positive_int, default=None,
+                        help="attention heads of a published ViT whose width is not a standard one (not in its "
+                             "weights)")
+    parser.add_argument("--atol", type=_non_negative_float, default=DEFAULT_ATOL,
+                        help=f"largest feature difference accepted by the check (default {DEFAULT_ATOL})")
+    parser.add_argument("--no-check", action="store_true", help="skip the reload and feature comparison")
+    return parser.parse_args(argv)
+
+
+def _exit_early(argv: list[str]) -> None:
+    """As a command: what needs no torch (the arguments, --out, the source's existence) is checked before torch and
+    timm load (seconds), so these errors come back at once; main() checks them again for callers of main(argv)."""
+    args = parse_args(argv)  # argparse exits 2 on a bad flag
+    try:
+        check_out(args.out)
+        if not args.source.exists():
+            raise ConvertError(f"{args.source}: no such file or directory")
+    except ConvertError as e:
+        logging.basicConfig(format="%(asctime)s [rank0] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        logger.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _exit_early(sys.argv[1:])
+
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -57,9 +130,6 @@ from pretrain.export import save_backbone
 from pretrain.reference_checkpoints import (UnknownFormatError, import_reference, load_checkpoint_file,
                                             source_features)
 
-logger = logging.getLogger("convert_checkpoint")
-
-DEFAULT_ATOL = 1e-4
 # Images compared by the feature check.
 CHECK_BATCH = 2
 # Keys of DeepSpeed's optimizer-states files (deepspeed.checkpoint.constants), read without importing DeepSpeed.
@@ -69,10 +139,6 @@ FP32_PARTITIONS = "single_partition_of_fp32_groups"
 PARTITION_COUNT = "partition_count"
 # BF16_Optimizer pads each flat group to a multiple of this many elements per rank (nccl_start_alignment_factor).
 BF16_ALIGNMENT = 2
-
-
-class ConvertError(RuntimeError):
-    """Nothing to convert: no checkpoint, a tag that is not there, a file or job this tool does not know."""
 
 
 class CheckFailed(RuntimeError):
@@ -323,35 +389,6 @@ def compare_features(out_dir: Path, features: Callable[[Tensor], Tensor], seed: 
     return (ours - theirs).abs().max().item()
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0:  # nan too
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def check_out(out: Path) -> None:
-    """Refuse, before converting anything, an --out folder that cannot be written: a file, under a file, read-only."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        what = "is a file" if existing == out else f"is under the file {existing}"
-        raise ConvertError(f"--out {out} {what}; --out must be a folder (new or existing) for the backbone files")
-    if not os.access(existing, os.W_OK):
-        raise ConvertError(f"--out {out}: {existing} is not writable by this user (read-only folder or mount); "
-                           "choose another --out")
-
-
 def _out_error(out: Path, error: OSError) -> ConvertError | None:
     """A ConvertError (exit 2) for the OSErrors writing --out that a different --out fixes; None for run-time ones."""
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
@@ -360,23 +397,6 @@ def _out_error(out: Path, error: OSError) -> ConvertError | None:
                             f"{f' ({error.filename})' if error.filename else ''}; choose a folder this user can create "
                             "and write (not under /proc, /sys, a file or a read-only mount)")
     return None
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("source", type=Path,
-                        help="run dir, checkpoints folder, checkpoint folder, or a published .pth/.safetensors file")
-    parser.add_argument("--out", type=Path, required=True, help="folder for backbone.safetensors + backbone.json")
-    parser.add_argument("--tag", default="latest", help="checkpoint tag (e.g. step00000100); default: 'latest'")
-    parser.add_argument("--num-heads", type=_positive_int, default=None,
-                        help="attention heads of a published ViT whose width is not a standard one (not in its "
-                             "weights)")
-    parser.add_argument("--atol", type=_non_negative_float, default=DEFAULT_ATOL,
-                        help=f"largest feature difference accepted by the check (default {DEFAULT_ATOL})")
-    parser.add_argument("--no-check", action="store_true", help="skip the reload and feature comparison")
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
