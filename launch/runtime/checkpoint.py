@@ -20,9 +20,10 @@ DeepSpeed's checkpoint engine) in one all-gather, each directory's writer checks
 then the writer(s) write COMPLETE (holding that list of files per rank) and only then move `latest` to the tag, each
 by writing a temporary file and renaming it (atomic on POSIX). A write that fails on any rank (no space, read-only,
 permission) fails the save on every rank alike (`CheckpointWriteError`, exit 1, the partial tag left unmarked). A
-kill at any moment leaves every COMPLETE tag whole. Resume takes the newest COMPLETE tag, whatever `latest` names,
-(`resume_target`, decided on rank 0 and broadcast), and before anything loads every rank checks that it holds its
-own files of that tag (`missing_files`; the ranks agree or all exit 2). Pruning keeps the `keep` newest complete
+kill at any moment leaves every COMPLETE tag whole. Resume takes the newest COMPLETE tag whatever `latest` names
+(a kill between a marker and the move of `latest` leaves it on an older one), chosen on rank 0 and broadcast
+(`agree_resume`), and before anything loads every rank checks that it holds its own files of that tag
+(`missing_files`; the ranks agree or all exit 2). Pruning keeps the `keep` newest complete
 checkpoints, removes partial ones older than the newest complete one, and never removes that one.
 """
 from __future__ import annotations
