@@ -132,7 +132,8 @@ def job_figures(run_dir: Path, steps: int, export: str = "backbone") -> dict[str
         raise RowFailed(f"{run_dir}/export/{export}.safetensors was not written")
     last = rows[-1]
     figures = {"loss_first": losses[0], "loss_last": losses[-1], "step": last["step"]}
-    for key in ("perf/images_per_s", "perf/mfu", "perf/data_wait_frac", "perf/memory_gib"):
+    for key in ("perf/images_per_s", "perf/mfu", "perf/data_wait_frac", "mem/cuda_max_allocated_gib",
+                "mem/cpu_rss_gib"):
         if key in last:
             figures[key.split("/")[1]] = last[key]
     evals = [r for r in jsonl(run_dir / "metrics.jsonl") if any(k.startswith("val/") for k in r)]
