@@ -82,16 +82,23 @@ class Sizes:
     jpegs: tuple[int, int, int]              # images, long side, shards
     ipt_eval_images: int
     pretrain_val: bool         # validation in the pretraining rows (the finetuning rows always evaluate)
+    precision: str             # engine.precision of the job rows
+    timing_precision: str      # of the throughput and data-wait rows (on a CPU they only show the scripts work)
+    small_val: bool            # cls / deit evaluate on 40 digits instead of the 360 of digits_val
+    ipt_tasks: str             # model.tasks of the ipt row ("" = all six)
+    shuffle_buffer: int        # data.shuffle_buffer of the job rows (0 = the default; the first batch waits for it)
 
 
 GPU = Sizes(gpu=True, steps=20, batch=None, workers=4, compile_backend="inductor", numerics_preset="vit_b16",
             numerics_batch=64, throughput=("vit_b16", 256, "vit_l16", 128), throughput_steps=(20, 5),
             data_wait=("vit_b16", 256, 12, 40), jpegs=(4096, 500, 32), ipt_eval_images=8,
-            pretrain_val=True)
+            pretrain_val=True, precision="bf16", timing_precision="bf16", small_val=False, ipt_tasks="",
+            shuffle_buffer=0)
 CPU = Sizes(gpu=False, steps=2, batch=8, workers=0, compile_backend="eager", numerics_preset="tiny",
             numerics_batch=4, throughput=("tiny", 8, "tiny", 8), throughput_steps=(2, 1),
             data_wait=("tiny", 8, 1, 8), jpegs=(32, 96, 4), ipt_eval_images=2,
-            pretrain_val=False)
+            pretrain_val=False, precision="bf16", timing_precision="fp32", small_val=True,
+            ipt_tasks="[denoise30,sr2]", shuffle_buffer=32)
 
 
 class RowFailed(Exception):
@@ -146,8 +153,10 @@ def plan(sizes: Sizes, work: Path, out: Path) -> list[Row]:
     s = sizes.steps
     runs, data = work / "runs", work / "data"
     common = [f"optim.max_steps={s}", f"log.every={max(1, s // 2)}", "log.eval_every=0", "log.images_every=0",
-              "optim.warmup_steps=1", "engine.precision=bf16", f"data.num_workers={sizes.workers}",
-              f"run.dir={runs}", "ckpt.every=0"] + ([f"data.batch_size={sizes.batch}"] if sizes.batch else [])
+              "optim.warmup_steps=1", f"engine.precision={sizes.precision}", f"data.num_workers={sizes.workers}",
+              f"run.dir={runs}", "ckpt.every=0"] + ([f"data.batch_size={sizes.batch}"] if sizes.batch else []) + (
+        [f"data.shuffle_buffer={sizes.shuffle_buffer}"] if sizes.shuffle_buffer else [])
+    digits_val = [f"data.val={data / 'digits_small'}"] if sizes.small_val else []
 
     no_val = [] if sizes.pretrain_val else ["data.val="]
 
@@ -178,7 +187,8 @@ def plan(sizes: Sizes, work: Path, out: Path) -> list[Row]:
 
     (tp_preset, tp_batch, tpl_preset, tpl_batch), (tsteps, twarm) = sizes.throughput, sizes.throughput_steps
     dw_preset, dw_batch, dw_workers, dw_steps = sizes.data_wait
-    throughput = ["--method", "mae", "--precision", "bf16", "--steps", str(tsteps), "--warmup", str(twarm)]
+    throughput = ["--method", "mae", "--precision", sizes.timing_precision, "--steps", str(tsteps), "--warmup",
+                  str(twarm), *([] if sizes.gpu else ["--in-process"])]   # on a CPU: no imports per side
     return [
         Row("data", "bench/gpu_check.py", ["--make-data", str(data), "--sizes", "gpu" if sizes.gpu else "cpu"], 240,
             check=lambda log: json.loads((data / "made.json").read_text())),
@@ -193,12 +203,13 @@ def plan(sizes: Sizes, work: Path, out: Path) -> list[Row]:
             *no_val, limit_s=240),
         job("dvae", "train_dvae", *no_val, export="tokenizer"),
         job("beit", "pretrain_beit", f"tokenizer={runs / 'train_dvae' / 'dvae'}", *no_val, needs=("dvae",)),
-        job("cls", "finetune_cls", f"model.init={mae_export}", needs=("mae",)),
-        job("deit", "pretrain_deit", f"teacher={cls_export}", needs=("cls",)),
+        job("cls", "finetune_cls", f"model.init={mae_export}", *digits_val, needs=("mae",)),
+        job("deit", "pretrain_deit", f"teacher={cls_export}", *digits_val, needs=("cls",)),
         job("detr", "finetune_detr", f"model.init={mae_export}", f"data.train={data / 'coco_train'}",
             f"data.val={data / 'coco_val'}", "model.num_classes=2", "model.scales=[128,160]", "model.max_size=200",
             "model.eval_size=160", *(["data.batch_size=2"] if sizes.batch else []), needs=("mae", "data")),
-        job("ipt", "finetune_ipt", f"model.eval_images={sizes.ipt_eval_images}", export="ipt"),
+        job("ipt", "finetune_ipt", f"model.eval_images={sizes.ipt_eval_images}",
+            *([f"model.tasks={sizes.ipt_tasks}"] if sizes.ipt_tasks else []), export="ipt"),
         Row("numerics", "bench/gpu_check.py", ["--numerics", str(out / "numerics.json"), "--preset",
                                                sizes.numerics_preset, "--batch", str(sizes.numerics_batch)], 120,
             check=report("numerics.json")),
@@ -211,7 +222,8 @@ def plan(sizes: Sizes, work: Path, out: Path) -> list[Row]:
         Row("data_wait", "bench/data_wait.py",
             ["--launcher", "", "--preset", dw_preset, "--workers", str(dw_workers), "--steps", str(dw_steps),
              "--workdir", str(work / "data_wait"), "--out", str(out / "data_wait.json"), "--",
-             f"data.train={data / 'jpeg' / 'shards'}", f"data.batch_size={dw_batch}", "engine.precision=bf16",
+             f"data.train={data / 'jpeg' / 'shards'}", f"data.batch_size={dw_batch}",
+             f"engine.precision={sizes.timing_precision}",
              "data.mode=resampled"], 180, timing=True, needs=("data",), check=report("data_wait.json")),
     ]
 
@@ -279,6 +291,21 @@ def make_data(data: Path, sizes: Sizes) -> dict[str, Any]:
         instances = paint_squares_coco(data / f"coco_{split}_images", count, seed=len(split))
         if write_main([str(instances), str(data / f"coco_{split}"), "--maxcount", str(count // 4), "--quiet"]) != 0:
             raise RowFailed(f"data_pipeline.write {instances} failed")
+    if sizes.small_val:   # an ImageFolder of 4 digits per class (labels 0-9 in sorted order, as digits_val's)
+        from PIL import Image
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        for label in range(10):
+            folder = data / "digits_small_images" / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(digits.images[digits.target == label][-4:]):
+                pixels = (image * (255 / 16)).clip(0, 255).round().astype("uint8")   # as embedded:digits
+                Image.fromarray(pixels).resize((32, 32), Image.Resampling.BICUBIC).convert("RGB").save(
+                    folder / f"{i}.png")
+        if write_main([str(data / "digits_small_images"), str(data / "digits_small"), "--maxcount", "10",
+                       "--quiet"]) != 0:
+            raise RowFailed("data_pipeline.write of the small digits set failed")
     (data / "made.json").write_text(json.dumps(made) + "\n")
     return made
 
@@ -609,9 +636,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: {e}", file=sys.stderr)
         return 1
 
+    if args.cpu:
+        # the rows are forked from this process: an OpenMP pool created here would be broken in every child (each
+        # step ran ~40x slower), so this process and its rows keep one thread each (two rows share the 2 cores)
+        os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
-    gpu = torch.cuda.is_available() and not args.cpu
+    gpu = not args.cpu
+    if gpu and not torch.cuda.is_available() and not args.list:
+        print("gpu_check: no GPU here (exit 2): on a CPU run the rehearsal with --cpu", file=sys.stderr)
+        return 2
     sizes = GPU if gpu else CPU
     work = args.work or (Path("WORK") if args.list else Path(tempfile.mkdtemp(prefix="gpu-check-")))
     out = args.out or work / "out"
@@ -655,8 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, str(ROOT)] + (
         [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])), "PYTHONUNBUFFERED": "1",
            "DS_ACCELERATOR": "cuda" if gpu else "cpu"}
-    if not gpu:
-        env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
+    if not gpu and torch.cuda.is_available():   # --cpu on a GPU machine
         env["CUDA_VISIBLE_DEVICES"] = ""
     fork = not gpu
     if fork:   # what every forked row imports, paid once here

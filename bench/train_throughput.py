@@ -4,7 +4,7 @@ transformers, same device, batch, precision and model geometry, in one run:
     python bench/train_throughput.py [--method mae|beit|deit|cls] [--preset tiny|vit_b16|vit_l16] [--batch 64]
                                      [--steps 20] [--warmup 5] [--precision auto|fp32|bf16] [--zero-stage 1]
                                      [--compile] [--fused auto|on|off] [--no-fused-attention] [--grad-ckpt]
-                                     [--grad-accum K] [--no-peer] [--repeats N] [--out FILE]
+                                     [--grad-accum K] [--no-peer] [--repeats N] [--in-process] [--out FILE]
     python bench/train_throughput.py --switches [--method mae] ...   # the effect of each speed switch, ours only
                                      # (MAE adds a row with the encoder on all tokens but one: the visible-only gain)
 
@@ -307,15 +307,18 @@ def timed(step: Callable[[], None], steps: int, warmup: int, device: torch.devic
 
 # --- driver --------------------------------------------------------------------------------------------------------
 
+def measure(side: str, args: argparse.Namespace, switches: Switches, device: torch.device) -> dict[str, Any]:
+    """One side's run in this process: step time, images/s, peak memory and the precision it ran in."""
+    bf16 = is_bf16(switches.precision or args.precision, device)
+    run = run_ours if side == "ours" else run_peer
+    result = run(args.method, args.preset, args.batch, args.steps, args.warmup, bf16, device, args.zero_stage,
+                 switches)
+    return {**result, "images_per_s": args.batch / result["step_time_s"], "precision": "bf16" if bf16 else "fp32"}
+
+
 def child(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bf16 = is_bf16(args.precision, device)
-    run = run_ours if args.side == "ours" else run_peer
-    result = run(args.method, args.preset, args.batch, args.steps, args.warmup, bf16, device, args.zero_stage,
-                 switches_of(args))
-    result["images_per_s"] = args.batch / result["step_time_s"]
-    result["precision"] = "bf16" if bf16 else "fp32"
-    print("RESULT " + json.dumps(result))
+    print("RESULT " + json.dumps(measure(args.side, args, switches_of(args), device)))
 
 
 def switches_of(args: argparse.Namespace) -> Switches:
@@ -338,6 +341,8 @@ def is_bf16(precision: str, device: torch.device) -> bool:
 
 
 def run_side(side: str, args: argparse.Namespace, switches: Switches, device: torch.device) -> dict[str, Any]:
+    if args.in_process:   # no fresh process per side: the peak memory is this process's, the figures a smoke test's
+        return measure(side, args, switches, device)
     cmd = [sys.executable, __file__, "--side", side, "--method", args.method, "--preset", args.preset,
            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--precision", switches.precision or args.precision, "--zero-stage", str(args.zero_stage),
@@ -399,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of every row, interleaved; each row reports its median (default 1)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the sides in this process (a smoke test: memory figures are not per side)")
     parser.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side:

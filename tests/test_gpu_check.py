@@ -123,6 +123,7 @@ def test_only_runs_a_row_with_its_inputs(capsys):
 
 def test_missing_packages_without_wheels_is_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gpu_check, "NEEDED", ("deepspeed", "no_such_package_here"))
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))   # --cpu sets it; restored after
     assert gpu_check.main([str(tmp_path / "out"), "--cpu", "--wheels", str(tmp_path / "none"),
                            "--work", str(tmp_path / "work")]) == 2
     err = capsys.readouterr().err
