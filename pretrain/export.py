@@ -1,30 +1,24 @@
-"""Pretrained encoders -> a timm `VisionTransformer` backbone on disk.
+"""Pretrained encoders -> a timm backbone on disk (the folder format itself: `contracts.backbone`).
 
-The contract between pretraining and finetuning is a file pair (see DESIGN.md): `backbone.safetensors`, a state
-dict keyed like timm's `VisionTransformer` (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.N.*`,
-`norm.*`), and `backbone.json`: `{"architecture": <timm model name>, "model_kwargs": {...}, "source": "mae", ...}`.
-`load_backbone` rebuilds it with `timm.create_model(architecture, pretrained=False, **model_kwargs)` and a strict
-`load_state_dict`, so a key that does not match fails loudly here rather than silently in a finetune.
+The contract between pretraining and finetuning is a timm folder (see DESIGN.md and contracts/backbone.py):
+`config.json` (architecture, model_args, pretrained_cfg) + `model.safetensors`, a state dict keyed like the timm
+model (`cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.N.*`, `norm.*` for a ViT). `save_backbone` (the one
+writer) and `load_backbone` (the strict loader: `timm.create_model` + strict `load_state_dict`) are the contract's,
+re-exported here.
 
-Each task maps its own state dict with `encoder_to_timm` (strip wrapper prefixes, drop the pretraining-only
-parts, rename prefixes) and describes its geometry with `vit_config`.
+Specific to pretraining: each task maps its own state dict with `encoder_to_timm` (strip wrapper prefixes, drop the
+pretraining-only parts, rename prefixes) and describes a plain ViT's geometry with `vit_config`.
 """
-import json
-import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import timm
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
-logger = logging.getLogger(__name__)
+from contracts.backbone import (  # noqa: F401 - the contract's names, re-exported for pretraining code
+    CONFIG_NAME, GENERIC_VIT, WEIGHTS_NAME, WRAPPER_PREFIXES, read_backbone, save_backbone, strip_wrapper_prefixes)
+from contracts.backbone import load_strict as load_backbone  # noqa: F401
 
-WEIGHTS_NAME = "backbone.safetensors"
-CONFIG_NAME = "backbone.json"
-# Prefixes wrappers put in front of every key: DDP / DeepSpeed engines ("module.") and torch.compile ("_orig_mod.").
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # (embed_dim, depth, num_heads) of timm's named ViT sizes, to give an export the registered name it matches.
 TIMM_VIT_SIZES = {
     (192, 12, 3): "tiny",
@@ -35,21 +29,7 @@ TIMM_VIT_SIZES = {
 }
 # Registered timm constructor used when no name matches: `model_kwargs` carry the full geometry and override the
 # registered defaults, so the name is only the entry point.
-GENERIC_ARCHITECTURE = "vit_base_patch16_224"
-
-
-def strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Remove "module." / "_orig_mod." from the front of keys (repeatedly: a compiled DDP model has both)."""
-    out = {}
-    for key, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value
-    return out
+GENERIC_ARCHITECTURE = GENERIC_VIT
 
 
 def encoder_to_timm(
@@ -139,30 +119,3 @@ def vit_config(
             "mean": list(mean), "std": list(std), "input_size": [3, img_size, img_size],
         }
     return config
-
-
-def save_backbone(out_dir: str | Path, state_dict: Mapping[str, Tensor], config: Mapping[str, Any]) -> Path:
-    """Write `backbone.safetensors` and `backbone.json` into `out_dir` (created if needed); returns the folder."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(out_dir / WEIGHTS_NAME),
-              metadata={"source": str(config.get("source", ""))})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    logger.info("wrote backbone (%d tensors, %s) to %s", len(state_dict), config.get("architecture"), out_dir)
-    return out_dir
-
-
-def load_backbone(path: str | Path) -> nn.Module:
-    """Build the timm model a `save_backbone` folder describes and load its weights strictly."""
-    path = Path(path)
-    config = json.loads((path / CONFIG_NAME).read_text())
-    kwargs = dict(config["model_kwargs"])
-    if "init_values" in kwargs and kwargs["init_values"] is None:
-        kwargs["init_values"] = 0.0  # no LayerScale; None would be dropped by timm and its registered default apply
-    if "pretrained_cfg_overlay" in config:
-        kwargs["pretrained_cfg_overlay"] = config["pretrained_cfg_overlay"]
-    model = timm.create_model(config["architecture"], pretrained=False, **kwargs)
-    state_dict = load_file(str(path / WEIGHTS_NAME))
-    model.load_state_dict(state_dict, strict=True)
-    return model
-

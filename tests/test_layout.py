@@ -1,13 +1,15 @@
-"""The import direction of DESIGN.md: launch → pretrain | finetune | data_pipeline, and no other way round."""
+"""The import direction of DESIGN.md: launch → pretrain | finetune | data_pipeline; all may import contracts."""
 import ast
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("data_pipeline", "pretrain", "finetune", "launch")
+PACKAGES = ("contracts", "data_pipeline", "pretrain", "finetune", "launch")
 # package -> the project packages it must never import
 FORBIDDEN = {
+    # the shared contracts (backbone folder, Task interface): imported by pretrain, finetune and launch, importing none
+    "contracts": {"data_pipeline", "pretrain", "finetune", "launch"},
     "data_pipeline": {"pretrain", "finetune", "launch"},
     "pretrain": {"finetune", "launch"},
     "finetune": {"pretrain", "launch"},
