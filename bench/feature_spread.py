@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         for weights in ("trained", "init"):
             model = bb.create_from_config(meta, dynamic_img_size=True).eval()
             if weights == "trained":
-                bb.load_weights(model, load_file(str(folder / bb.WEIGHTS_NAME)), meta)
+                bb.load_weights(model, bb.read_weights(folder), meta)
             for side in args.sides:
                 x = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
                 var, cos = spread(last_tokens(model, x))

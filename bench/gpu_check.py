@@ -178,8 +178,8 @@ def plan(sizes: Sizes, work: Path, out: Path) -> list[Row]:
 
     def converted(log: Path) -> dict[str, Any]:
         files = sorted(p.name for p in (work / "converted").iterdir()) if (work / "converted").is_dir() else []
-        if "backbone.safetensors" not in files:
-            raise RowFailed(f"{work / 'converted'} holds {files}, no backbone.safetensors")
+        if "model.safetensors" not in files:
+            raise RowFailed(f"{work / 'converted'} holds {files}, no model.safetensors")
         return {"files": files}
 
     def report(name: str) -> Callable[[Path], dict[str, Any]]:

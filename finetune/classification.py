@@ -30,7 +30,6 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.layers import to_2tuple, trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -195,7 +194,7 @@ def build_model(cfg: ClassificationConfig, load: bool = True) -> BuiltModel:
     if not probe:  # a probe reads the feature the backbone was trained to give; a finetune picks its pooling
         overrides.update(global_pool=cfg.global_pool, fc_norm=cfg.global_pool != "token")
     model = bb.create_from_config(source, drop_path_rate=drop_path, **overrides)
-    report = bb.load_weights(model, load_file(str(folder / bb.WEIGHTS_NAME)), source) if load else None
+    report = bb.load_weights(model, bb.read_weights(folder), source) if load else None
     if probe and report is not None and report.missing:
         # a probe trains nothing but its head: a pooling norm the backbone lacks would stay random (mae#186)
         raise ValueError(f"model.init={init}: the backbone lacks {report.missing} for its own pooling "

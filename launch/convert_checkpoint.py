@@ -1,9 +1,10 @@
-"""Checkpoints -> a timm backbone: DIR/backbone.safetensors (timm keys) + DIR/backbone.json (architecture, kwargs).
+"""Checkpoints -> a timm backbone folder: DIR/config.json + DIR/model.safetensors (timm's local-dir format).
 
     python launch/convert_checkpoint.py runs/pretrain_mae/tiny --out exports/mae_tiny        # the run's latest
     python launch/convert_checkpoint.py runs/pretrain_mae/tiny --tag step00000100 --out DIR
     python launch/convert_checkpoint.py runs/pretrain_mae/tiny/checkpoints/step00000100 --out DIR
     python launch/convert_checkpoint.py mae_pretrain_vit_base.pth --out DIR                  # a published checkpoint
+    python launch/convert_checkpoint.py runs/pretrain_mae/old/export --out DIR   # a backbone.json folder, rewritten
 
 A run's checkpoint (a run dir, its checkpoints/ folder or one checkpoint folder):
 - ZeRO-1/2/3 shards are consolidated by DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint` (the optimizer's fp32
@@ -19,6 +20,12 @@ written beside it, as the job writes them at its end: DeiT's whole classifier (c
 (detector.*, with the categories the checkpoint recorded).
 
 A file: a published MAE / BEiT / DeiT checkpoint (see pretrain/reference_checkpoints.py), detected by its keys.
+
+A folder in the format before config.json (backbone.json + backbone.safetensors, and the classifier.* / detector.*
+beside it): rewritten as it is, automatically, into the timm format (weights unchanged; DeiT's classifier becomes the
+timm folder DIR/classifier/), and checked like a checkpoint (the old folder's model gives the source features).
+Classifiers keep their class names (`classes` -> pretrained_cfg `label_names`); a run's checkpoint carries them in its
+client state (`label_names`).
 
 Then the backbone is reloaded (strict) with `finetune.backbone.create_from_config` and its features are compared with the
 source model's on a random input; the max abs difference is logged. Exit codes: 0 done; 1 features differ by more
@@ -89,7 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("source", type=Path,
                         help="run dir, checkpoints folder, checkpoint folder, or a published .pth/.safetensors file")
-    parser.add_argument("--out", type=Path, required=True, help="folder for backbone.safetensors + backbone.json")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for config.json + model.safetensors (timm's format)")
     parser.add_argument("--tag", default="latest", help="checkpoint tag (e.g. step00000100); default: 'latest'")
     parser.add_argument("--num-heads", type=_positive_int, default=None,
                         help="attention heads of a published ViT whose width is not a standard one (not in its "
@@ -119,14 +127,12 @@ if __name__ == "__main__":
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from finetune.backbone import create_from_config, read_config
+from contracts import backbone as contract
 from launch.jobs import JOBS
 from launch.runtime import checkpoint, config, tracking
 from launch.runtime.config import ConfigError
-from pretrain.export import save_backbone
 from pretrain.reference_checkpoints import (UnknownFormatError, import_reference, load_checkpoint_file,
                                             source_features)
 
@@ -148,7 +154,7 @@ class CheckFailed(RuntimeError):
 @dataclass
 class Converted:
     state_dict: dict[str, Tensor]                         # timm keys
-    config: dict[str, Any]                                # backbone.json
+    config: dict[str, Any]                                # the backbone's meta (contracts.backbone)
     features: Callable[[Tensor], Tensor] | None           # the source model: imgs -> features, None if unknown
     name: str = "backbone"                                # the task's export_name: backbone, tokenizer, ...
     # the task's extra exports (DeiT's whole classifier, DETR's whole detector): name -> (tensors, json)
@@ -328,6 +334,8 @@ def convert_run(path: Path, tag: str) -> Converted:
             from None
     if isinstance(states.get("task"), dict) and hasattr(task, "load_extra_state"):
         task.load_extra_state(states["task"])  # e.g. the dVAE's schedule step, recorded in its export
+    if states.get("label_names") and hasattr(task, "class_names"):
+        task.class_names = [str(c) for c in states["label_names"]]  # the train set's classes, for the exports
     state_dict = consolidate(tag_dir, states)
     tensors, backbone = task.export(state_dict)
     backbone = {**backbone, "converted_from": {"checkpoint": str(tag_dir), "job": job_name,
@@ -356,20 +364,37 @@ def convert_file(path: Path, num_heads: int | None, check: bool = True) -> Conve
     return Converted(imported.state_dict, backbone, features)
 
 
+def convert_legacy(path: Path) -> Converted:
+    """A folder of the format before config.json: backbone.json + backbone.safetensors (and any NAME.json +
+    NAME.safetensors beside them: DeiT's classifier, DETR's detector), read as they are."""
+    meta, state = contract.read_backbone(path)
+    source = contract.create_from_config(meta).eval()
+    source.load_state_dict(state, strict=True)
+    extras = {}
+    for config in sorted(path.glob("*.json")):
+        weights = config.with_suffix(".safetensors")
+        if config.name != contract.LEGACY_CONFIG_NAME and weights.is_file():
+            from safetensors.torch import load_file
+
+            extras[config.stem] = (load_file(str(weights)), json.loads(config.read_text()))
+    meta = {**meta, "converted_from": {"folder": str(path), "format": "backbone.json"}}
+
+    def features(imgs: Tensor) -> Tensor:
+        with torch.no_grad():
+            return source.forward_features(imgs)
+    return Converted(state, meta, features, contract.BACKBONE_EXPORT, extras)
+
+
 def save_export(out_dir: Path, name: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """out_dir/NAME.safetensors + NAME.json, as the jobs write their exports."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-               for k, v in tensors.items()}, str(out_dir / f"{name}.safetensors"))
-    (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
-    logger.info("wrote %s.safetensors + %s.json to %s", name, name, out_dir)
+    """The export NAME as the jobs write it (contracts.backbone.save_export), float32."""
+    contract.save_export(out_dir, name, {k: v.detach().float().contiguous() if v.is_floating_point() else v
+                                         for k, v in tensors.items()}, meta)
 
 
 def reload_backbone(out_dir: Path) -> torch.nn.Module:
-    """The timm model backbone.json describes (conv stem and sin-cos positions included), loaded strictly."""
+    """The timm model config.json describes (conv stem and sin-cos positions included), loaded strictly."""
     try:
-        model = create_from_config(read_config(out_dir))
-        model.load_state_dict(load_file(str(out_dir / "backbone.safetensors")), strict=True)
+        model = contract.load_strict(out_dir)
     except (RuntimeError, ValueError) as e:
         raise CheckFailed(f"timm check: the backbone written to {out_dir} does not load strictly into timm: "
                           + " ".join(str(e).split())) from None
@@ -409,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
             source = source.parent  # a DeepSpeed file: its checkpoint folder
         if source.is_file():
             converted = convert_file(source, args.num_heads, check=not args.no_check)
+        elif source.is_dir() and contract.folder_format(source) == "legacy":
+            converted = convert_legacy(source)
         elif source.is_dir():
             converted = convert_run(source, args.tag)
         else:
@@ -419,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             save_export(args.out, converted.name, converted.state_dict, converted.config)
             logger.info("%s is not a timm backbone: no timm check", converted.name)
             return 0
-        save_backbone(args.out, converted.state_dict, converted.config)
+        save_export(args.out, contract.BACKBONE_EXPORT, converted.state_dict, converted.config)
         if args.no_check:
             return 0
         if converted.features is None:

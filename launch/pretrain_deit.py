@@ -52,7 +52,7 @@ def load_teacher(cfg: DeiTConfig) -> Teacher:
                 raise ConfigError(f"model.teacher={spec}: {folder} is a backbone without a classifier head "
                                   "(num_classes 0); a teacher must classify: give a finetune_cls export")
             model = bb.create_from_config(meta)
-            state = load_file(str(folder / bb.WEIGHTS_NAME))
+            state = bb.read_weights(folder)
             overlay = meta.get("pretrained_cfg_overlay", {})
             mean = tuple(overlay.get("mean", model.pretrained_cfg.get("mean", IMAGENET_DEFAULT_MEAN)))
             std = tuple(overlay.get("std", model.pretrained_cfg.get("std", IMAGENET_DEFAULT_STD)))

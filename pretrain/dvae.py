@@ -53,11 +53,12 @@ from typing import Any, Callable, ClassVar, Literal, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
+from contracts.backbone import save_export
 logger = logging.getLogger(__name__)
 
 # DALL-E's logit-Laplace margin: pixels are mapped into [eps, 1 - eps] so their logit stays finite.
@@ -381,12 +382,8 @@ def _strip_module(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def save_tokenizer(folder: str | Path, model: DiscreteVAE, **extra: Any) -> Path:
     """Write <folder>/tokenizer.safetensors (float32 weights) + tokenizer.json; returns the folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in _strip_module(model.state_dict()).items()}
-    save_file(tensors, str(folder / f"{TOKENIZER_NAME}.safetensors"))
-    (folder / f"{TOKENIZER_NAME}.json").write_text(json.dumps(tokenizer_meta(model.cfg, **extra), indent=2) + "\n")
-    return folder
+    return save_export(folder, TOKENIZER_NAME, tensors, tokenizer_meta(model.cfg, **extra))
 
 
 def find_tokenizer(folder: str | Path) -> Path:
@@ -403,7 +400,7 @@ def find_tokenizer(folder: str | Path) -> Path:
         if (candidate / f"{TOKENIZER_NAME}.json").is_file():
             return candidate
     found = sorted(p.name for p in folder.iterdir())[:10]
-    what = " (a backbone export, not a tokenizer)" if "backbone.json" in found else ""
+    what = " (a backbone export, not a tokenizer)" if {"config.json", "backbone.json"} & set(found) else ""
     raise FileNotFoundError(f"no {TOKENIZER_NAME}.json in {folder} (nor in its export/){what}; it holds "
                             f"{found or 'nothing'}; {hint}")
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_pipeline.stream import build_stream
+from contracts.backbone import LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME, read_config
 from finetune import backbone as bb
 from launch import convert_checkpoint, finetune_cls, pretrain_beit
 from pretrain.beit import (BEiTConfig, BEiTForMaskedImageModeling, BEiTTask, beit_encoder_features,
@@ -217,7 +218,7 @@ def test_job_with_tokenizer_end_to_end_then_finetune(tokenizer_dir, shards, tmp_
     assert {"val/loss", "val/mlm_accuracy"} <= set(final)
     events = EventAccumulator(str(run / "tb")).Reload()
     assert "images/predictions" in events.Tags()["images"] and "val/mlm_accuracy" in events.Tags()["scalars"]
-    meta = json.loads((run / "export" / "backbone.json").read_text())
+    meta = read_config(run / "export")
     assert meta["architecture"].startswith("beit") and meta["source"] == "beit"
 
     # finetune_cls takes the BEiT export unchanged (relative tables resized to its grid, average pooling)
@@ -233,7 +234,7 @@ def test_mean_color_target_runs_without_a_tokenizer(shards, tmp_path):
     args = TINY_ARGS + ["target=mean_color", f"data.train={shards.url}", "data.val=", "optim.max_steps=2",
                         "ckpt.every=0", f"run.dir={tmp_path}", "run.name=mc"]
     assert pretrain_beit.main(args) == 0
-    meta = json.loads((tmp_path / "pretrain_beit" / "mc" / "export" / "backbone.json").read_text())
+    meta = read_config(tmp_path / "pretrain_beit" / "mc" / "export")
     assert meta["target"] == "mean_color" and meta["model_kwargs"]["num_classes"] == 0
 
 
@@ -249,17 +250,20 @@ def test_run_without_layer_scale_exports_and_converts(shards, tmp_path):
         if folder.name.startswith("converted"):
             extra = ["--no-check"] if folder.name.endswith("nocheck") else []
             assert convert_checkpoint.main([str(run), "--out", str(folder), *extra]) == 0
-        meta = json.loads((folder / "backbone.json").read_text())
+        meta = read_config(folder)
         assert meta["architecture"].startswith("beit") and meta["model_kwargs"]["init_values"] == 0.0
-        tensors = load_file(str(folder / "backbone.safetensors"))
+        tensors = load_file(str(folder / "model.safetensors"))
         assert not any("gamma" in k for k in tensors)
         model = timm.create_model(meta["architecture"], pretrained=False, **meta["model_kwargs"]).eval()
         model.load_state_dict(tensors, strict=True)
     # a backbone.json from before the fix (init_values: null) loads too
-    meta = json.loads((run / "export" / "backbone.json").read_text())
+    meta = read_config(run / "export")
     meta["model_kwargs"]["init_values"] = None
-    (run / "export" / "backbone.json").write_text(json.dumps(meta))
-    bb.load_backbone(run / "export")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / LEGACY_CONFIG_NAME).write_text(json.dumps(meta))
+    (legacy / LEGACY_WEIGHTS_NAME).write_bytes((run / "export" / "model.safetensors").read_bytes())
+    bb.load_backbone(legacy)
 
 
 @pytest.mark.multiproc
@@ -276,5 +280,5 @@ def test_two_ranks_deepspeed_then_convert(tokenizer_dir, shards, tmp_path):
     # the converter rebuilds the BEiT model from the saved config (no tokenizer needed) and compares features
     out = tmp_path / "converted"
     assert convert_checkpoint.main([str(run), "--out", str(out)]) == 0
-    meta = json.loads((out / "backbone.json").read_text())
+    meta = read_config(out)
     assert meta["converted_from"]["job"] == "pretrain_beit" and meta["architecture"].startswith("beit")

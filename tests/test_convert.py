@@ -1,7 +1,6 @@
 """launch/convert_checkpoint.py: real DeepSpeed checkpoints of the MAE job (1 and 2 ranks, ZeRO 0-3, bf16) and the
 reference repos' checkpoint formats -> timm backbones that load strictly and give the source model's features."""
 import argparse
-import json
 import logging
 import os
 import subprocess
@@ -18,6 +17,7 @@ from safetensors.torch import load_file
 from test_deepspeed_multiproc import ROOT, TINY_MODEL, deepspeed_launch
 from timm.models.beit import gen_relative_position_index
 
+from contracts.backbone import read_config
 from launch.convert_checkpoint import ConvertError, deepspeed_classes, main, saved_config
 from launch.pretrain_mae import main as pretrain_mae
 from launch.runtime import checkpoint
@@ -62,7 +62,7 @@ def reference_weights(run_dir: Path, name: str) -> tuple[dict[str, torch.Tensor]
         states = torch.load(checkpoint.model_states_file(ckpt_dir / "step00000002"), map_location="cpu",
                             weights_only=True)
         return states["module"], True
-    return load_file(str(run_dir / "export" / "backbone.safetensors")), False
+    return load_file(str(run_dir / "export" / "model.safetensors")), False
 
 
 def mae_features(model: MaskedAutoencoderViT, imgs: torch.Tensor) -> torch.Tensor:
@@ -75,10 +75,10 @@ def mae_features(model: MaskedAutoencoderViT, imgs: torch.Tensor) -> torch.Tenso
 
 
 def load_timm(out_dir: Path) -> torch.nn.Module:
-    """timm.create_model from backbone.json + strict load of backbone.safetensors, asserting no missing/unexpected."""
-    config = json.loads((out_dir / "backbone.json").read_text())
+    """timm.create_model from config.json + strict load of model.safetensors, asserting no missing/unexpected."""
+    config = read_config(out_dir)
     model = timm.create_model(config["architecture"], pretrained=False, **config["model_kwargs"])
-    missing, unexpected = model.load_state_dict(load_file(str(out_dir / "backbone.safetensors")), strict=True)
+    missing, unexpected = model.load_state_dict(load_file(str(out_dir / "model.safetensors")), strict=True)
     assert not missing and not unexpected
     return model.eval()
 
@@ -88,13 +88,13 @@ def load_timm(out_dir: Path) -> torch.nn.Module:
 def test_run_checkpoint_converts_to_timm_with_the_same_features(runs, name, tmp_path):
     run_dir, out = runs[name], tmp_path / "out"
     assert main([str(run_dir), "--out", str(out), "--atol", str(ATOL)]) == 0
-    backbone = load_file(str(out / "backbone.safetensors"))
-    config = json.loads((out / "backbone.json").read_text())
+    backbone = load_file(str(out / "model.safetensors"))
+    config = read_config(out)
     assert config["source"] == "mae" and config["converted_from"]["step"] == 2
     assert not any(k.startswith(("decoder_", "mask_token")) for k in backbone) and "pos_embed" in backbone
 
     # the same fp32 master weights the run exported from its live engine, bit for bit
-    live = load_file(str(run_dir / "export" / "backbone.safetensors"))
+    live = load_file(str(run_dir / "export" / "model.safetensors"))
     assert backbone.keys() == live.keys()
     for key in backbone:
         torch.testing.assert_close(backbone[key], live[key], rtol=0, atol=0)
@@ -114,9 +114,9 @@ def test_run_dir_forms_and_tags(runs, tmp_path, caplog):
     ckpt_dir = runs["zero2"] / "checkpoints"
     assert main([str(ckpt_dir), "--tag", "step00000001", "--out", str(tmp_path / "a"), "--no-check"]) == 0
     assert main([str(ckpt_dir / "step00000002"), "--out", str(tmp_path / "b"), "--no-check"]) == 0
-    first, last = (load_file(str(tmp_path / d / "backbone.safetensors")) for d in "ab")
+    first, last = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
     assert not torch.equal(first["blocks.0.attn.qkv.weight"], last["blocks.0.attn.qkv.weight"])  # one step apart
-    assert json.loads((tmp_path / "a" / "backbone.json").read_text())["converted_from"]["step"] == 1
+    assert read_config(tmp_path / "a")["converted_from"]["step"] == 1
 
     caplog.clear()
     with caplog.at_level(logging.ERROR):
@@ -235,9 +235,9 @@ def test_reference_checkpoint_converts_to_timm_with_the_same_features(fmt, tmp_p
     torch.save(checkpoint_file, tmp_path / "source.pth")
     out = tmp_path / "out"
     assert main([str(tmp_path / "source.pth"), "--out", str(out), "--atol", str(ATOL)]) == 0
-    config = json.loads((out / "backbone.json").read_text())
+    config = read_config(out)
     assert config["converted_from"]["format"] == fmt.removesuffix("_no_layer_scale")
-    backbone = load_file(str(out / "backbone.safetensors"))
+    backbone = load_file(str(out / "model.safetensors"))
     assert not any(k.startswith(("decoder_", "mask_token", "lm_head", "head", "rel_pos_bias")) for k in backbone)
     assert not any(k.endswith("relative_position_index") for k in backbone)
     model = load_timm(out)

@@ -74,7 +74,7 @@ def test_train_checkpoint_resume(shards, tmp_path, stage):
     assert config["zero_optimization"]["stage"] == stage and config["train_batch_size"] == 8
 
     # the export is the optimizer's fp32 master weights, as DeepSpeed's own consolidation reads them from disk
-    backbone = load_file(str(run_dir / "export" / "backbone.safetensors"))
+    backbone = load_file(str(run_dir / "export" / "model.safetensors"))
     reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="step00000004")
     for key in ("patch_embed.proj.weight", "blocks.1.attn.qkv.weight", "norm.weight"):
         torch.testing.assert_close(backbone[key], reference[key].float(), rtol=0, atol=0)

@@ -331,17 +331,21 @@ def test_job_in_process_with_a_teacher_file_and_conversion(tmp_path, digits_like
     assert "dist_token" in module and not any("teacher" in k or k.startswith("conv1") for k in module)
 
     plain = strict_load_backbone(run_dir / "export")
-    meta = json.loads((run_dir / "export" / "classifier.json").read_text())
+    meta = bb.read_config(run_dir / "export" / "classifier")
     classifier = timm.create_model(meta["architecture"], pretrained=False, **meta["model_kwargs"])
-    classifier.load_state_dict(load_file(str(run_dir / "export" / "classifier.safetensors")), strict=True)
+    classifier.load_state_dict(load_file(str(run_dir / "export" / "classifier" / bb.WEIGHTS_NAME)), strict=True)
     assert _top1(classifier.eval(), digits_like[1]) == pytest.approx(final["val/top1"])
+    # the classifier folder is timm's own: plain timm loads it, with the train set's class names
+    local = timm.create_model(f"local-dir:{run_dir / 'export' / 'classifier'}", pretrained=True).eval()
+    assert _top1(local, digits_like[1]) == pytest.approx(final["val/top1"])
+    assert local.pretrained_cfg["label_names"] == meta["classes"] and len(meta["classes"]) == local.num_classes
     assert plain.num_classes == 0
 
     assert JOB in JOBS
     assert convert_checkpoint.main([str(run_dir), "--out", str(tmp_path / "converted")]) == 0
-    for name in ("backbone", "classifier"):   # the whole classifier too, as the run exported it
-        converted = load_file(str(tmp_path / "converted" / f"{name}.safetensors"))
-        exported = load_file(str(run_dir / "export" / f"{name}.safetensors"))
+    for name in (".", "classifier"):   # the backbone, and the whole classifier too, as the run exported it
+        converted = load_file(str(tmp_path / "converted" / name / bb.WEIGHTS_NAME))
+        exported = load_file(str(run_dir / "export" / name / bb.WEIGHTS_NAME))
         assert converted.keys() == exported.keys() and all(torch.equal(converted[k], exported[k]) for k in exported)
 
 
@@ -399,4 +403,4 @@ def test_two_rank_deepspeed_smoke(tmp_path, digits_like, teacher_file):
     module = torch.load(next((run_dir / "checkpoints").glob("step*/mp_rank_00_model_states.pt")), map_location="cpu",
                         weights_only=True)["module"]
     assert set(module) == set(DeiTTask(tiny_cfg(**{"distill": "hard"})).model.state_dict())
-    assert (run_dir / "export" / "classifier.safetensors").is_file()
+    assert (run_dir / "export" / "classifier" / bb.WEIGHTS_NAME).is_file()

@@ -320,7 +320,7 @@ def test_job_runs_and_logs_every_loss_term_and_map(tmp_path, coco_shards):
     events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0}).Reload()
     assert "images/detections/0" in events.Tags()["images"]
     # the export is the finetuned backbone as a timm folder
-    meta = json.loads((run_dir / "export" / bb.CONFIG_NAME).read_text())
+    meta = bb.read_config(run_dir / "export")
     assert meta["categories"] == [{"id": 2, "name": "two"}, {"id": 7, "name": "seven"}]
     model = bb.create_from_config(meta)
     model.load_state_dict(load_file(str(run_dir / "export" / bb.WEIGHTS_NAME)), strict=True)

@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 
+from contracts.backbone import read_config
 from pretrain.export import (GENERIC_ARCHITECTURE, encoder_to_timm, load_backbone, save_backbone,
                              strip_wrapper_prefixes, timm_architecture)
 from pretrain.mae import MAE_ARCHS, MAEConfig, MAETask
@@ -58,7 +59,7 @@ def test_export_accepts_wrapped_keys_and_missing_frozen_pos_embed(task):
 def test_save_and_load_backbone_round_trip(task, tmp_path):
     state, config = task.export(task.model.state_dict())
     save_backbone(tmp_path / "export", state, config)
-    assert json.loads((tmp_path / "export" / "backbone.json").read_text()) == json.loads(json.dumps(config))
+    assert read_config(tmp_path / "export") == json.loads(json.dumps(config))
     vit = load_backbone(tmp_path / "export")
     for k, v in vit.state_dict().items():
         assert torch.equal(v, state[k]), k

@@ -434,7 +434,7 @@ def test_zero3_checkpoint_of_two_ranks_resumes_on_one(shards, tmp_path):
     written = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="step00000004")
     out = run(python_job(*args, "run.resume=auto")).stdout  # nothing left to train: load, then export
     assert "written by 2 ranks, now 1 (via DeepSpeed's universal checkpoint)" in out
-    backbone = load_file(str(tmp_path / "runs" / "pretrain_mae" / "el" / "export" / "backbone.safetensors"))
+    backbone = load_file(str(tmp_path / "runs" / "pretrain_mae" / "el" / "export" / "model.safetensors"))
     for key in ("patch_embed.proj.weight", "blocks.1.mlp.fc2.weight", "norm.bias"):
         assert torch.equal(backbone[key], written[key].float()), key
     run(python_job(*args, "run.resume=auto", "optim.max_steps=6"))

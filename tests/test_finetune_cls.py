@@ -262,7 +262,7 @@ def test_linear_probe_trunk_is_frozen(tmp_path):
     assert any("running_var" in k for k in trunk)
     for key, value in trunk.items():
         assert torch.equal(tensors[key], value), key
-    meta = json.loads((export / bb.CONFIG_NAME).read_text())
+    meta = bb.read_config(export)
     model = bb.create_from_config(meta)
     model.load_state_dict(tensors, strict=True)
     assert model.head.out_features == 10 and not torch.allclose(tensors["head.weight"], torch.zeros(1))
@@ -340,7 +340,7 @@ def test_finetune_from_mae_export_end_to_end(mae_export, tmp_path, caplog):
     image = events.Images("images/confusion_matrix")[-1]
     assert image.step == 90 and image.width > 100
 
-    meta = json.loads((run_dir / "export" / bb.CONFIG_NAME).read_text())
+    meta = bb.read_config(run_dir / "export")
     assert meta["model_kwargs"]["num_classes"] == 10 and meta["model_kwargs"]["img_size"] == 32
     assert meta["classes"] == [str(i) for i in range(10)] and meta["source"] == "finetune_cls"
     model = timm.create_model(meta["architecture"], **meta["model_kwargs"])
@@ -349,7 +349,7 @@ def test_finetune_from_mae_export_end_to_end(mae_export, tmp_path, caplog):
     top1, loss = digits_eval(model, 32, overlay["mean"], overlay["std"])
     assert top1 == pytest.approx(final["val/top1"]) and loss == pytest.approx(final["val/loss"], rel=1e-4)
 
-    best = json.loads((run_dir / "export_best" / bb.CONFIG_NAME).read_text())["best"]
+    best = bb.read_config(run_dir / "export_best")["best"]
     assert best["metric"] == "val/top1" and best["value"] == max(r["val/top1"] for r in evals)
     assert (run_dir / "checkpoints" / "best").is_dir()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000090"
@@ -363,7 +363,7 @@ def test_finetune_from_mae_export_end_to_end(mae_export, tmp_path, caplog):
     assert not any("holds no EMA" in r.getMessage() for r in caplog.records)
     evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "val/top1" in r]
     assert [r["step"] for r in evals] == [45, 90, 135]
-    best = json.loads((run_dir / "export_best" / bb.CONFIG_NAME).read_text())["best"]
+    best = bb.read_config(run_dir / "export_best")["best"]
     assert best["value"] == max(r["val/top1"] for r in evals)
 
 
@@ -376,7 +376,7 @@ def test_from_scratch_simplevit_with_mixup(tmp_path):
     assert len(rows) == 2 and all(math.isfinite(r["train/loss"]) for r in rows)
     assert all("train/top1" not in r for r in rows)  # no hard-label accuracy on mixed batches
     export = tmp_path / JOB / "t" / "export"
-    meta = json.loads((export / bb.CONFIG_NAME).read_text())
+    meta = bb.read_config(export)
     assert meta["pos_embed"] == "sincos" and meta["embed_layer"] == {"type": "conv_stem", "channels": [8, 16, 24]}
     model = bb.create_from_config(meta)
     tensors = load_file(str(export / bb.WEIGHTS_NAME))
@@ -388,7 +388,7 @@ def test_timm_architecture_by_name(tmp_path):
     args = run_args(tmp_path, "model.init=timm:vit_tiny_patch16_224", "model.img_size=32", "optim.max_steps=2",
                     "log.every=1", "data.val=")
     assert finetune_cls.main(args) == 0
-    meta = json.loads((tmp_path / JOB / "t" / "export" / bb.CONFIG_NAME).read_text())
+    meta = bb.read_config(tmp_path / JOB / "t" / "export")
     assert meta["architecture"] == "vit_tiny_patch16_224" and meta["model_kwargs"] == {"num_classes": 10,
                                                                                        "img_size": 32}
     model = timm.create_model(meta["architecture"], **meta["model_kwargs"])
@@ -406,7 +406,7 @@ def test_two_rank_top1_counts_every_sample_once(tmp_path):
                                                          "engine.zero_stage=2"))
     run_dir = tmp_path / JOB / "t"
     final = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "val/top1" in r][-1]
-    meta = json.loads((run_dir / "export" / bb.CONFIG_NAME).read_text())
+    meta = bb.read_config(run_dir / "export")
     assert meta["embed_layer"]["type"] == "conv_stem"  # the tiny preset's stem
     model = bb.create_from_config(meta)
     model.load_state_dict(load_file(str(run_dir / "export" / bb.WEIGHTS_NAME)), strict=True)

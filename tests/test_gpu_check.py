@@ -45,7 +45,7 @@ def test_cpu_rehearsal_runs_every_row_and_leaves_nothing(tmp_path):
     assert report["mode"] == "cpu" and not report["leftover_processes_killed"]
     # the figures each row is there for
     assert rows["mae_resume"]["figures"]["step"] == 3   # resumed at step 2, ran to 1.5 x 2
-    assert "backbone.safetensors" in rows["convert"]["figures"]["files"]
+    assert "model.safetensors" in rows["convert"]["figures"]["files"]
     assert rows["detr"]["figures"]["val/map"] >= 0 and "val/top1" in rows["cls"]["figures"]
     for method in ("mae", "beit"):
         numerics = rows["numerics"]["figures"][method]

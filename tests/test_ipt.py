@@ -334,8 +334,8 @@ def test_vit_backbone_maps_onto_the_encoder(tmp_path):
     meta = bb.scratch_vit_config(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=4.0,
                                  class_token=True, global_pool="token", num_classes=0)
     vit = bb.create_from_config(meta).eval()
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / bb.WEIGHTS_NAME))
-    (tmp_path / bb.CONFIG_NAME).write_text(json.dumps(meta))
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / bb.LEGACY_WEIGHTS_NAME))
+    (tmp_path / bb.LEGACY_CONFIG_NAME).write_text(json.dumps(meta))
     model = IPT(IPTArch(**TINY_ARCH, tasks=["sr2"])).eval()
     report = load_vit_body(model, tmp_path)
     tokens = torch.randn(2, 36, 32)

@@ -115,7 +115,7 @@ def test_two_nodes_without_a_shared_run_dir(shards, tmp_path):
     expected = losses(run_dirs[0] / "metrics.jsonl")
     assert sorted(expected) == list(range(1, 7))
     assert not (run_dirs[1] / "metrics.jsonl").exists() and not (run_dirs[1] / "export").exists()  # rank 0's node
-    reference = load_file(str(run_dirs[0] / "export" / "backbone.safetensors"))
+    reference = load_file(str(run_dirs[0] / "export" / "model.safetensors"))
     for node, ckpt in enumerate(ckpts):
         tag_dir = ckpt / "step00000004"
         assert checkpoint.is_complete(tag_dir)
@@ -145,7 +145,7 @@ def test_two_nodes_without_a_shared_run_dir(shards, tmp_path):
     assert "resuming from runs/pretrain_mae/mn/checkpoints/step00000004" in results[0].stdout
     assert "'latest' -> step00000002 is older" in results[0].stdout
     assert losses(run_dirs[0] / "metrics.jsonl") == expected
-    resumed = load_file(str(run_dirs[0] / "export" / "backbone.safetensors"))
+    resumed = load_file(str(run_dirs[0] / "export" / "model.safetensors"))
     assert resumed.keys() == reference.keys()
     for key, value in reference.items():
         assert torch.equal(value, resumed[key]), key

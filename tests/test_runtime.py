@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from contracts.backbone import read_config
 from launch.pretrain_mae import main
 from launch.runtime import checkpoint, distributed, engine as engine_lib
 
@@ -137,8 +138,8 @@ def test_single_process_run_then_resume(photo_shards, tmp_path, caplog):
     assert states["step"] == 6 and states["data"] == {"epoch": 0, "batch_in_epoch": 6}
     assert states["config"]["optim"]["max_steps"] == 6 and len(states["rng"]) == 1
 
-    backbone = load_file(str(run_dir / "export" / "backbone.safetensors"))
-    meta = json.loads((run_dir / "export" / "backbone.json").read_text())
+    backbone = load_file(str(run_dir / "export" / "model.safetensors"))
+    meta = read_config(run_dir / "export")
     assert meta["model_kwargs"]["embed_dim"] == 32 and meta["model_kwargs"]["depth"] == 2
     assert not any(k.startswith(("decoder", "mask_token")) for k in backbone)
     torch.testing.assert_close(backbone["patch_embed.proj.weight"],
@@ -228,7 +229,7 @@ def test_bf16_run_exports_fp32_master_weights(photo_shards, tmp_path):
                                                         "data.val": "", "log.images_every": 0, "ckpt.every": 0})
     assert main(args) == 0
     run_dir = tmp_path / "pretrain_mae" / "t"
-    backbone = load_file(str(run_dir / "export" / "backbone.safetensors"))
+    backbone = load_file(str(run_dir / "export" / "model.safetensors"))
     states = torch.load(checkpoint.model_states_file(run_dir / "checkpoints" / "step00000002"), map_location="cpu",
                         weights_only=True)
     module = states["module"]["blocks.0.attn.qkv.weight"]

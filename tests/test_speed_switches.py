@@ -69,7 +69,7 @@ def test_compiled_job_trains_like_the_eager_one(photo_shards, tmp_path):  # noqa
         assert main(args) == 0
         run_dir = tmp_path / "pretrain_mae" / name
         losses[name] = [r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
-        assert (run_dir / "export" / "backbone.safetensors").exists()
+        assert (run_dir / "export" / "model.safetensors").exists()
     cfg = yaml.safe_load((tmp_path / "pretrain_mae" / "compiled" / "config.yaml").read_text())
     assert cfg["engine"]["compile"] is True and cfg["engine"]["fused_attention"] is False
     assert cfg["data"]["prefetch_factor"] == 3 and cfg["data"]["pin_memory"] is False

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
-from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple
 from timm.optim import param_groups_layer_decay
@@ -170,7 +169,7 @@ def build_backbone(cfg: DETRConfig, load: bool = True) -> tuple[nn.Module, dict[
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "patch_embed"):
         raise ValueError(f"model.init={init}: {source['architecture']} is not a plain ViT")
     if load:
-        report = bb.load_weights(model, load_file(str(folder / bb.WEIGHTS_NAME)), source)
+        report = bb.load_weights(model, bb.read_weights(folder), source)
         if report.resampled:
             logger.info("backbone position table resampled %s -> %s", *report.resampled)
     meta = {k: v for k, v in source.items() if k in ("architecture", "embed_layer", "pos_embed",

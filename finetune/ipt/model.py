@@ -377,7 +377,7 @@ def load_vit_body(model: IPT, folder: str | Path) -> InitReport:
     ratio = kwargs.get("mlp_ratio", 4.0)
     if ratio != arch.mlp_ratio:
         raise ValueError(f"the ViT in {folder} has mlp_ratio {ratio}; set model.mlp_ratio={ratio}")
-    state = load_file(str(folder / bb.WEIGHTS_NAME))
+    state = bb.read_weights(folder)
     depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
     mapped: dict[str, Tensor] = {}
     for key, value in state.items():

@@ -14,7 +14,7 @@ Optional task hooks (a task without them runs unchanged):
     load_extra_state(state)     and given back on resume
     train_collate, eval_collate picklable callables(list of map_fn outputs) -> batch, run in the data workers
                                 (default: torch's default_collate), e.g. per-batch degradations, detection targets
-    export_name                 basename of the exported files (default "backbone": backbone.safetensors + .json)
+    export_name                 name of the export (default "backbone": timm's config.json + model.safetensors)
     required_members            the members every sample must hold, e.g. ("image", "cls") (default ("image",)):
                                 passed to build_stream, which skips a sample without one as missing_label etc.
     extra_exports(state_dict)   -> {name: (tensors, meta)}: more files beside the export, e.g. DeiT's whole
@@ -528,6 +528,8 @@ class Trainer:
             state["best"] = dict(self.best)
         if hasattr(self.task, "extra_state"):
             state["task"] = self.task.extra_state()
+        if getattr(self.task, "class_names", None):  # a classifier's label names travel with its checkpoints
+            state["label_names"] = [str(c) for c in self.task.class_names]
         return state
 
     def save(self) -> Path:
@@ -542,9 +544,10 @@ class Trainer:
         return getattr(self.task, "export_name", "backbone")
 
     def export(self, out_dir: Path | None = None, extra: dict[str, Any] | None = None) -> Path:
-        """Backbone from the consolidated fp32 weights: out_dir (run_dir/export) / backbone.safetensors +
-        backbone.json (or the task's `export_name`), with `extra` added to the json. Collective."""
-        from safetensors.torch import save_file
+        """Backbone from the consolidated fp32 weights into out_dir (run_dir/export), written by
+        contracts.backbone.save_export: a backbone as timm's folder (config.json + model.safetensors), other exports
+        by the task's `export_name` (tokenizer.*, ipt.*); `extra` is added to the meta. Collective."""
+        from contracts.backbone import save_export
 
         state = engine_lib.full_state_dict(self.engine, self.world.is_main)
         out_dir = out_dir or self.run_dir / "export"
@@ -557,9 +560,7 @@ class Trainer:
             if hasattr(self.task, "extra_exports"):
                 exports.update(self.task.extra_exports(state))
             for name, (tensors, meta) in exports.items():
-                save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()},
-                          str(out_dir / f"{name}.safetensors"))
-                (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+                save_export(out_dir, name, tensors, meta)
         distributed.barrier()
         return out_dir
 
@@ -634,7 +635,7 @@ class Trainer:
                         self.best["value"], self.best["step"], checkpoint.BEST_TAG, self.run_dir / "export_best")
         logger.info("TensorBoard:  tensorboard --logdir %s", self.run_dir / "tb")
         logger.info("checkpoint:   %s", self.ckpt_dir / checkpoint.tag_for(self.step))
-        logger.info("export:       %s (+ %s.json)", export_dir / f"{self.export_name}.safetensors", self.export_name)
+        logger.info("export:       %s", export_dir)
         logger.info("convert:      python launch/convert_checkpoint.py %s --out %s", self.run_dir,
                     self.run_dir / "export")
         return 0
