@@ -5,8 +5,9 @@ Finetuning (He et al. 2021, arXiv 2111.06377 appendix A.2; facebookresearch/mae 
 (trunc-normal std 2e-5), global average pooling of the patch tokens into a new `fc_norm` (or the class token),
 layer-wise lr decay (timm's `param_groups_layer_decay`; the runtime applies each group's `lr_scale`), drop path,
 RandAugment + RandomErasing (timm's `create_transform`), Mixup/CutMix with label smoothing (timm's `Mixup` +
-`SoftTargetCrossEntropy`; `LabelSmoothingCrossEntropy` when mixing is off), an optional EMA of the weights
-(timm's `ModelEmaV3`, evaluated beside the model), top-1/top-5 over all ranks.
+`SoftTargetCrossEntropy`; `LabelSmoothingCrossEntropy` when mixing is off; contracts/supervised.py, shared with
+DeiT), top-1/top-5 over all ranks (`timm.utils.accuracy`). An EMA of the weights is the runtime's (optim.ema_decay:
+val/*_ema, export_ema/).
 
 Linear probe (MAE main_linprobe.py): the trunk frozen and kept in eval mode, its pooled feature (class token or
 the backbone's own pooling) through BatchNorm1d without affine parameters (eps 1e-6) and a Linear head
@@ -29,15 +30,14 @@ import numpy as np
 import timm
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple, trunc_normal_
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
-from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from contracts.supervised import SupervisedRecipe, batch_sums, check_classes
+from contracts.task import TaskHooks
 from finetune import backbone as bb
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,6 @@ class ClassificationConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)   # RandomResizedCrop area range (train, both modes)
     hflip: float = 0.5             # horizontal flip probability (train, both modes); 0 where a mirror changes the class
     crop_pct: float = 0.875        # eval: resize to img_size / crop_pct, centre crop img_size
-    ema_decay: float = 0.0         # EMA of the weights per optimizer step (e.g. 0.9999); 0 = off; needs ZeRO <= 2
     grad_checkpointing: bool = False   # recompute each block in backward (memory for ViT-L/H)
 
     # each field's range, checked (with finiteness) by the job config before the dataclass is built
@@ -105,7 +104,7 @@ class ClassificationConfig:
         "num_heads": ">= 1", "mlp_ratio": "> 0", "conv_stem": ">= 1", "head_init_std": ">= 0",
         "layer_decay": "(0, 1]", "drop_path": "[0, 1)", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
         "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1)", "reprob": "[0, 1]", "crop_scale": "(0, 1]",
-        "hflip": "[0, 1]", "crop_pct": "(0, 1]", "ema_decay": "[0, 1)"}
+        "hflip": "[0, 1]", "crop_pct": "(0, 1]"}
 
     def __post_init__(self) -> None:
         self.crop_scale = tuple(self.crop_scale)  # a JSON round trip hands back a list
@@ -142,8 +141,6 @@ class ClassificationConfig:
             errors.append(f"model.num_classes={self.num_classes} must be >= 2")
         if not 0 < self.layer_decay <= 1:
             errors.append(f"model.layer_decay={self.layer_decay} must be in (0, 1]")
-        if not 0 <= self.ema_decay < 1:
-            errors.append(f"model.ema_decay={self.ema_decay} must be in [0, 1)")
         if errors:
             raise ValueError("; ".join(errors))
 
@@ -290,8 +287,8 @@ def render_confusion(confusion: Tensor, names: list[str]) -> Tensor:
     return torch.from_numpy(rgba[..., :3].copy()).permute(2, 0, 1).float() / 255.0
 
 
-class ClassificationTask:
-    """Finetuning or linear probing for the shared runtime (contracts.md: the Task interface)."""
+class ClassificationTask(TaskHooks):
+    """Finetuning or linear probing for the shared runtime (contracts/task.py: the Task interface)."""
 
     required_members = ("image", "cls")  # a sample without its label is counted as missing_label
 
@@ -326,27 +323,18 @@ class ClassificationTask:
         self.eval_transform: Callable[[dict], dict] = ClassificationEvalTransform(
             self.img_size, crop_pct=cfg.crop_pct, mean=self.mean, std=self.std)
 
-        mixing = not self.probe and (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0
-        self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                           switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.label_smoothing,
-                           num_classes=cfg.num_classes) if mixing else None
-        if mixing:  # the smoothing is in the mixed soft targets
-            self.criterion: nn.Module = SoftTargetCrossEntropy()
-        elif not self.probe and cfg.label_smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
-        else:
-            self.criterion = nn.CrossEntropyLoss()
-        # an fp32 copy: a bf16 EMA at decay 0.9999 would round every update away
-        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, dtype=torch.float32) if cfg.ema_decay > 0 else None
+        # Mixup/CutMix and the loss (contracts/supervised.py); a probe: plain cross-entropy, no mixing
+        self.recipe = SupervisedRecipe(cfg.num_classes) if self.probe else SupervisedRecipe(
+            cfg.num_classes, mixup=cfg.mixup, cutmix=cfg.cutmix, mixup_prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing)
         self.confusion: Tensor | None = None   # [K, K] of the last evaluation (rows true, columns predicted)
-        self._odd_batch_warned = False
         self._flops: float | None = None
 
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
         logger.info("%s: %s from %s, %d px, %d classes, %.2fM parameters (%.2fM trained)%s", cfg.mode,
                     self.meta["architecture"], cfg.init, self.img_size, cfg.num_classes, total / 1e6,
-                    trainable / 1e6, f", EMA {cfg.ema_decay}" if self.ema else "")
+                    trainable / 1e6, "")
         if self.probe:
             logger.info("linprobe: MAE's probe recipe (crop + flip, cross-entropy); model.mixup, cutmix, "
                         "label_smoothing, auto_augment, reprob, drop_path and layer_decay are not used")
@@ -355,15 +343,7 @@ class ClassificationTask:
 
     def on_dataset(self, metadata: dict[str, Any]) -> None:
         """Check the train set against the head: a classification set with num_classes classes; keep the names."""
-        kind = metadata.get("kind")
-        if kind not in (None, "classification"):
-            raise ValueError(f"a {kind} dataset; finetune_cls needs classification shards (with a cls member)")
-        classes = metadata.get("classes")
-        if classes:
-            if len(classes) != self.cfg.num_classes:
-                raise ValueError(f"{len(classes)} classes in its index.json but model.num_classes="
-                                 f"{self.cfg.num_classes}; set model.num_classes={len(classes)}")
-            self.class_names = [str(c) for c in classes]
+        self.class_names = check_classes(metadata, self.cfg.num_classes, "finetune_cls") or self.class_names
 
     def param_groups(self) -> list[dict]:
         """Finetune: timm's layer-decay groups (each with `lr_scale`; no decay for 1-D tensors, position table,
@@ -380,67 +360,21 @@ class ClassificationTask:
         return param_groups_weight_decay(self.model, weight_decay=WEIGHT_DECAY, no_weight_decay_list=no_decay)
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        images, labels = batch["image"], batch["label"]
-        metrics: dict[str, float] = {}
-        if self.mixup is not None:
-            if images.shape[0] % 2:  # timm mixes a batch with its reverse: it needs pairs
-                if not self._odd_batch_warned:
-                    logger.warning("Mixup/CutMix need an even batch: dropping the last sample of odd batches "
-                                   "(set data.batch_size even)")
-                    self._odd_batch_warned = True
-                images, labels = images[:-1], labels[:-1]
-            images, target = self.mixup(images, labels)  # target: [N, K] soft labels
-        else:
-            target = labels
+        images, labels, target = self.recipe.mix(batch["image"], batch["label"])  # target: [N, K] when mixing
         logits = model(images).float()
-        loss = self.criterion(logits, target)
-        if self.mixup is None:
-            metrics["top1"] = 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
-        return loss, metrics
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        """Update the EMA after each optimizer step (step counts from 1)."""
-        if self.ema is None:
-            return
-        module = getattr(model, "module", model)
-        if any(hasattr(p, "ds_id") for p in module.parameters()):
-            raise RuntimeError("model.ema_decay > 0 needs whole parameters on every rank: engine.zero_stage <= 2 "
-                               "(ZeRO-3 partitions them)")
-        self._ema_to(next(module.parameters()).device)
-        self.ema.update(module, step)
-
-    def _ema_to(self, device: torch.device) -> nn.Module:
-        if next(self.ema.module.parameters()).device != device:
-            self.ema.module.to(device)
-        return self.ema.module
-
-    def extra_state(self) -> dict[str, Any]:
-        """The EMA weights (saved in every checkpoint, so a resumed run continues the same average)."""
-        if self.ema is None:
-            return {}
-        return {"ema": {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()}}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        if self.ema is not None and "ema" in state:
-            self.ema.module.load_state_dict(state["ema"])
-        elif self.ema is not None:
-            logger.warning("resume: the checkpoint holds no EMA; the EMA restarts from the current weights")
+        return self.recipe.loss(logits, target), self.recipe.train_metrics(logits, labels)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any) -> dict[str, float]:
-        """Loss (plain cross-entropy), top-1 and top-5 (%) over the non-padding samples of all ranks; with an EMA
-        the same for its weights (`*_ema`). Keeps the confusion matrix for `images`. Collective."""
+        """Loss (plain cross-entropy), top-1 and top-5 (%) over the non-padding samples of all ranks. Keeps the
+        confusion matrix for `images`. Collective."""
         was_training = model.training
         model.eval()
         k = self.cfg.num_classes
         topk = min(5, k)
         device = next(self.model.parameters()).device
-        ema = self._ema_to(device) if self.ema is not None else None
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if ema is not None and distributed:  # each rank averaged its own BatchNorm statistics: use rank 0's
-            for buffer in ema.buffers():
-                dist.broadcast(buffer.data, src=0)
-        sums = torch.zeros(8 if ema is not None else 4, dtype=torch.float64, device=device)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
         confusion = torch.zeros(k, k, dtype=torch.int64, device=device)
         for batch in loader:
             images, labels = batch["image"], batch["label"]
@@ -449,34 +383,26 @@ class ClassificationTask:
             images, labels = images[keep], labels[keep]
             if labels.numel() == 0:
                 continue
-            outputs = [model(images).float()]
-            if ema is not None:
-                outputs.append(ema(images.float()).float())
-            for i, logits in enumerate(outputs):
-                sums[4 * i:4 * i + 4] += self._batch_sums(logits, labels, topk)
-            pred = outputs[0].argmax(dim=-1)
+            logits = model(images).float()
+            sums += batch_sums(logits, labels, topk)
+            pred = logits.argmax(dim=-1)
             confusion.view(-1).index_add_(0, labels * k + pred, torch.ones_like(labels))
         model.train(was_training)
         if distributed:
             dist.all_reduce(sums)
             dist.all_reduce(confusion)
         self.confusion = confusion.cpu()
-        results = {}
-        for i, suffix in enumerate(("", "_ema")[:len(sums) // 4]):
-            loss, top1, top5, count = sums[4 * i:4 * i + 4].tolist()
-            n = max(count, 1.0)
-            results.update({f"val_loss{suffix}": loss / n if count else math.nan,
-                            f"val_top1{suffix}": 100.0 * top1 / n, f"val_top5{suffix}": 100.0 * top5 / n})
-        return results
+        loss, top1, top5, count = sums.tolist()
+        n = max(count, 1.0)
+        return {"val_loss": loss / n if count else math.nan, "val_top1": 100.0 * top1 / n,
+                "val_top5": 100.0 * top5 / n}
 
-    @staticmethod
-    def _batch_sums(logits: Tensor, labels: Tensor, topk: int) -> Tensor:
-        """logits [N, K], labels [N] -> [loss sum, top-1 correct, top-k correct, N] (float64)."""
-        loss = F.cross_entropy(logits, labels, reduction="sum")
-        top = logits.topk(topk, dim=-1).indices  # [N, topk]
-        hits = top == labels[:, None]
-        return torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=-1).sum().double(),
-                            torch.tensor(float(labels.numel()), dtype=torch.float64, device=logits.device)])
+    def evaluate_ema(self, model: nn.Module, loader: Any) -> dict[str, float]:
+        """`evaluate` of the runtime's EMA weights; the confusion matrix stays the model's."""
+        confusion = self.confusion
+        results = self.evaluate(model, loader)
+        self.confusion = confusion
+        return results
 
     def images(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The last evaluation's confusion matrix as a [3, H, W] picture (nothing before the first evaluation)."""

@@ -15,13 +15,11 @@ top-1/top-5, confusion matrix), checkpoints/ (+ best), export/ and export_best/ 
 """
 import sys
 
-from finetune.classification import ClassificationConfig, ClassificationTask
-from launch.runtime import run_job
+from launch.jobs import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(job="finetune_cls", task_config=ClassificationConfig, build_task=ClassificationTask, argv=argv,
-                   aliases={"mode": "model.mode"})
+    return run("finetune_cls", argv)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,11 @@ finetuned backbone as a timm folder), metrics.jsonl.
 """
 import sys
 
-from finetune.detr.task import DETRConfig, DETRTask
-from launch.runtime import run_job
+from launch.jobs import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(job="finetune_detr", task_config=DETRConfig, build_task=DETRTask, argv=argv)
+    return run("finetune_detr", argv)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,11 @@ task, input | output | target pictures), checkpoints/, export/ (ipt.safetensors 
 """
 import sys
 
-from finetune.ipt.task import IPTConfig, IPTTask
-from launch.runtime import run_job
+from launch.jobs import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(job="finetune_ipt", task_config=IPTConfig, build_task=IPTTask, argv=argv,
-                   aliases={"tasks": "model.tasks"})
+    return run("finetune_ipt", argv)
 
 
 if __name__ == "__main__":

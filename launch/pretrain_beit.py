@@ -13,13 +13,11 @@ token accuracy, predictions decoded by the tokenizer), checkpoints/, export/ (ti
 """
 import sys
 
-from launch.runtime import run_job
-from pretrain.beit import BEIT_ARCHS, BEiTConfig, BEiTTask
+from launch.jobs import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(job="pretrain_beit", task_config=BEiTConfig, build_task=BEiTTask, argv=argv, archs=BEIT_ARCHS,
-                   aliases={"tokenizer": "model.tokenizer", "target": "model.target"})
+    return run("pretrain_beit", argv)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ runs/pretrain_mae/<run.name>/ (config.yaml, tb/, checkpoints/, export/, metrics.
 """
 import sys
 
-from launch.runtime import run_job
-from pretrain.mae import MAE_ARCHS, MAEConfig, MAETask
+from launch.jobs import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(job="pretrain_mae", task_config=MAEConfig, build_task=MAETask, argv=argv, archs=MAE_ARCHS)
+    return run("pretrain_mae", argv)
 
 
 if __name__ == "__main__":

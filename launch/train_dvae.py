@@ -12,12 +12,11 @@ The tokenizer lands in runs/train_dvae/<run.name>/export/tokenizer.safetensors +
 """
 import sys
 
-from launch.runtime import run_job
-from pretrain.dvae import DVAEConfig, DVAETask
+from launch.jobs import run
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job(job="train_dvae", task_config=DVAEConfig, build_task=DVAETask, argv=argv)
+    return run("train_dvae", argv)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
+from contracts.task import TaskHooks
 from pretrain.export import encoder_to_timm, timm_architecture, vit_config
 from pretrain.masking import MASK_TOKEN, RANDOM_PATCH, VISIBLE, BlockMaskingGenerator, PatchCorruption
 
@@ -335,7 +336,7 @@ def beit_to_timm_vit(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 # --- the task ----------------------------------------------------------------------------------------------------
 
-class BEiTTask:
+class BEiTTask(TaskHooks):
     """BEiT for the shared runtime: model, two-view transforms with masks, frozen tokenizer, step, evaluation,
     pictures, export.
 

@@ -2,7 +2,8 @@
 
 Touvron et al., "Training data-efficient image transformers & distillation through attention", arXiv 2012.12877;
 "DeiT III: Revenge of the ViT", arXiv 2204.07118. Adapted from facebookresearch/deit@7e160fe (models.py, losses.py,
-engine.py, main.py, augment.py), with timm's models, Mixup/CutMix, RandAugment and EMA:
+engine.py, main.py, augment.py), with timm's models, Mixup/CutMix, RandAugment and losses (the recipe it shares with
+finetune.classification lives in contracts/supervised.py; the EMA of the weights is the runtime's, optim.ema_decay):
 
 - the student is timm's `VisionTransformerDistilled`: tokens [cls, dist, patches], a position table of L + 2 rows,
   heads `head` (on cls) and `head_dist` (on dist). In training both logits feed the loss; in eval the model returns
@@ -12,7 +13,8 @@ engine.py, main.py, augment.py), with timm's models, Mixup/CutMix, RandAugment a
   (DeiT without the distillation token).
 - loss = (1 - alpha) * base(cls logits, mixed targets) + alpha * distill(dist logits, teacher logits), where base is
   the soft-target cross-entropy of the Mixup/CutMix targets with label smoothing (timm's SoftTargetCrossEntropy),
-  or DeiT III's binary cross-entropy on the binarised mixed targets; `distillation_loss` gives the two terms:
+  or DeiT III's binary cross-entropy on the binarised mixed targets (timm's BinaryCrossEntropy, threshold 0);
+  `distillation_loss` gives the distillation term:
     soft: tau^2 * KL(softmax(t / tau) || softmax(s / tau)). `kl_reduction=batchmean` (default) divides the summed
           KL by the batch size: the mean per-sample KL of the paper's formula, whose gradient does not depend on
           the number of classes. `kl_reduction=legacy` divides by batch x classes, as the reference code does
@@ -48,15 +50,15 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_weight_decay
-from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from contracts.supervised import SupervisedRecipe, batch_sums, check_classes
+from contracts.task import TaskHooks
 from pretrain.export import encoder_to_timm, timm_architecture, vit_config
 
 logger = logging.getLogger(__name__)
@@ -117,7 +119,6 @@ class DeiTConfig:
     # sees batch_size x repeats images per rank, and the lr follows the images (each group's lr_scale = repeats).
     # An epoch (one pass over the distinct samples) costs `repeats` DeiT epochs: DeiT's 300 = optim.epochs 100.
     repeats: int = 3
-    ema_decay: float = 0.0         # EMA of the weights per optimizer step (DeiT: 0.99996); 0 = off; ZeRO <= 2
     grad_checkpointing: bool = False
 
     # each field's range, checked (with finiteness) by the job config before the dataclass is built
@@ -126,7 +127,7 @@ class DeiTConfig:
         "embed_dim": ">= 1", "depth": ">= 1", "num_heads": ">= 1", "mlp_ratio": "> 0", "drop_path": "[0, 1)",
         "layer_scale": ">= 0", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
         "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1)", "color_jitter": ">= 0", "reprob": "[0, 1]",
-        "crop_scale": "(0, 1]", "hflip": "[0, 1]", "crop_pct": "(0, 1]", "repeats": ">= 1", "ema_decay": "[0, 1)"}
+        "crop_scale": "(0, 1]", "hflip": "[0, 1]", "crop_pct": "(0, 1]", "repeats": ">= 1"}
 
     def __post_init__(self) -> None:
         self.crop_scale = tuple(self.crop_scale)  # a JSON round trip hands back a list
@@ -163,8 +164,6 @@ class DeiTConfig:
             errors.append(f"model.repeats={self.repeats} must be >= 1")
         if self.num_classes < 2:
             errors.append(f"model.num_classes={self.num_classes} must be >= 2")
-        if not 0 <= self.ema_decay < 1:
-            errors.append(f"model.ema_decay={self.ema_decay} must be in [0, 1)")
         if errors:
             raise ValueError("; ".join(errors))
 
@@ -218,16 +217,6 @@ def distillation_loss(dist_logits: Tensor, teacher_logits: Tensor, mode: str, ta
     kl = F.kl_div(F.log_softmax(s / tau, dim=-1), F.log_softmax(t / tau, dim=-1), reduction="sum", log_target=True)
     denominator = s.shape[0] if kl_reduction == "batchmean" else s.numel()
     return kl * (tau * tau) / denominator
-
-
-def binary_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """DeiT III's loss: BCE-with-logits against the binarised soft targets (target > 0 -> 1; engine.py).
-
-    logits: [N, K]; target: [N, K] mixed soft targets, or [N] class indices -> scalar, mean over N * K.
-    """
-    if target.ndim == 1:
-        target = F.one_hot(target, logits.shape[-1])
-    return F.binary_cross_entropy_with_logits(logits.float(), target.gt(0).float())
 
 
 # --- the student -------------------------------------------------------------------------------------------------
@@ -300,8 +289,8 @@ def deit_encoder_features(model: nn.Module, imgs: Tensor) -> Tensor:
 
 # --- the task ----------------------------------------------------------------------------------------------------
 
-class DeiTTask:
-    """DeiT training for the shared runtime (contracts.md: the Task interface)."""
+class DeiTTask(TaskHooks):
+    """DeiT training for the shared runtime (contracts/task.py: the Task interface)."""
 
     export_name = "backbone"
     required_members = ("image", "cls")  # a sample without its label is counted as missing_label
@@ -330,18 +319,10 @@ class DeiTTask:
         self.eval_transform: Callable[[dict], dict] = ClassificationEvalTransform(
             cfg.img_size, crop_pct=cfg.crop_pct, mean=self.mean, std=self.std)
 
-        mixing = (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0
-        self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                           switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.label_smoothing,
-                           num_classes=cfg.num_classes) if mixing else None
-        if cfg.loss == "bce":
-            self.base_criterion: Callable[[Tensor, Tensor], Tensor] = binary_cross_entropy
-        elif mixing:  # the smoothing is inside the mixed targets
-            self.base_criterion = SoftTargetCrossEntropy()
-        elif cfg.label_smoothing > 0:
-            self.base_criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
-        else:
-            self.base_criterion = nn.CrossEntropyLoss()
+        # Mixup/CutMix and the base loss (contracts/supervised.py)
+        self.recipe = SupervisedRecipe(cfg.num_classes, mixup=cfg.mixup, cutmix=cfg.cutmix, mixup_prob=cfg.mixup_prob,
+                                       switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing,
+                                       loss=cfg.loss, odd_batch_hint="make data.batch_size x model.repeats even")
 
         # the teacher: a plain attribute, never registered in self.model (DeepSpeed must not see it)
         self.teacher: Teacher | None = None
@@ -350,8 +331,6 @@ class DeiTTask:
             self.teacher.model.requires_grad_(False).eval()
         self._teacher_results: dict[str, float] | None = None   # its val metrics, computed once (it is frozen)
 
-        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, dtype=torch.float32) if cfg.ema_decay > 0 else None
-        self._odd_batch_warned = False
         self._flops: float | None = None
         n = sum(p.numel() for p in self.model.parameters())
         if cfg.distill == "soft":
@@ -359,8 +338,8 @@ class DeiTTask:
         else:
             how = f"hard (alpha {self.alpha:g})" if cfg.distill == "hard" else "none"
         logger.info("DeiT: %s student, %d px / patch %d, %.2fM parameters, %d classes; distill=%s; %d view(s) per "
-                    "sample%s", "distilled" if cfg.distilled else "plain", cfg.img_size, cfg.patch_size, n / 1e6,
-                    cfg.num_classes, how, cfg.repeats, f", EMA {cfg.ema_decay}" if self.ema else "")
+                    "sample", "distilled" if cfg.distilled else "plain", cfg.img_size, cfg.patch_size, n / 1e6,
+                    cfg.num_classes, how, cfg.repeats)
         if self.teacher is not None:
             t = self.teacher
             logger.info("teacher: %s, %.2fM parameters (frozen), mean %s std %s%s", t.name,
@@ -371,15 +350,7 @@ class DeiTTask:
 
     def on_dataset(self, metadata: dict[str, Any]) -> None:
         """Check the train set against the heads: classification shards with num_classes classes."""
-        kind = metadata.get("kind")
-        if kind not in (None, "classification"):
-            raise ValueError(f"a {kind} dataset; pretrain_deit needs classification shards (with a cls member)")
-        classes = metadata.get("classes")
-        if classes:
-            if len(classes) != self.cfg.num_classes:
-                raise ValueError(f"{len(classes)} classes in its index.json but model.num_classes="
-                                 f"{self.cfg.num_classes}; set model.num_classes={len(classes)}")
-            self.class_names = [str(c) for c in classes]
+        self.class_names = check_classes(metadata, self.cfg.num_classes, "pretrain_deit") or self.class_names
 
     def param_groups(self) -> list[dict]:
         """timm's weight-decay groups (no decay for 1-D tensors, biases, position table, class and dist tokens),
@@ -422,21 +393,11 @@ class DeiTTask:
             return model(x.float() if not x.is_cuda else x).float()
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        images, labels = batch["image"], batch["label"]
+        images, labels, target = self.recipe.mix(batch["image"], batch["label"])  # target: [N, K] when mixing
         metrics: dict[str, float] = {}
-        if self.mixup is not None:
-            if images.shape[0] % 2:  # timm mixes a batch with its reverse: it needs pairs
-                if not self._odd_batch_warned:
-                    logger.warning("Mixup/CutMix need an even batch: dropping the last image of odd batches "
-                                   "(make data.batch_size x model.repeats even)")
-                    self._odd_batch_warned = True
-                images, labels = images[:-1], labels[:-1]
-            images, target = self.mixup(images, labels)  # target: [N, K] soft labels
-        else:
-            target = labels
         if self.cfg.distilled:
             cls_logits, dist_logits = model(images)
-            base = self.base_criterion(cls_logits.float(), target)
+            base = self.recipe.loss(cls_logits, target)
             teacher = self.teacher_logits(images)
             distill = distillation_loss(dist_logits, teacher, self.cfg.distill, self.cfg.tau, self.cfg.kl_reduction)
             loss = (1 - self.alpha) * base + self.alpha * distill
@@ -445,57 +406,24 @@ class DeiTTask:
                            .mean().item())
         else:
             cls_logits = model(images)
-            loss = self.base_criterion(cls_logits.float(), target)
-        if self.mixup is None:
-            metrics["top1"] = 100.0 * (cls_logits.argmax(dim=-1) == labels).float().mean().item()
+            loss = self.recipe.loss(cls_logits, target)
+        metrics.update(self.recipe.train_metrics(cls_logits, labels))
         return loss, metrics
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        """Update the EMA after each optimizer step (step counts from 1)."""
-        if self.ema is None:
-            return
-        module = getattr(model, "module", model)
-        if any(hasattr(p, "ds_id") for p in module.parameters()):
-            raise RuntimeError("model.ema_decay > 0 needs whole parameters on every rank: engine.zero_stage <= 2 "
-                               "(ZeRO-3 partitions them)")
-        self._ema_to(next(module.parameters()).device)
-        self.ema.update(module, step)
-
-    def _ema_to(self, device: torch.device) -> nn.Module:
-        if next(self.ema.module.parameters()).device != device:
-            self.ema.module.to(device)
-        return self.ema.module
-
-    def extra_state(self) -> dict[str, Any]:
-        """The EMA weights (the teacher is not state: it is rebuilt from model.teacher)."""
-        if self.ema is None:
-            return {}
-        return {"ema": {k: v.detach().cpu() for k, v in self.ema.module.state_dict().items()}}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        if self.ema is not None and "ema" in state:
-            self.ema.module.load_state_dict(state["ema"])
-        elif self.ema is not None:
-            logger.warning("resume: the checkpoint holds no EMA; the EMA restarts from the current weights")
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any) -> dict[str, float]:
         """Top-1 / top-5 (%) over the non-padding samples of all ranks. Collective.
 
         val_top1: the student as deployed (mean of the two heads' logits); val_top1_cls, val_top1_dist: each head;
-        val_top1_teacher: the teacher (once, it is frozen); val_top1_ema: the EMA student; val_loss: the student's
-        cross-entropy against the labels.
+        val_top1_teacher: the teacher (once, it is frozen); val_loss: the student's cross-entropy against the labels.
         """
         was_training = model.training
         model.eval()
         device = next(self.model.parameters()).device
-        ema = self._ema_to(device) if self.ema is not None else None
         with_teacher = self.teacher is not None and self._teacher_results is None
         names = [""]
         if self.cfg.distilled:
             names += ["_cls", "_dist"]
-        if ema is not None:
-            names.append("_ema")
         if with_teacher:
             names.append("_teacher")
         topk = min(5, self.cfg.num_classes)
@@ -514,8 +442,6 @@ class DeiTTask:
                 outputs += [(cls_logits + dist_logits) / 2, cls_logits, dist_logits]
             else:
                 outputs.append(model(images).float())
-            if ema is not None:
-                outputs.append(ema(images.float()).float())
             if with_teacher:
                 outputs.append(self.teacher_logits(images))
             for i, logits in enumerate(outputs):
@@ -527,12 +453,16 @@ class DeiTTask:
         for name, (loss, top1, top5, count) in zip(names, sums.tolist()):
             n = max(count, 1.0)
             results.update({f"val_top1{name}": 100.0 * top1 / n, f"val_top5{name}": 100.0 * top5 / n})
-            if name in ("", "_ema", "_teacher"):
+            if name in ("", "_teacher"):
                 results[f"val_loss{name}"] = loss / n if count else math.nan
         if with_teacher:
             self._teacher_results = {k: v for k, v in results.items() if k.endswith("_teacher")}
         results.update(self._teacher_results or {})
         return results
+
+    def evaluate_ema(self, model: nn.Module, loader: Any) -> dict[str, float]:
+        """`evaluate` of the runtime's EMA student, without the teacher's figures (the EMA does not change them)."""
+        return {k: v for k, v in self.evaluate(model, loader).items() if not k.endswith("_teacher")}
 
     def images(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """DeiT logs no pictures (its evaluation is the top-1 of each head)."""
@@ -606,10 +536,3 @@ class DeiTTask:
             self._flops = flops * self.cfg.repeats
         return self._flops
 
-
-def batch_sums(logits: Tensor, labels: Tensor, topk: int) -> Tensor:
-    """logits [N, K], labels [N] -> [cross-entropy sum, top-1 correct, top-k correct, N] (float64)."""
-    loss = F.cross_entropy(logits, labels, reduction="sum")
-    hits = logits.topk(topk, dim=-1).indices == labels[:, None]  # [N, topk]
-    return torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(dim=-1).sum().double(),
-                        torch.tensor(float(labels.numel()), dtype=torch.float64, device=logits.device)])

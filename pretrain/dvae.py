@@ -59,6 +59,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
 from contracts.backbone import save_export
+from contracts.task import TaskHooks
+
 logger = logging.getLogger(__name__)
 
 # DALL-E's logit-Laplace margin: pixels are mapped into [eps, 1 - eps] so their logit stays finite.
@@ -454,7 +456,7 @@ def _images01(images: Tensor) -> Tensor:
     return images.float() / 255.0 if not images.is_floating_point() else images.float()
 
 
-class DVAETask:
+class DVAETask(TaskHooks):
     """dVAE training for the shared runtime: model, transforms, schedules, step, evaluation, pictures, export."""
 
     export_name = TOKENIZER_NAME

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
+from contracts.task import TaskHooks
 from pretrain.export import encoder_to_timm, vit_config
 from pretrain.masking import num_visible, random_masking
 from pretrain.pos_embed import sincos_2d
@@ -270,7 +271,7 @@ class MaskedAutoencoderViT(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 
-class MAETask:
+class MAETask(TaskHooks):
     """MAE for the shared runtime: model, transforms, parameter groups, step, evaluation, pictures, export."""
 
     required_members = ("image",)  # what every sample must hold; the stream counts others as missing_*

@@ -46,7 +46,7 @@ CASES = [
     ("pretrain_mae", ["engine.grad_clip=-1"], "engine.grad_clip"),
     ("pretrain_mae", ["model.mask_ratio=1.0"], "model.mask_ratio"),
     ("pretrain_deit", [NO_TEACHER, "model.crop_scale=[0.5,2]"], "model.crop_scale"),
-    ("finetune_cls", ["model.ema_decay=1"], "model.ema_decay"),
+    ("finetune_cls", ["optim.ema_decay=1"], "optim.ema_decay"),
     ("train_dvae", ["run.seed=-1"], "run.seed"),
     # geometry, checked by each task's model config
     ("pretrain_mae", ["model.patch_size=0"], "model.patch_size"),

@@ -14,7 +14,7 @@ from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
 from finetune import backbone as bb
-from launch import convert_checkpoint, pretrain_deit
+from launch import convert_checkpoint, pretrain_deit, teachers
 from launch.jobs import JOBS
 from launch.runtime.config import ConfigError
 from pretrain.deit import DEIT_ARCHS, DeiTConfig, DeiTTask, Teacher, deit_encoder_features, distillation_loss
@@ -203,7 +203,7 @@ def test_presets_parse(preset):
     cfg, _ = config.parse_args(JOB, DeiTConfig, ["--preset", preset, "teacher=timm:regnety_160",
                                                  "teacher_weights=regnety_160.pth", "data.train=s3://bucket/in1k/train"],
                                DEIT_ARCHS,
-                               pretrain_deit.ALIASES)
+                               JOBS["pretrain_deit"].aliases)
     assert cfg.model.teacher == "timm:regnety_160"
     if preset == "deit3_b16":
         assert cfg.model.distill == "none" and cfg.model.loss == "bce" and cfg.model.augment == "3aug"
@@ -371,18 +371,18 @@ def test_teacher_folder_and_its_errors(tmp_path, digits_like):
                                  class_token=True, global_pool="token", num_classes=NUM_CLASSES)
     vit = bb.create_from_config(meta)
     save_backbone(tmp_path / "vit_teacher", vit.state_dict(), meta)
-    teacher = pretrain_deit.load_teacher(tiny_cfg(teacher=str(tmp_path / "vit_teacher"), teacher_weights=""))
+    teacher = teachers.load_teacher(tiny_cfg(teacher=str(tmp_path / "vit_teacher"), teacher_weights=""))
     assert teacher.img_size == 48
     task = DeiTTask(tiny_cfg(teacher=str(tmp_path / "vit_teacher"), teacher_weights=""),
-                    load_teacher=pretrain_deit.load_teacher)
+                    load_teacher=teachers.load_teacher)
     assert task.teacher_logits(torch.randn(2, 3, 32, 32)).shape == (2, NUM_CLASSES)
 
     headless = dict(meta, model_kwargs=dict(meta["model_kwargs"], num_classes=0))
     save_backbone(tmp_path / "headless", bb.create_from_config(headless).state_dict(), headless)
     with pytest.raises(ConfigError, match="without a classifier head"):
-        pretrain_deit.load_teacher(tiny_cfg(teacher=str(tmp_path / "headless"), teacher_weights=""))
+        teachers.load_teacher(tiny_cfg(teacher=str(tmp_path / "headless"), teacher_weights=""))
     with pytest.raises(ConfigError, match="classes"):
-        pretrain_deit.load_teacher(tiny_cfg(teacher=str(tmp_path / "vit_teacher"), teacher_weights="",
+        teachers.load_teacher(tiny_cfg(teacher=str(tmp_path / "vit_teacher"), teacher_weights="",
                                             num_classes=4))
     argv = run_args(tmp_path, digits_like, "teacher=timm:resnet10t", f"teacher_weights={tmp_path / 'missing.pth'}")
     assert pretrain_deit.main(argv) == 2
@@ -396,7 +396,7 @@ def test_two_rank_deepspeed_smoke(tmp_path, digits_like, teacher_file):
 
     deepspeed_launch("launch/pretrain_deit.py", *run_args(tmp_path, digits_like, "teacher=timm:resnet10t",
                                                           f"teacher_weights={teacher_file}", "engine.zero_stage=2",
-                                                          "model.ema_decay=0.9"))
+                                                          "optim.ema_decay=0.9"))
     run_dir = tmp_path / JOB / "t"
     final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert {"val/top1", "val/top1_cls", "val/top1_dist", "val/top1_teacher", "val/top1_ema"} <= final.keys()

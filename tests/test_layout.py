@@ -50,3 +50,64 @@ def test_no_unsafe_torch_load():
                     if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
                         offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, "torch.load without weights_only=True at " + ", ".join(offenders)
+
+
+def module_imports(root: Path) -> dict[str, set[str]]:
+    """Every project module (dotted name) -> the project modules it imports, anywhere in it (a function's own import
+    is a circle deferred, not removed), except under `if TYPE_CHECKING:`, which never runs. Importing a.b.c imports
+    the packages a and a.b too."""
+    paths = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+             for package in ("contracts",) + PACKAGES + ("bench",) if (root / package).is_dir()
+             for p in (root / package).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        found = set()
+        tree = ast.parse(path.read_text())
+        skipped = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(block.test) for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                base = node.module
+                if node.level:
+                    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+                    base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + [node.module])
+                # `from package import submodule` imports the submodule; names of the package itself, the package
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in paths else base for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                while target and target not in paths:
+                    target = target.rpartition(".")[0]
+                # a package is always imported before its modules: an edge to one's own package is no circle
+                while target:
+                    if target != name and not name.startswith(target + "."):
+                        found.add(target)
+                    target = target.rpartition(".")[0]
+        graph[name] = found
+    return graph
+
+
+def test_no_import_cycles():
+    """No module imports itself through others (data_pipeline.embedded <-> write, finetune.detr.detector <-> task
+    were such circles): a depth-first search over the module-level imports finds no back edge."""
+    graph = module_imports(ROOT)
+    assert "launch.runtime.loop" in graph and "contracts.task" in graph["launch.runtime.loop"]
+    cycles, state = [], {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

@@ -18,39 +18,21 @@ each input's pixels (DETR's PostProcess).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from torch import Tensor
 
 from finetune import backbone as bb
 from finetune.detr.coco_eval import post_process
 from finetune.detr.model import DETR
+# the export format is the task's (DETRTask.extra_exports writes it); this module reads it
+from finetune.detr.task import DETECTOR_NAME, FORMAT, DETRConfig, build_detr
 
-if TYPE_CHECKING:
-    from finetune.detr.task import DETRTask
-
-DETECTOR_NAME = "detector"   # detector.safetensors + detector.json
-FORMAT = "detr-detector/1"
-
-
-def detector_export(task: DETRTask, state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors, detector.json) of the task's whole DETR from a consolidated state dict (keys with or without
-    "module.")."""
-    cfg = task.cfg
-    tensors = {k.removeprefix("module."): v.detach().float().contiguous() if v.is_floating_point() else v
-               for k, v in state_dict.items()}
-    backbone = {k: v for k, v in task.backbone_meta.items() if k in ("architecture", "embed_layer", "pos_embed",
-                                                                       "model_kwargs")}
-    meta = {"format": FORMAT, "source": "finetune_detr", "init": cfg.init, "detr": asdict(cfg), "backbone": backbone,
-            "categories": list(task.categories), "category_ids": task.category_ids,
-            "eval_size": cfg.eval_size, "max_size": cfg.max_size, "mean": list(task.mean), "std": list(task.std)}
-    return tensors, meta
-
+__all__ = ["DETECTOR_NAME", "Detector", "load_detector"]
 
 class Detector:
     """A DETR with its evaluation transform and categories; `predict` takes PIL images."""
@@ -95,8 +77,6 @@ class Detector:
 
 def load_detector(folder: str | Path, device: str | torch.device = "cpu") -> Detector:
     """The Detector in `folder` (an export/ folder, or a finetune_detr run directory holding export/)."""
-    from finetune.detr.task import DETRConfig, build_detr
-
     folder = Path(folder)
     if not (folder / f"{DETECTOR_NAME}.json").exists() and (folder / "export" / f"{DETECTOR_NAME}.json").exists():
         folder = folder / "export"

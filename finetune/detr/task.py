@@ -33,10 +33,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import box_convert
 from torchvision.utils import draw_bounding_boxes
 
+from contracts.task import TaskHooks
 from finetune import backbone as bb
 from finetune.detr.coco_eval import CocoEvaluator, post_process
 from finetune.detr.criterion import WEIGHTED, SetCriterion
-from finetune.detr.detector import DETECTOR_NAME, detector_export
 from finetune.detr.matcher import HungarianMatcher
 from finetune.detr.model import DETR
 
@@ -208,8 +208,27 @@ def draw_detections(image: Tensor, gt_boxes: Tensor, pred_boxes: Tensor, mean: t
     return canvas.float() / 255.0
 
 
-class DETRTask:
-    """DETR finetuning for the shared runtime (contracts.md: the Task interface)."""
+# the whole detector beside the backbone export, read back by finetune.detr.detector.load_detector
+DETECTOR_NAME = "detector"   # detector.safetensors + detector.json
+FORMAT = "detr-detector/1"
+
+
+def detector_export(task: DETRTask, state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, detector.json) of the task's whole DETR from a consolidated state dict (keys with or without
+    "module.")."""
+    cfg = task.cfg
+    tensors = {k.removeprefix("module."): v.detach().float().contiguous() if v.is_floating_point() else v
+               for k, v in state_dict.items()}
+    backbone = {k: v for k, v in task.backbone_meta.items() if k in ("architecture", "embed_layer", "pos_embed",
+                                                                       "model_kwargs")}
+    meta = {"format": FORMAT, "source": "finetune_detr", "init": cfg.init, "detr": asdict(cfg), "backbone": backbone,
+            "categories": list(task.categories), "category_ids": task.category_ids,
+            "eval_size": cfg.eval_size, "max_size": cfg.max_size, "mean": list(task.mean), "std": list(task.std)}
+    return tensors, meta
+
+
+class DETRTask(TaskHooks):
+    """DETR finetuning for the shared runtime (contracts/task.py: the Task interface)."""
 
     required_members = ("image", "json")  # a sample without its boxes is counted as missing_json
 

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
+from contracts.task import TaskHooks
 from finetune import backbone as bb
 from finetune.ipt import degradations as deg
 from finetune.ipt import metrics
@@ -248,8 +249,8 @@ def build_model(cfg: IPTConfig) -> tuple[IPT, str]:
     return model, load_vit_body(model, init).summary()
 
 
-class IPTTask:
-    """IPT for the shared runtime (contracts.md: the Task interface)."""
+class IPTTask(TaskHooks):
+    """IPT for the shared runtime (contracts/task.py: the Task interface)."""
 
     export_name = EXPORT_NAME
     required_members = ("image",)  # what every sample must hold; the stream counts others as missing_*

@@ -97,10 +97,14 @@ class OptimConfig:
     # AdamW's fused kernel (one kernel for all tensors, no per-tensor Python loop): true | false | auto (= true: CUDA
     # and CPU have it); a bool so that YAML's on/off/true/false all read as meant
     fused: Literal["auto"] | bool = "auto"
+    # EMA of the weights, updated after every optimizer step (timm's ModelEmaV3 on an fp32 copy; e.g. 0.9999, DeiT's
+    # 0.99996); 0 = off. Any task, ZeRO 0-3; evaluated as val/<name>_ema, checkpointed, exported to export_ema/
+    ema_decay: float = 0.0
 
     LIMITS: ClassVar[dict[str, str]] = {
         "base_lr": ">= 0", "lr": ">= 0", "min_lr": ">= 0", "weight_decay": ">= 0", "betas": "[0, 1)", "eps": "> 0",
-        "max_steps": ">= 0", "epochs": ">= 0", "warmup_steps": ">= 0", "warmup_epochs": ">= 0", "momentum": "[0, 1)"}
+        "max_steps": ">= 0", "epochs": ">= 0", "warmup_steps": ">= 0", "warmup_epochs": ">= 0", "momentum": "[0, 1)",
+        "ema_decay": "[0, 1)"}
 
 
 @dataclass(kw_only=True)

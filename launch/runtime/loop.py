@@ -6,19 +6,13 @@ epoch boundaries), tensors moved to the device, `task.training_step(engine, batc
 before its first micro-batch. Every rank runs the same collectives in the same order: logging all-reduces,
 evaluation, reconstruction pictures (a forward, which ZeRO-3 needs on all ranks), checkpoints and the export.
 
-Optional task hooks (a task without them runs unchanged):
-    on_dataset(metadata)        the train set's index.json metadata, before the engine is built; a ValueError
-                                is a configuration error (exit 2), e.g. a class count that does not match
-    after_step(model, step)     after each optimizer step (step counts from 1), e.g. an EMA of the weights
-    extra_state() -> dict       tensors and plain values saved in every checkpoint's client state (EMA weights),
-    load_extra_state(state)     and given back on resume
-    train_collate, eval_collate picklable callables(list of map_fn outputs) -> batch, run in the data workers
-                                (default: torch's default_collate), e.g. per-batch degradations, detection targets
-    export_name                 name of the export (default "backbone": timm's config.json + model.safetensors)
-    required_members            the members every sample must hold, e.g. ("image", "cls") (default ("image",)):
-                                passed to build_stream, which skips a sample without one as missing_label etc.
-    extra_exports(state_dict)   -> {name: (tensors, meta)}: more files beside the export, e.g. DeiT's whole
-                                classifier (classifier.safetensors + .json); written to export/ and export_best/
+The task is a contracts.task.Task: the required members and the optional hooks (contracts.task.TaskHooks, which
+every task inherits, with their defaults) are called directly; `check_task` refuses, as a configuration error, a task
+defining a hook name the runtime does not know (e.g. `after_stepp`). docs/ARCHITECTURE.md has the whole picture.
+
+With optim.ema_decay > 0 the runtime keeps an EMA of the weights (launch/runtime/ema.py): updated after every
+optimizer step under any ZeRO stage, saved in every checkpoint, evaluated after each evaluation (val/<name>_ema)
+and exported to export_ema/ beside export/.
 Evaluation runs every `log.eval_every` steps, at the end of every epoch with `log.eval_every_epoch`, and at the
 end. With `ckpt.best_metric`, each evaluation that improves that metric saves checkpoints/best and exports the
 weights to export_best/.
@@ -37,8 +31,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from contracts.task import TaskError, check_task
 from launch.runtime import checkpoint, config, distributed, engine as engine_lib, tracking
 from launch.runtime.config import ConfigError, JobConfig, ParsedArgs, RunError
+from launch.runtime.ema import RuntimeEMA
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +43,8 @@ def run_job(*, job: str, task_config: type, build_task: Callable[[Any], Any], ar
             archs: dict[str, dict] | None = None, aliases: dict[str, str] | None = None) -> int:
     """Parse the command line and run the job; returns the process exit code (0 ok, 2 config error, 1 failure).
 
-    `aliases`: short command-line keys for full ones, e.g. {"mode": "model.mode"}.
+    `aliases`: short command-line keys for full ones, e.g. {"mode": "model.mode"}. The launch scripts call
+    `launch.jobs.run(NAME, argv)`, which takes all of these from the job's entry in the registry (JOBS).
     """
     tracking.setup_logging(distributed.rank_from_env())
     try:
@@ -205,10 +202,10 @@ class Trainer:
             return build_stream(url, map_fn=map_fn, batch_size=d.batch_size, rank=w.rank, world_size=w.world_size,
                                 num_workers=d.num_workers, mode=d.mode if train else "epoch", train=train,
                                 seed=self.cfg.run.seed, shuffle_buffer=d.shuffle_buffer, cache_dir=d.cache_dir or None,
-                                collate_fn=getattr(self.task, "train_collate" if train else "eval_collate", None),
+                                collate_fn=self.task.train_collate if train else self.task.eval_collate,
                                 allow_pipe=d.allow_pipe, prefetch_factor=d.prefetch_factor,
                                 pin_memory=None if d.pin_memory == "auto" else d.pin_memory,
-                                required=getattr(self.task, "required_members", ("image",)))
+                                required=self.task.required_members)
         except DatasetInputError as e:  # an input to fix (malformed index.json, a missing local path): exit 2
             raise ConfigError(f"data.{'train' if train else 'val'}={url}: {e}") from None
         except OSError as e:
@@ -265,16 +262,21 @@ class Trainer:
             self.task = self.build_task(cfg.model)
         except (ValueError, FileNotFoundError) as e:  # the task's own checks of its model.* values and files
             raise ConfigError(str(e)) from None
+        try:
+            check_task(self.task)
+        except TaskError as e:
+            raise ConfigError(str(e)) from None
+        # the EMA copies the model before DeepSpeed wraps (and under ZeRO-3 partitions) it
+        self.ema = RuntimeEMA(self.task.model, cfg.optim.ema_decay, world.device) if cfg.optim.ema_decay > 0 else None
         distributed.seed_all(cfg.run.seed + world.rank)
 
         self.train_stream = self._build_stream(cfg.data.train, self.task.train_transform, train=True)
         self.val_stream = (self._build_stream(cfg.data.val, self.task.eval_transform, train=False)
                            if cfg.data.val else None)
-        if hasattr(self.task, "on_dataset"):
-            try:
-                self.task.on_dataset(dict(self.train_stream.metadata))
-            except ValueError as e:
-                raise ConfigError(f"data.train={cfg.data.train}: {e}") from None
+        try:
+            self.task.on_dataset(dict(self.train_stream.metadata))
+        except ValueError as e:
+            raise ConfigError(f"data.train={cfg.data.train}: {e}") from None
         precision = config.resolve_precision(cfg.engine.precision, world.on_gpu,
                                              world.on_gpu and torch.cuda.is_bf16_supported())
         self.derived = config.resolve(cfg, job=self.job, preset=self.args.preset, run_dir=str(self.run_dir),
@@ -336,8 +338,12 @@ class Trainer:
             skipped = state.get("skipped") or []
             if len(skipped) == world.world_size:
                 self.train_stream.skipped.update(skipped[world.rank])
-            if "task" in state and hasattr(self.task, "load_extra_state"):
+            if "task" in state:
                 self.task.load_extra_state(state["task"])
+            if self.ema is not None and state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            elif self.ema is not None:
+                logger.warning("resume: the checkpoint holds no EMA; the EMA restarts from the current weights")
             self.best = state.get("best") or None
         self.data = DataPosition(self.train_stream, epoch, batch_in_epoch, resampled_epoch=self.resampled_epoch())
         self._epochs_evaluated = self.epochs_completed()
@@ -480,6 +486,12 @@ class Trainer:
         self.val_stream.set_epoch(0)
         results = self.task.evaluate(self.engine, DeviceLoader(self.val_stream, self.world.device, self.float_dtype))
         values = {f"val/{k.removeprefix('val_')}": float(v) for k, v in results.items()}
+        if self.ema is not None:
+            distributed.broadcast_buffers(self.ema.module)  # each rank averaged its own BatchNorm statistics
+            self.val_stream.set_epoch(0)
+            ema_results = self.task.evaluate_ema(self.ema.module,
+                                                 DeviceLoader(self.val_stream, self.world.device, torch.float32))
+            values.update({f"val/{k.removeprefix('val_')}_ema": float(v) for k, v in ema_results.items()})
         self.tracker.scalars(self.step, values)
         logger.info("eval step %d: %s (%.1f s)", self.step, "  ".join(f"{k} {v:.4f}" for k, v in values.items()),
                     time.perf_counter() - t0)
@@ -526,10 +538,11 @@ class Trainer:
                  "config": self.cfg.to_dict()}
         if self.best is not None:
             state["best"] = dict(self.best)
-        if hasattr(self.task, "extra_state"):
-            state["task"] = self.task.extra_state()
+        state["task"] = self.task.extra_state()
         if getattr(self.task, "class_names", None):  # a classifier's label names travel with its checkpoints
             state["label_names"] = [str(c) for c in self.task.class_names]
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         return state
 
     def save(self) -> Path:
@@ -541,15 +554,17 @@ class Trainer:
 
     @property
     def export_name(self) -> str:
-        return getattr(self.task, "export_name", "backbone")
+        return self.task.export_name
 
-    def export(self, out_dir: Path | None = None, extra: dict[str, Any] | None = None) -> Path:
-        """Backbone from the consolidated fp32 weights into out_dir (run_dir/export), written by
-        contracts.backbone.save_export: a backbone as timm's folder (config.json + model.safetensors), other exports
-        by the task's `export_name` (tokenizer.*, ipt.*); `extra` is added to the meta. Collective."""
+    def export(self, out_dir: Path | None = None, extra: dict[str, Any] | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Backbone from the consolidated fp32 weights (or `state`, e.g. the EMA's) into out_dir (run_dir/export),
+        written by contracts.backbone.save_export: a backbone as timm's folder (config.json + model.safetensors),
+        other exports by the task's `export_name` (tokenizer.*, ipt.*); `extra` is added to the meta. Collective."""
         from contracts.backbone import save_export
 
-        state = engine_lib.full_state_dict(self.engine, self.world.is_main)
+        if state is None:
+            state = engine_lib.full_state_dict(self.engine, self.world.is_main)
         out_dir = out_dir or self.run_dir / "export"
         if self.world.is_main:
             tensors, meta = self.task.export(state)
@@ -557,8 +572,7 @@ class Trainer:
             name = self.export_name
             out_dir.mkdir(parents=True, exist_ok=True)
             exports = {name: (tensors, meta)}
-            if hasattr(self.task, "extra_exports"):
-                exports.update(self.task.extra_exports(state))
+            exports.update(self.task.extra_exports(state))
             for name, (tensors, meta) in exports.items():
                 save_export(out_dir, name, tensors, meta)
         distributed.barrier()
@@ -596,8 +610,9 @@ class Trainer:
                 self.nonfinite_skipped += 1
                 logger.warning("non-finite loss at step %d: update skipped (%d so far)", self.step,
                                self.nonfinite_skipped)
-            if hasattr(self.task, "after_step"):
-                self.task.after_step(self.engine, self.step)
+            self.task.after_step(self.engine, self.step)
+            if self.ema is not None:
+                self.ema.update(self.engine, self.step)
             window.steps += 1
             window.step_time_s += time.perf_counter() - t0
             if log_now:
@@ -618,6 +633,9 @@ class Trainer:
         if saved_at != self.step:
             self.save()
         export_dir = self.export()
+        if self.ema is not None:
+            self.export(self.run_dir / "export_ema", extra={"ema_decay": self.cfg.optim.ema_decay, "step": self.step},
+                        state=self.ema.state_dict())
         if self.world.is_main:
             metrics = {k: v for k, v in {**(last_values or {}), **final}.items()
                        if k in ("train/loss", "val/loss") or k.startswith("val/")}
