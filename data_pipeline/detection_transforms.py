@@ -13,7 +13,7 @@ util/misc.py `nested_tensor_from_tensor_list`) on torchvision's box-aware transf
     eval:  the shorter side resized to `size` (longer side capped at `max_size`); crowd boxes kept, flagged, for
            COCO evaluation.
 
-A detection sample's json is the writer's (contracts.md): `image_id`, `width`, `height`, `boxes` (COCO xywh in
+A detection sample's json is the writer's (docs/ARCHITECTURE.md): `image_id`, `width`, `height`, `boxes` (COCO xywh in
 pixels), `category_ids`, `iscrowd`, `area`. The transforms give `{"image": [3, H, W] normalised float32, "target":
 {...}}` with target:
 

@@ -1,6 +1,6 @@
 """Embedded datasets: real images that ship inside installed packages, written once as shards into a cache.
 
-``resolve("embedded:photos")`` returns a local folder holding shards and an index.json (contracts.md), building
+``resolve("embedded:photos")`` returns a local folder holding shards and an index.json (docs/ARCHITECTURE.md), building
 it on first use; any other URL comes back unchanged. Nothing here downloads: every dataset is made from files
 inside pip wheels or a Debian package (see shared/research/offline-datasets.md), and a missing package is an
 error that names the install command. ``python -m data_pipeline.write embedded:NAME OUT_URL`` writes the same

@@ -7,7 +7,7 @@ The layout follows tmbdev's ``imagenet-wds/makeshards.py``: raw encoded bytes (r
 ``--resize``), records pre-shuffled with ``--seed`` so that no shard holds a single class, and a new shard
 whenever ``--maxcount`` samples or ``--maxsize`` bytes would be exceeded. webdataset's ``ShardWriter`` opens
 only local paths and its byte count ignores tar headers and padding, so shards are rolled here around
-``TarWriter`` on fsspec streams, with exact sizes. ``index.json`` (format in contracts.md) lists every shard
+``TarWriter`` on fsspec streams, with exact sizes. ``index.json`` (format in docs/ARCHITECTURE.md) lists every shard
 with its samples and bytes, plus the dataset's metadata. Every image is opened and fully decoded with PIL
 before it is written; unreadable files are skipped, counted, and listed in the summary and the index.
 """
@@ -421,7 +421,7 @@ def coco_source(
     """A COCO instances dataset: one sample per image, its annotations in the sample's json.
 
     The json holds ``image_id``, ``file_name``, ``width``, ``height`` (of the stored image), ``boxes``
-    (COCO xywh in stored pixels), ``category_ids``, ``iscrowd`` and ``area`` (contracts.md). Images without
+    (COCO xywh in stored pixels), ``category_ids``, ``iscrowd`` and ``area`` (docs/ARCHITECTURE.md). Images without
     annotations are kept (they are negatives). An image whose real size differs from the size the
     annotations declare is skipped: its boxes would be in another coordinate frame.
 

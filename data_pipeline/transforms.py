@@ -1,7 +1,7 @@
 """Augmentations: picklable callables mapping a decoded sample dict to a dict of tensors.
 
 The stream hands each ``map_fn`` ``{"__key__", "__url__", "image": PIL.Image (RGB), "cls"?: int, "json"?: dict}``
-(contracts.md); these transforms return what the tasks batch: ``{"image": [3, H, W] float}`` plus
+(docs/ARCHITECTURE.md); these transforms return what the tasks batch: ``{"image": [3, H, W] float}`` plus
 ``"label"`` (int64 scalar) or ``"tokenizer_image"`` where the task needs them. The image operations are
 torchvision's and timm's; only the glue (dict in, dict out, one crop shared by two views) is written here.
 
