@@ -1,4 +1,4 @@
-"""The import direction of DESIGN.md: launch → pretrain | finetune | data_pipeline; all may import contracts."""
+"""The import rules of docs/ARCHITECTURE.md (launch → pretrain | finetune | data_pipeline; contracts for all)."""
 import ast
 from pathlib import Path
 
