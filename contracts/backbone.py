@@ -46,11 +46,13 @@ from typing import Any
 import timm
 import torch
 from safetensors.torch import load_file, save_file
-from timm.layers import HybridEmbed, resample_abs_pos_embed, resize_rel_pos_bias_table, to_2tuple
+from timm.layers import (HybridEmbed, resample_abs_pos_embed, resample_abs_pos_embed_nhwc, resize_rel_pos_bias_table,
+                         to_2tuple)
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models import register_model
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +231,9 @@ def save_backbone(folder: str | Path, model_or_state: nn.Module | Mapping[str, T
         meta = {"architecture": architecture, "model_kwargs": dict(model_args or {}), **dict(extra or {})}
         if pretrained_cfg is not None:
             meta["pretrained_cfg_overlay"] = dict(pretrained_cfg)
+    if isinstance(model_or_state, nn.Module) and isinstance(getattr(model_or_state, "num_classes", None), int):
+        # the head the weights have (samvit_* registers num_classes=0, a config would otherwise say 1000)
+        meta = {**meta, "model_kwargs": {"num_classes": model_or_state.num_classes, **meta.get("model_kwargs", {})}}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = timm_config(meta)
@@ -417,6 +422,8 @@ def resample_pos_embed(pos_embed: Tensor, model: nn.Module, old_grid: tuple[int,
     Bicubic with antialiasing (what timm's checkpoint_filter_fn uses; antialiasing only matters when shrinking),
     prefix (class/register) rows copied unchanged.
     """
+    if pos_embed.ndim == 4:  # [1, h, w, D]: the windowed ViT (timm's vision_transformer_sam) keeps it as a map
+        return resample_abs_pos_embed_nhwc(pos_embed, new_size=list(model.patch_embed.grid_size))
     num_prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
     if old_grid is None:
         side = math.isqrt(pos_embed.shape[1] - num_prefix)
@@ -438,7 +445,8 @@ def _window(model: nn.Module, key: str) -> tuple[int, int]:
 def resize_rel_pos_tables(state: dict[str, Tensor], model: nn.Module) -> tuple[int, tuple[int, int]] | None:
     """Relative position tables resized in place when the model's grid or window differs: Beit's per-block
     [(2h-1)(2w-1) + 3, heads] (unilm's geometric interpolation, the 3 class-token rows kept) and Swin's per-window
-    [(2h-1)(2w-1), heads], with timm's `resize_rel_pos_bias_table`. Returns (tables resized, new window) or None."""
+    [(2h-1)(2w-1), heads], with timm's `resize_rel_pos_bias_table`; the windowed ViT's per-axis rel_pos_h / rel_pos_w.
+    Returns (tables resized, new window) or None."""
     targets = {k: v for k, v in model.state_dict().items() if k.endswith("relative_position_bias_table")}
     resized, window = 0, None
     for key, target in targets.items():
@@ -448,6 +456,13 @@ def resize_rel_pos_tables(state: dict[str, Tensor], model: nn.Module) -> tuple[i
             resized += 1
     for key in [k for k in state if k.endswith("relative_position_index")]:
         del state[key]  # timm rebuilds the index buffers for its grid (non-persistent)
+    # the windowed ViT's decomposed tables [2 * size - 1, head_dim] per axis (size: the window, or the grid in its
+    # global blocks): linear along the axis, as its attention does itself for a query/key size it was not built for
+    for key, target in model.state_dict().items():
+        if key.endswith(("rel_pos_h", "rel_pos_w")) and key in state and state[key].shape != target.shape:
+            table = state[key].t().unsqueeze(0)                                            # [1, head_dim, L]
+            state[key] = F.interpolate(table.float(), size=target.shape[0], mode="linear")[0].t().to(target.dtype)
+            resized, window = resized + 1, window or tuple(model.patch_embed.grid_size)
     return (resized, window) if resized else None
 
 
