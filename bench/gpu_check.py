@@ -135,8 +135,12 @@ def job_figures(run_dir: Path, steps: int, export: str = "backbone") -> dict[str
     losses = [r["train/loss"] for r in rows]
     if not all(math.isfinite(v) for v in losses):
         raise RowFailed(f"{run_dir}: non-finite train loss {losses}")
-    if not (run_dir / "export" / f"{export}.safetensors").is_file():
-        raise RowFailed(f"{run_dir}/export/{export}.safetensors was not written")
+    from contracts.backbone import BACKBONE_EXPORT, WEIGHTS_NAME
+
+    # a backbone is the timm folder export/ itself; other exports are export/<name>.safetensors
+    weights = run_dir / "export" / (WEIGHTS_NAME if export == BACKBONE_EXPORT else f"{export}.safetensors")
+    if not weights.is_file():
+        raise RowFailed(f"{weights} was not written")
     last = rows[-1]
     figures = {"loss_first": losses[0], "loss_last": losses[-1], "step": last["step"]}
     for key in ("perf/images_per_s", "perf/mfu", "perf/data_wait_frac", "mem/cuda_max_allocated_gib",

@@ -4,24 +4,13 @@
 The launch scripts take everything from here (`run("pretrain_mae", argv)`: the task config, the task builder, the
 named architectures, the short keys); tools that start from a checkpoint rather than a command line
 (launch/convert_checkpoint.py) look the job up here to rebuild its task from the saved `model.*` section. A new job
-adds one entry and a ten-line script in launch/.
+adds one entry (a function returning its Job) and a ten-line script in launch/.
 """
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
-
-from finetune.classification import ClassificationConfig, ClassificationTask, classification_features
-from finetune.detr.task import DETRConfig, DETRTask, detr_encoder_features
-from finetune.ipt.task import IPTConfig, IPTTask
-from pretrain.beit import BEIT_ARCHS, BEiTConfig, BEiTTask, beit_encoder_features
-from pretrain.deit import DEIT_ARCHS, DeiTConfig, DeiTTask, deit_encoder_features
-from pretrain.dvae import DVAEConfig, DVAETask
-from pretrain.mae import MAE_ARCHS, MAEConfig, MAETask
-from launch.runtime import run_job
-from launch.teachers import load_teacher
-from pretrain.reference_checkpoints import mae_encoder_features
 
 
 class Job(NamedTuple):
@@ -37,29 +26,94 @@ class Job(NamedTuple):
     run_task: Callable[[Any], Any] | None = None
 
 
-JOBS: dict[str, Job] = {
-    "pretrain_mae": Job(MAEConfig, MAETask, MAE_ARCHS, mae_encoder_features),
+# Each entry imports its task's modules when it is first looked up: a launch script loads its own task only, so a bad
+# command line is answered in the time it takes to import that task.
+
+def _pretrain_mae() -> Job:
+    from pretrain.mae import MAE_ARCHS, MAEConfig, MAETask
+    from pretrain.reference_checkpoints import mae_encoder_features
+
+    return Job(MAEConfig, MAETask, MAE_ARCHS, mae_encoder_features)
+
+
+def _pretrain_beit() -> Job:
+    from pretrain.beit import BEIT_ARCHS, BEiTConfig, BEiTTask, beit_encoder_features
+
     # the export needs no tokenizer: the saved config holds the LM head's resolved vocab_size
-    "pretrain_beit": Job(BEiTConfig, partial(BEiTTask, load_tokenizer=False), BEIT_ARCHS, beit_encoder_features,
-                         aliases={"tokenizer": "model.tokenizer", "target": "model.target"}, run_task=BEiTTask),
-    # the tokenizer (tokenizer.safetensors + tokenizer.json), not a backbone
-    "train_dvae": Job(DVAEConfig, DVAETask, None, None),
+    return Job(BEiTConfig, partial(BEiTTask, load_tokenizer=False), BEIT_ARCHS, beit_encoder_features,
+               aliases={"tokenizer": "model.tokenizer", "target": "model.target"}, run_task=BEiTTask)
+
+
+def _train_dvae() -> Job:
+    from pretrain.dvae import DVAEConfig, DVAETask
+
+    return Job(DVAEConfig, DVAETask, None, None)   # the tokenizer (tokenizer.safetensors + .json), not a backbone
+
+
+def _pretrain_deit() -> Job:
+    from launch.teachers import load_teacher
+    from pretrain.deit import DEIT_ARCHS, DeiTConfig, DeiTTask, deit_encoder_features
+
     # built without a teacher: the export needs none
-    "pretrain_deit": Job(DeiTConfig, DeiTTask, DEIT_ARCHS, deit_encoder_features,
-                         aliases={"teacher": "model.teacher", "teacher_weights": "model.teacher_weights",
-                                  "distill": "model.distill"},
-                         run_task=partial(DeiTTask, load_teacher=load_teacher)),
-    "finetune_cls": Job(ClassificationConfig, ClassificationTask, None, classification_features,
-                        aliases={"mode": "model.mode"}),
-    # the finetuned ViT as a backbone (the detector itself stays in the checkpoints)
-    "finetune_detr": Job(DETRConfig, DETRTask, None, detr_encoder_features),
+    return Job(DeiTConfig, DeiTTask, DEIT_ARCHS, deit_encoder_features,
+               aliases={"teacher": "model.teacher", "teacher_weights": "model.teacher_weights",
+                        "distill": "model.distill"},
+               run_task=partial(DeiTTask, load_teacher=load_teacher))
+
+
+def _finetune_cls() -> Job:
+    from finetune.classification import ClassificationConfig, ClassificationTask, classification_features
+
+    return Job(ClassificationConfig, ClassificationTask, None, classification_features, aliases={"mode": "model.mode"})
+
+
+def _finetune_detr() -> Job:
+    from finetune.detr.task import DETRConfig, DETRTask, detr_encoder_features
+
+    # the finetuned ViT as a backbone (the detector itself: detector.safetensors + .json, an extra export)
+    return Job(DETRConfig, DETRTask, None, detr_encoder_features)
+
+
+def _finetune_ipt() -> Job:
+    from finetune.ipt.task import IPTConfig, IPTTask
+
     # the IPT model (ipt.safetensors + ipt.json: body, heads, tails), not a timm backbone
-    "finetune_ipt": Job(IPTConfig, IPTTask, None, None, aliases={"tasks": "model.tasks"}),
-}
+    return Job(IPTConfig, IPTTask, None, None, aliases={"tasks": "model.tasks"})
+
+
+class _Registry(Mapping[str, Job]):
+    """name -> Job, each built (its modules imported) on first lookup; iterating the names imports nothing."""
+
+    def __init__(self, entries: dict[str, Callable[[], Job]]) -> None:
+        self._entries, self._jobs = entries, {}
+
+    def __getitem__(self, name: str) -> Job:
+        if name not in self._jobs:
+            self._jobs[name] = self._entries[name]()
+        return self._jobs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+JOBS: Mapping[str, Job] = _Registry({
+    "pretrain_mae": _pretrain_mae,
+    "pretrain_beit": _pretrain_beit,
+    "train_dvae": _train_dvae,
+    "pretrain_deit": _pretrain_deit,
+    "finetune_cls": _finetune_cls,
+    "finetune_detr": _finetune_detr,
+    "finetune_ipt": _finetune_ipt,
+})
 
 
 def run(job: str, argv: list[str] | None = None) -> int:
     """Run the registered `job` from its command line (what every launch script's main does); the exit code."""
+    from launch.runtime import run_job
+
     entry = JOBS[job]
     return run_job(job=job, task_config=entry.task_config, build_task=entry.run_task or entry.build_task, argv=argv,
                    archs=entry.archs, aliases=entry.aliases)

@@ -341,6 +341,7 @@ def test_the_runtime_reports_a_batch_size_out_of_bounds_as_a_config_error(uneven
     """launch.runtime's Trainer._build_stream turns it into ConfigError (exit 2), naming data.train."""
     from types import SimpleNamespace
 
+    from contracts.task import TaskHooks
     from launch.runtime.config import ConfigError
     from launch.runtime.loop import Trainer
 
@@ -348,7 +349,7 @@ def test_the_runtime_reports_a_batch_size_out_of_bounds_as_a_config_error(uneven
     trainer.cfg = SimpleNamespace(data=DataConfig(train=uneven_dataset.url, batch_size=5000, num_workers=0),
                                   run=SimpleNamespace(seed=0))
     trainer.world = SimpleNamespace(rank=0, world_size=1)
-    trainer.task = SimpleNamespace()
+    trainer.task = TaskHooks()   # the hooks' defaults: default collate, required member "image"
     with pytest.raises(ConfigError, match=r"data.train=.*batch_size=5000 \(data.batch_size\) is larger than the 27 "
                                           r"samples rank 0 reads per epoch"):
         trainer._build_stream(uneven_dataset.url, to_item, train=True)
