@@ -337,6 +337,19 @@ def is_beit(meta: Mapping[str, Any]) -> bool:
     return str(meta.get("architecture", "")).startswith("beit")
 
 
+def vit_geometry_errors(img_size: int, patch_size: int, embed_dim: int, num_heads: int,
+                        shown_img_size: Any = None) -> list[str]:
+    """The model.* errors of a ViT's geometry, which every task config that builds one checks: whole patches, heads
+    dividing the width. `shown_img_size`: how to print img_size when the config holds 0 for a default."""
+    errors = []
+    if patch_size > 0 and img_size % patch_size:
+        shown = img_size if shown_img_size is None else shown_img_size
+        errors.append(f"model.img_size={shown} is not a multiple of model.patch_size={patch_size}")
+    if num_heads > 0 and embed_dim % num_heads:
+        errors.append(f"model.num_heads={num_heads} does not divide model.embed_dim={embed_dim}")
+    return errors
+
+
 def create_from_config(meta: Mapping[str, Any], **overrides: Any) -> nn.Module:
     """The (randomly initialised) timm model `meta` describes, with `overrides` over its model_kwargs.
 

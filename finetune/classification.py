@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from contracts.supervised import SupervisedRecipe, batch_sums, check_classes
+from contracts.backbone import vit_geometry_errors
 from contracts.task import TaskHooks
 from finetune import backbone as bb
 
@@ -124,12 +125,8 @@ class ClassificationConfig:
         if not self.class_token and self.global_pool == "token":
             errors.append("model.global_pool=token needs model.class_token=true")
         if init == "none":  # the geometry of the from-scratch ViT (a backbone or timm model brings its own)
-            side = self.img_size or SCRATCH_IMG_SIZE
-            if self.patch_size > 0 and side % self.patch_size:
-                shown = self.img_size or f"0 (= {SCRATCH_IMG_SIZE})"
-                errors.append(f"model.img_size={shown} is not a multiple of model.patch_size={self.patch_size}")
-            if self.num_heads > 0 and self.embed_dim % self.num_heads:
-                errors.append(f"model.num_heads={self.num_heads} does not divide model.embed_dim={self.embed_dim}")
+            errors += vit_geometry_errors(self.img_size or SCRATCH_IMG_SIZE, self.patch_size, self.embed_dim,
+                                          self.num_heads, shown_img_size=self.img_size or f"0 (= {SCRATCH_IMG_SIZE})")
             if self.pos_embed == "sincos" and self.embed_dim % 4:
                 errors.append(f"model.pos_embed=sincos needs model.embed_dim={self.embed_dim} to be a multiple of 4")
         if self.crop_scale[0] > self.crop_scale[1]:

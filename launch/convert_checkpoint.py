@@ -371,12 +371,12 @@ def convert_legacy(path: Path) -> Converted:
     source = contract.create_from_config(meta).eval()
     source.load_state_dict(state, strict=True)
     extras = {}
-    for config in sorted(path.glob("*.json")):
-        weights = config.with_suffix(".safetensors")
-        if config.name != contract.LEGACY_CONFIG_NAME and weights.is_file():
+    for config_file in sorted(path.glob("*.json")):
+        weights = config_file.with_suffix(".safetensors")
+        if config_file.name != contract.LEGACY_CONFIG_NAME and weights.is_file():
             from safetensors.torch import load_file
 
-            extras[config.stem] = (load_file(str(weights)), json.loads(config.read_text()))
+            extras[config_file.stem] = (load_file(str(weights)), json.loads(config_file.read_text()))
     meta = {**meta, "converted_from": {"folder": str(path), "format": "backbone.json"}}
 
     def features(imgs: Tensor) -> Tensor:

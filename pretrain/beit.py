@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
+from contracts.backbone import vit_geometry_errors
 from contracts.task import TaskHooks
 from pretrain.export import encoder_to_timm, timm_architecture, vit_config
 from pretrain.masking import MASK_TOKEN, RANDOM_PATCH, VISIBLE, BlockMaskingGenerator, PatchCorruption
@@ -118,10 +119,7 @@ class BEiTConfig:
             raise ValueError("model.rel_pos_bias=none with model.abs_pos_emb=false leaves the ViT without any "
                              "position information: set abs_pos_emb=true")
         errors = []
-        if self.patch_size > 0 and self.img_size % self.patch_size:
-            errors.append(f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}")
-        if self.num_heads > 0 and self.embed_dim % self.num_heads:
-            errors.append(f"model.num_heads={self.num_heads} does not divide model.embed_dim={self.embed_dim}")
+        errors += vit_geometry_errors(self.img_size, self.patch_size, self.embed_dim, self.num_heads)
         if self.crop_scale[0] > self.crop_scale[1]:
             errors.append(f"model.crop_scale={list(self.crop_scale)} must be (min, max) with min <= max")
         if not errors and self.patch_size > 0:

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from contracts.supervised import SupervisedRecipe, batch_sums, check_classes
+from contracts.backbone import vit_geometry_errors
 from contracts.task import TaskHooks
 from pretrain.export import encoder_to_timm, timm_architecture, vit_config
 
@@ -149,10 +150,7 @@ class DeiTConfig:
             errors.append(f"model.alpha={self.alpha} must be in [0, 1]")
         if self.tau <= 0:
             errors.append(f"model.tau={self.tau} must be > 0")
-        if self.patch_size > 0 and self.img_size % self.patch_size:
-            errors.append(f"model.img_size={self.img_size} is not a multiple of model.patch_size={self.patch_size}")
-        if self.num_heads > 0 and self.embed_dim % self.num_heads:
-            errors.append(f"model.num_heads={self.num_heads} does not divide model.embed_dim={self.embed_dim}")
+        errors += vit_geometry_errors(self.img_size, self.patch_size, self.embed_dim, self.num_heads)
         if self.crop_scale[0] > self.crop_scale[1]:
             errors.append(f"model.crop_scale={list(self.crop_scale)} must be (min, max) with min <= max")
         if self.no_embed_class and self.distill != "none":

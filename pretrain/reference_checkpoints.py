@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file
 from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN,
                                  IMAGENET_INCEPTION_STD)
-from torch import Tensor, nn
+from torch import Tensor
 
 from pretrain.export import strip_wrapper_prefixes, timm_architecture, vit_config
 from pretrain.mae import MAEConfig, MaskedAutoencoderViT

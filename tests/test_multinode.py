@@ -6,7 +6,6 @@ checkpoint files, a rank that lacks its files of the chosen checkpoint stops bot
 run.resume=auto resumes both ranks from the newest complete checkpoint (even when `latest` names an older one) with,
 step for step, the losses and final weights of the uninterrupted run.
 """
-import json
 import os
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from launch.runtime import checkpoint
+from tests.test_fault_tolerance import losses
 
 pytestmark = pytest.mark.multiproc
 
@@ -86,13 +86,6 @@ def assert_refused(results: list[subprocess.CompletedProcess], *needles: str) ->
         assert "Traceback" not in result.stdout.split("torch.distributed.elastic")[0].split(errors[0])[0]
 
 
-def losses(metrics: Path) -> dict[int, float]:
-    out = {}
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            out[row["step"]] = row["train/loss"]
-    return out
 
 
 @pytest.mark.skipif(not TORCHRUN.exists() and shutil.which("torchrun") is None, reason="torchrun not installed")

@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import box_convert
 from torchvision.utils import draw_bounding_boxes
 
+from contracts.backbone import vit_geometry_errors
 from contracts.task import TaskHooks
 from finetune import backbone as bb
 from finetune.detr.coco_eval import CocoEvaluator, post_process
@@ -132,12 +133,8 @@ class DETRConfig:
         if self.nheads <= 0 or self.hidden_dim % self.nheads or self.hidden_dim % 2:
             errors.append(f"model.hidden_dim={self.hidden_dim} must be even and divisible by nheads={self.nheads}")
         if self.init.strip() == "scratch":  # the geometry of the from-scratch ViT (a backbone brings its own)
-            side = self.img_size or SCRATCH_IMG_SIZE
-            if self.patch_size > 0 and side % self.patch_size:
-                shown = self.img_size or f"0 (= {SCRATCH_IMG_SIZE})"
-                errors.append(f"model.img_size={shown} is not a multiple of model.patch_size={self.patch_size}")
-            if self.num_heads > 0 and self.embed_dim % self.num_heads:
-                errors.append(f"model.num_heads={self.num_heads} does not divide model.embed_dim={self.embed_dim}")
+            errors += vit_geometry_errors(self.img_size or SCRATCH_IMG_SIZE, self.patch_size, self.embed_dim,
+                                          self.num_heads, shown_img_size=self.img_size or f"0 (= {SCRATCH_IMG_SIZE})")
         if self.feature_stride and self.patch_size and self.init.strip() == "scratch":
             ratio = self.patch_size / self.feature_stride
             if ratio not in (4.0, 2.0, 1.0, 0.5):
