@@ -70,8 +70,12 @@ class TaskHooks:
 
     # the members every sample must hold (passed to build_stream, which skips and counts a sample without one)
     required_members: tuple[str, ...] = ("image",)
-    # basename of the exported files: export/<export_name>.safetensors + .json
+    # basename of the exported files: "backbone" is timm's folder export/ itself (config.json + model.safetensors),
+    # another name export/<name>.safetensors + .json
     export_name: str = "backbone"
+    # a classifier's classes by label (the train set's names): saved in every checkpoint as label_names, so that a
+    # converted classifier keeps them; None for a task that does not classify
+    class_names: list[str] | None = None
     # picklable callables(list of transform outputs) -> batch, run in the data workers; None = torch's default_collate
     train_collate: Callable[[list], dict] | None = None
     eval_collate: Callable[[list], dict] | None = None

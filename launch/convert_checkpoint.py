@@ -332,9 +332,9 @@ def convert_run(path: Path, tag: str) -> Converted:
     except (ValueError, TypeError) as e:  # the task config's own checks, or a task that cannot be built from it
         raise ConvertError(f"the {job_name} model cannot be rebuilt from the checkpoint's model.* config: {e}") \
             from None
-    if isinstance(states.get("task"), dict) and hasattr(task, "load_extra_state"):
+    if isinstance(states.get("task"), dict):
         task.load_extra_state(states["task"])  # e.g. the dVAE's schedule step, recorded in its export
-    if states.get("label_names") and hasattr(task, "class_names"):
+    if states.get("label_names") and task.class_names is not None:
         task.class_names = [str(c) for c in states["label_names"]]  # the train set's classes, for the exports
     state_dict = consolidate(tag_dir, states)
     tensors, backbone = task.export(state_dict)
@@ -348,8 +348,8 @@ def convert_run(path: Path, tag: str) -> Converted:
                            f"missing {missing}, unexpected {unexpected}")
     model.eval()
     features = None if job.encoder_features is None else partial(no_grad_features, job.encoder_features, model)
-    extras = task.extra_exports(state_dict) if hasattr(task, "extra_exports") else {}
-    return Converted(tensors, backbone, features, getattr(task, "export_name", "backbone"), extras)
+    extras = task.extra_exports(state_dict)
+    return Converted(tensors, backbone, features, task.export_name, extras)
 
 
 def convert_file(path: Path, num_heads: int | None, check: bool = True) -> Converted:

@@ -539,7 +539,7 @@ class Trainer:
         if self.best is not None:
             state["best"] = dict(self.best)
         state["task"] = self.task.extra_state()
-        if getattr(self.task, "class_names", None):  # a classifier's label names travel with its checkpoints
+        if self.task.class_names:  # a classifier's label names travel with its checkpoints
             state["label_names"] = [str(c) for c in self.task.class_names]
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
