@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import contracts.backbone as bb
-from finetune.vitdet import convert_vit_state, default_global_blocks, vitdet_from_backbone
+from finetune.vitdet import convert_vit_state, default_global_blocks, pos_embed_to_grid, vitdet_from_backbone
 
 DEPTH, DIM, HEADS, PATCH = 4, 32, 2, 8
 
@@ -126,3 +126,12 @@ def test_beit_keys_are_converted(mae_export):
     torch.testing.assert_close(out["blocks.0.attn.qkv.bias"],
                                torch.cat([bias[:DIM] + 1, torch.zeros(DIM), bias[2 * DIM:] + 2]))
     assert "blocks.0.attn.q_bias" not in out and out["blocks.0.ls2.gamma"].eq(2).all()
+
+
+def test_deit_prefix_rows_are_dropped():
+    """A DeiT table has class and distillation rows: both dropped, the patch rows kept in row-major order."""
+    table = torch.randn(1, 2 + 3 * 4, DIM)
+    grid = pos_embed_to_grid(table, (3, 4), (3, 4))
+    assert grid.shape == (1, 3, 4, DIM)
+    torch.testing.assert_close(grid[0, 1, 2], table[0, 2 + 1 * 4 + 2])
+    assert pos_embed_to_grid(table, (3, 4), (6, 8)).shape == (1, 6, 8, DIM)
