@@ -95,8 +95,29 @@ def convert_vit_state(state: dict[str, Tensor], meta: dict[str, Any], model: Vis
     return out
 
 
+# The timm architecture an exported ViTDet backbone names (its model_kwargs override every registered default).
+VITDET_ARCHITECTURE = "samvit_base_patch16"
+
+
+def vitdet_from_config(model_kwargs: dict[str, Any], **overrides: Any) -> ViTDetBackbone:
+    """A (randomly initialised) ViTDet backbone from the JSON model_kwargs `vitdet_from_backbone` records in
+    `model.vitdet_kwargs` (and a finetune_detr export writes): timm's SAM ViT with timm ViT's LayerNorm eps 1e-6
+    (SAM's own default 1e-5) and no neck."""
+    kwargs = {**model_kwargs, **overrides}
+    if "init_values" in kwargs and not kwargs["init_values"]:
+        kwargs["init_values"] = None
+    kwargs["global_attn_indexes"] = tuple(kwargs.get("global_attn_indexes", ()))
+    model = ViTDetBackbone(**kwargs, norm_layer=partial(nn.LayerNorm, eps=1e-6))  # timm's ViT and Beit norms
+    # neck_chans=0 still leaves a LayerNorm2d "neck" (a final norm for timm's classifier head): ViTDet has none
+    model.neck = nn.Identity()
+    model.vitdet_kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()
+                           if k not in ("drop_path_rate",)}
+    return model
+
+
 def vitdet_from_backbone(folder: str | Path, img_size: int | tuple[int, int], window_size: int = 14,
-                         global_blocks: Sequence[int] | None = None, rel_pos: bool = True) -> ViTDetBackbone:
+                         global_blocks: Sequence[int] | None = None, rel_pos: bool = True,
+                         drop_path_rate: float = 0.0) -> ViTDetBackbone:
     """Build a ViTDet backbone for `img_size` images from a plain ViT export (this project's folder format).
 
     window_size: tokens per window side (14 in ViTDet, for 1024 px / patch 16 = a 64x64 grid; grids it does not
@@ -117,17 +138,14 @@ def vitdet_from_backbone(folder: str | Path, img_size: int | tuple[int, int], wi
     if any(not 0 <= i < depth for i in global_blocks):
         raise ValueError(f"global_blocks {global_blocks} outside the {depth} blocks")
     init_values = kwargs.get("init_values") or None  # 0 / None: no LayerScale
-    model = ViTDetBackbone(
+    model = vitdet_from_config(dict(
         img_size=img_size, patch_size=kwargs.get("patch_size", 16), in_chans=kwargs.get("in_chans", 3),
         embed_dim=kwargs.get("embed_dim", 768), depth=depth, num_heads=kwargs.get("num_heads", 12),
         mlp_ratio=kwargs.get("mlp_ratio", 4.0), qkv_bias="blocks.0.attn.qkv.bias" in state
         or "blocks.0.attn.q_bias" in state, qk_norm=kwargs.get("qk_norm", False), init_values=init_values,
-        pre_norm=kwargs.get("pre_norm", False),
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),  # timm's ViT and Beit norms (SAM's default is 1e-5)
-        use_abs_pos="pos_embed" in state, use_rel_pos=rel_pos, window_size=window_size,
-        global_attn_indexes=global_blocks, neck_chans=0, num_classes=0, global_pool="")
-    # neck_chans=0 still leaves a LayerNorm2d "neck" (a final norm for timm's classifier head): ViTDet has none
-    model.neck = nn.Identity()
+        pre_norm=kwargs.get("pre_norm", False), use_abs_pos="pos_embed" in state, use_rel_pos=rel_pos,
+        window_size=window_size, global_attn_indexes=list(global_blocks), neck_chans=0, num_classes=0,
+        global_pool=""), drop_path_rate=drop_path_rate)
     converted = convert_vit_state(state, meta, model)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     bad_missing = [k for k in missing if not k.endswith(("rel_pos_h", "rel_pos_w"))]

@@ -200,6 +200,11 @@ def test_presets_parse():
         256, 8, 6, 6, 2048, 100)
     assert (m.num_classes, m.layer_decay, m.feature_stride) == (80, 0.7, 32)
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.engine.grad_clip) == (1e-4, 1e-4, 0.1)
+    cfg, _ = config.parse_args(JOB, DETRConfig, ["--preset", "vitdet_b16", "data.train=s3://b/coco/train"])
+    m = cfg.model
+    assert (m.backbone, m.img_size, m.window_size, m.global_blocks, m.rel_pos) == ("vitdet", 1024, 14, (2, 5, 8, 11),
+                                                                                   True)
+    assert (m.layer_decay, m.drop_path, m.max_size, m.eval_size) == (0.7, 0.1, 1024, 1024)
     for path in sorted((ROOT / "launch/presets" / JOB).glob("*.yaml")):
         config.build(DETRConfig, [("data.train", "s3://b/x")] + config.load_preset(path))
 
@@ -360,3 +365,100 @@ def test_two_rank_deepspeed_smoke(tmp_path, coco_shards):
     assert all(math.isfinite(r["train/loss_giou"]) for r in rows if "train/loss" in r)
     assert "val/map" in rows[-1] or any("val/map" in r for r in rows)
     assert "COCO bbox evaluation: 8 images" in proc.stdout + proc.stderr
+
+
+# --- ViTDet backbone (model.backbone=vitdet) ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vitdet_source(tmp_path_factory) -> Path:
+    """The same MAE export as `mae_export`, in a folder of its own (a test above deletes that one)."""
+    from pretrain.export import save_backbone
+    from pretrain.mae import MAEConfig, MAETask
+
+    task = MAETask(MAEConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=32,
+                             decoder_depth=1, decoder_num_heads=2))
+    tensors, meta = task.export(task.model.state_dict())
+    return save_backbone(tmp_path_factory.mktemp("mae_vitdet") / "export", tensors, meta)
+
+
+VITDET = dict(backbone="vitdet", img_size=64, window_size=4, global_blocks=(1,), hidden_dim=32, nheads=2,
+              enc_layers=1, dec_layers=1, dim_feedforward=64, num_classes=2)
+
+
+def test_vitdet_backbone_builds_runs_on_padded_batches_and_decays_by_block(vitdet_source):
+    """backbone=vitdet from the MAE export at 64 px (an 8x8 grid, windows of 4, block 1 global): the forward takes
+    padded batches of two sizes (grids 6x9 and 10x7, not multiples of the window); layer decay by block, the
+    position table and patch embedding below block 0, each block's relative position tables with its block."""
+    from finetune.vitdet import ViTDetBackbone
+
+    task = DETRTask(DETRConfig(init=str(vitdet_source), layer_decay=0.5, backbone_lr_scale=0.1, **VITDET))
+    backbone = task.model.backbone
+    assert isinstance(backbone, ViTDetBackbone) and task.backbone_meta["model_kwargs"]["global_attn_indexes"] == [1]
+    assert backbone.blocks[0].window_size == 4 and backbone.blocks[1].window_size == 0
+    assert backbone.blocks[0].attn.use_rel_pos and (backbone.blocks[0].attn.rel_pos_h == 0).all()
+    source = load_file(str(vitdet_source / bb.WEIGHTS_NAME))
+    torch.testing.assert_close(backbone.blocks[1].mlp.fc2.weight, source["blocks.1.mlp.fc2.weight"])
+    task.model.eval()
+    for h, w in ((48, 72), (80, 56)):
+        images, mask = torch.randn(2, 3, h, w), torch.zeros(2, h, w, dtype=torch.bool)
+        mask[1, h - 16:], mask[1, :, w - 8:] = True, True
+        out = task.model(images, mask)
+        assert out["pred_logits"].shape == (2, 100, 3) and out["pred_boxes"].shape == (2, 100, 4)
+        assert torch.isfinite(out["pred_logits"]).all() and torch.isfinite(out["pred_boxes"]).all()
+    names = {id(p): n for n, p in task.model.named_parameters()}
+    scales = {names[id(p)]: (g.get("lr_scale", 1.0), g["weight_decay"]) for g in task.param_groups()
+              for p in g["params"]}
+    assert set(scales) == set(names.values())
+    assert scales["backbone.blocks.1.attn.qkv.weight"][0] == pytest.approx(0.1 * 0.5)
+    assert scales["backbone.blocks.1.attn.rel_pos_h"][0] == pytest.approx(0.1 * 0.5)
+    assert scales["backbone.blocks.0.attn.qkv.weight"][0] == pytest.approx(0.1 * 0.25)
+    assert scales["backbone.blocks.0.attn.rel_pos_w"][0] == pytest.approx(0.1 * 0.25)
+    assert scales["backbone.pos_embed"] == (pytest.approx(0.1 * 0.125), 0.0)
+    assert scales["backbone.patch_embed.proj.weight"][0] == pytest.approx(0.1 * 0.125)
+    assert scales["class_embed.weight"] == (1.0, 1e-4)
+    assert task.flops_per_sample() > 0
+    with pytest.raises(ValueError, match="model.init=<backbone folder>"):
+        DETRTask(DETRConfig(**{**VITDET, "img_size": 0}))
+
+
+def test_vitdet_job_runs_and_its_exports_reload(tmp_path, coco_shards, vitdet_source):
+    """2 steps with model.backbone=vitdet: the backbone export loads with timm's local-dir (SAM ViT, features
+    equal to the detector's), the detector export reloads alone with equal outputs."""
+    import timm
+
+    from finetune.detr.detector import load_detector
+    from finetune.detr.task import detr_encoder_features
+
+    args = job_args(tmp_path, coco_shards, "optim.max_steps=2", f"model.init={vitdet_source}", "model.backbone=vitdet",
+                    "model.img_size=64", "model.window_size=4", "model.global_blocks=[1]", "model.feature_stride=16")
+    assert finetune_detr.main(args) == 0
+    run_dir = tmp_path / JOB / "t"
+    assert all(math.isfinite(r["train/loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r)
+    model = timm.create_model(f"local-dir:{run_dir / 'export'}", pretrained=True).eval()
+    assert type(model).__name__ == "VisionTransformerSAM" and model.blocks[0].window_size == 4
+    detector = load_detector(run_dir)
+    assert detector.model.backbone.vitdet_kwargs["global_attn_indexes"] == [1]
+    exported = load_file(str(run_dir / "export" / "detector.safetensors"))
+    torch.testing.assert_close(model.blocks[1].attn.qkv.weight, exported["backbone.blocks.1.attn.qkv.weight"])
+    images = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(images), detr_encoder_features(detector.model, images),
+                                   atol=1e-4, rtol=0)
+        mask = torch.zeros(2, 64, 48, dtype=torch.bool)
+        mask[1, 40:] = True
+        got = detector.model(images, mask)
+    # the same detector rebuilt the job's way (from the MAE export) with the exported weights: equal outputs
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in detector.meta["detr"].items()}
+    task = DETRTask(DETRConfig(**values))
+    task.model.load_state_dict(exported, strict=True)
+    with torch.no_grad():
+        want = task.model.eval()(images, mask)
+    torch.testing.assert_close(got["pred_logits"], want["pred_logits"])
+    torch.testing.assert_close(got["pred_boxes"], want["pred_boxes"])
+    state = detector.model.state_dict()
+    assert state.keys() == exported.keys() and all(torch.equal(state[k], exported[k]) for k in exported)
+    # the converter rebuilds the task from the checkpoint and compares the timm folder's features with the job's
+    from launch import convert_checkpoint
+
+    assert convert_checkpoint.main([str(run_dir), "--out", str(tmp_path / "converted")]) == 0
+    assert json.loads((tmp_path / "converted" / "config.json").read_text())["model_args"]["window_size"] == 4

@@ -26,11 +26,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from finetune import backbone as bb
 from finetune.detr.coco_eval import post_process
 from finetune.detr.model import DETR
 # the export format is the task's (DETRTask.extra_exports writes it); this module reads it
-from finetune.detr.task import DETECTOR_NAME, FORMAT, DETRConfig, build_detr
+from finetune.detr.task import DETECTOR_NAME, FORMAT, DETRConfig, build_backbone_from_meta, build_detr
 
 __all__ = ["DETECTOR_NAME", "Detector", "load_detector"]
 
@@ -95,7 +94,7 @@ def load_detector(folder: str | Path, device: str | torch.device = "cpu") -> Det
     geometry = {k: kwargs[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
                 if isinstance(kwargs.get(k), int) and not isinstance(kwargs.get(k), bool)}
     cfg = replace(DETRConfig(**{**values, "init": "scratch", **geometry}), drop_path=0.0)
-    backbone = bb.create_from_config(meta["backbone"], drop_path_rate=0.0)
+    backbone = build_backbone_from_meta(meta["backbone"], drop_path_rate=0.0)  # ViTDet's or timm's ViT
     model = build_detr(cfg, backbone)
     state = load_file(str(folder / f"{DETECTOR_NAME}.safetensors"))
     model.load_state_dict(state, strict=True)

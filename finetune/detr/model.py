@@ -8,6 +8,8 @@ facebookresearch/detectron2 projects/ViTDet, modeling/backbone/vit.py `SimpleFea
   to every padded batch's grid; its last block's patch tokens (after its final norm) as a [B, D, H/p, W/p] map
   (`forward_intermediates`). Padding pixels go through the ViT like image pixels (as through DETR's ResNet); the
   mask keeps them out of the detector's attention.
+  Or ViTDet's windowed ViT (finetune/vitdet.py, `backbone=vitdet`): its forward gives the last block's map
+  [B, D, H/p, W/p] directly (no final norm, as in ViTDet; the simple feature pyramid brings its own norms).
 - neck: `simple_fpn` builds ViTDet's pyramid level of the requested stride from that single map (stride p/4 and
   p/2 by transposed convolutions, p by identity, 2p by max-pooling; then 1x1 and 3x3 convolutions with
   LayerNorm to the detector width); `project` is DETR's 1x1 input projection at the patch stride. DETR's
@@ -234,8 +236,11 @@ class DETR(nn.Module):
 
     def features(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """images [B, 3, H, W], mask [B, H, W] -> (neck map [B, d, H/s, W/s], its mask [B, H/s, W/s])."""
-        (tokens,) = self.backbone.forward_intermediates(images, indices=1, norm=True, output_fmt="NCHW",
-                                                        intermediates_only=True)
+        if getattr(self.backbone, "vitdet_kwargs", None) is not None:
+            tokens = self.backbone(images)   # ViTDet: the last block's map, the grid padded to whole windows inside
+        else:
+            (tokens,) = self.backbone.forward_intermediates(images, indices=1, norm=True, output_fmt="NCHW",
+                                                            intermediates_only=True)
         feature = self.neck(tokens)
         mask = F.interpolate(mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
         return feature, mask

@@ -3,7 +3,9 @@
 The backbone comes from `model.init`: a backbone folder (backbone.json + backbone.safetensors, or a run directory
 with export/) written by pretraining or launch/convert_checkpoint.py (MAE, BEiT, DeiT), built with
 `dynamic_img_size=True` and its position table resampled to `model.img_size` (finetune/backbone.py), then resampled
-per batch to the padded grid; or `scratch`, a random ViT of the model.patch_size..num_heads geometry. The detector
+per batch to the padded grid; or `scratch`, a random ViT of the model.patch_size..num_heads geometry. With
+`backbone=vitdet` the export is converted to ViTDet's windowed ViT (finetune/vitdet.py) at model.img_size, its map
+[N, D, H/p, W/p] read without a final norm, exported as a timm SAM ViT folder (`samvit_*`). The detector
 is finetune/detr/model.py, the loss finetune/detr/criterion.py, the metric finetune/detr/coco_eval.py.
 
 Categories: the train set's index.json lists its COCO categories (`metadata.categories`, ids may have gaps).
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple
 from timm.optim import param_groups_layer_decay
@@ -69,6 +72,12 @@ class DETRConfig:
     num_heads: int = 3
     mlp_ratio: float = 4.0
     drop_path: float = 0.1         # backbone stochastic depth (ViTDet: 0.1 for ViT-B)
+    # --- the backbone's form: the plain ViT as pretrained, or ViTDet's windowed ViT built from it (finetune/vitdet.py;
+    # needs model.init=<export>): window attention except in global_blocks, decomposed relative positions ---
+    backbone: Literal["vit", "vitdet"] = "vit"
+    window_size: int = 14          # vitdet: tokens per window side (ViTDet: 14 at 1024 px, patch 16)
+    global_blocks: tuple[int, ...] = ()   # vitdet: blocks with global attention; () = ViTDet's 4 evenly spaced
+    rel_pos: bool = True           # vitdet: decomposed relative positions in every block (zero-initialised)
     # --- neck: the single map the DETR transformer reads ---
     neck: Literal["simple_fpn", "project"] = "simple_fpn"   # ViTDet's pyramid level, or DETR's 1x1 projection
     feature_stride: int = 0        # stride of that map, px: patch/4 .. 2*patch (simple_fpn); 0 = the patch size
@@ -113,7 +122,7 @@ class DETRConfig:
     # each field's range, checked (with finiteness) by the job config before the dataclass is built
     LIMITS: ClassVar[dict[str, str]] = {
         "img_size": ">= 0", "patch_size": ">= 1", "embed_dim": ">= 1", "depth": ">= 1", "num_heads": ">= 1",
-        "mlp_ratio": "> 0", "drop_path": "[0, 1)", "feature_stride": ">= 0", "hidden_dim": ">= 2", "nheads": ">= 1",
+        "mlp_ratio": "> 0", "drop_path": "[0, 1)", "window_size": ">= 1", "global_blocks": ">= 0", "feature_stride": ">= 0", "hidden_dim": ">= 2", "nheads": ">= 1",
         "enc_layers": ">= 0", "dec_layers": ">= 1", "dim_feedforward": ">= 1", "dropout": "[0, 1)",
         "num_queries": ">= 1", "num_classes": ">= 1", "cost_class": ">= 0", "cost_bbox": ">= 0",
         "cost_giou": ">= 0", "eos_coef": ">= 0", "loss_ce": ">= 0", "loss_bbox": ">= 0", "loss_giou": ">= 0",
@@ -153,6 +162,8 @@ def build_backbone(cfg: DETRConfig, load: bool = True) -> tuple[nn.Module, dict[
     cfg.img_size) when `load`. Returns (model, backbone.json of the built model)."""
     common = {"num_classes": 0, "dynamic_img_size": True}
     init = cfg.init.strip()
+    if cfg.backbone == "vitdet":
+        return build_vitdet(cfg, load)
     if init == "scratch":
         meta = bb.scratch_vit_config(img_size=cfg.img_size or SCRATCH_IMG_SIZE, patch_size=cfg.patch_size,
                                      embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
@@ -175,6 +186,41 @@ def build_backbone(cfg: DETRConfig, load: bool = True) -> tuple[nn.Module, dict[
     return model, meta
 
 
+def build_vitdet(cfg: DETRConfig, load: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """ViTDet's windowed ViT (finetune/vitdet.py) from the export `cfg.init` names, at cfg.img_size (0: the export's
+    own). Returns (model, backbone.json: timm's SAM ViT architecture with the model's kwargs). `load=False` (FLOPs
+    on the meta device) builds the same geometry without weights."""
+    from finetune.vitdet import VITDET_ARCHITECTURE, vitdet_from_backbone, vitdet_from_config
+
+    init = cfg.init.strip()
+    if init == "scratch":
+        raise ValueError("model.backbone=vitdet converts a pretrained plain ViT: set model.init=<backbone folder> "
+                         "(a from-scratch ViTDet is not offered; use model.backbone=vit for init=scratch)")
+    folder = bb.find_backbone(init)
+    source = bb.read_config(folder)
+    img_size = cfg.img_size or source.get("model_kwargs", {}).get("img_size", 224)
+    blocks = cfg.global_blocks or None
+    if load:
+        model = vitdet_from_backbone(folder, img_size, cfg.window_size, blocks, cfg.rel_pos,
+                                     drop_path_rate=cfg.drop_path)
+    else:
+        with torch.device("cpu"):
+            kwargs = vitdet_from_backbone(folder, img_size, cfg.window_size, blocks, cfg.rel_pos).vitdet_kwargs
+        model = vitdet_from_config(kwargs)
+    meta = {k: v for k, v in source.items() if k in ("pretrained_cfg_overlay", "source")}
+    meta.update(architecture=VITDET_ARCHITECTURE, model_kwargs=dict(model.vitdet_kwargs), vitdet=True)
+    return model, meta
+
+
+def build_backbone_from_meta(meta: dict[str, Any], **overrides: Any) -> nn.Module:
+    """The (random) backbone a DETR export's backbone.json describes: ViTDet's (neck-less SAM ViT) or timm's."""
+    if meta.get("vitdet"):
+        from finetune.vitdet import vitdet_from_config
+
+        return vitdet_from_config(meta["model_kwargs"], **overrides)
+    return bb.create_from_config(meta, **overrides)
+
+
 def build_detr(cfg: DETRConfig, backbone: nn.Module) -> DETR:
     return DETR(backbone, cfg.num_classes, neck=cfg.neck, feature_stride=cfg.feature_stride,
                 hidden_dim=cfg.hidden_dim, nheads=cfg.nheads, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,
@@ -184,7 +230,15 @@ def build_detr(cfg: DETRConfig, backbone: nn.Module) -> DETR:
 
 def detr_encoder_features(model: nn.Module, imgs: Tensor) -> Tensor:
     """The detector's backbone tokens [N, T, D] for imgs [N, 3, H, W], equal to the exported timm model's
-    `forward_features(imgs)` (what launch/convert_checkpoint.py compares)."""
+    `forward_features(imgs)` (what launch/convert_checkpoint.py compares). ViTDet: the exported SAM ViT ends in
+    timm's LayerNorm2d "neck" (exported as weight 1, bias 0: SAM's final norm, which DETR does not use), so its
+    features are the map [N, D, H/p, W/p] normalised over channels; the block norms' eps is timm SAM's 1e-5 there
+    (1e-6 here: a difference of order 1e-5)."""
+    from finetune.vitdet import ViTDetBackbone
+
+    if isinstance(model.backbone, ViTDetBackbone):
+        x = model.backbone(imgs)
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=1e-6).permute(0, 3, 1, 2)
     return model.backbone.forward_features(imgs)
 
 
@@ -217,7 +271,7 @@ def detector_export(task: DETRTask, state_dict: dict[str, Tensor]) -> tuple[dict
     tensors = {k.removeprefix("module."): v.detach().float().contiguous() if v.is_floating_point() else v
                for k, v in state_dict.items()}
     backbone = {k: v for k, v in task.backbone_meta.items() if k in ("architecture", "embed_layer", "pos_embed",
-                                                                       "model_kwargs")}
+                                                                       "model_kwargs", "vitdet")}
     meta = {"format": FORMAT, "source": "finetune_detr", "init": cfg.init, "detr": asdict(cfg), "backbone": backbone,
             "categories": list(task.categories), "category_ids": task.category_ids,
             "eval_size": cfg.eval_size, "max_size": cfg.max_size, "mean": list(task.mean), "std": list(task.std)}
@@ -406,6 +460,11 @@ class DETRTask(TaskHooks):
         tensors = {k[len("backbone."):]: v.detach().float().contiguous() if v.is_floating_point() else v
                    for k, v in state.items() if k.startswith("backbone.")}
         meta = dict(self.backbone_meta)
+        if meta.pop("vitdet", False):
+            # timm's SAM ViT with neck_chans=0 keeps a LayerNorm2d "neck" (its final norm): identity-initialised
+            # parameters, so that timm.create_model("local-dir:...") loads the folder strictly
+            width = meta["model_kwargs"]["embed_dim"]
+            tensors.update({"neck.weight": torch.ones(width), "neck.bias": torch.zeros(width)})
         meta["model_kwargs"] = dict(meta["model_kwargs"])
         img = to_2tuple(meta["model_kwargs"].get("img_size", SCRATCH_IMG_SIZE))
         meta["pretrained_cfg_overlay"] = {**meta.get("pretrained_cfg_overlay", {}), "mean": list(self.mean),
@@ -424,7 +483,9 @@ class DETRTask(TaskHooks):
         if self._flops is None:
             side = -(-max(self.cfg.scales) // self.model.size_divisibility) * self.model.size_divisibility
             with torch.device("meta"):
-                model = build_detr(self.cfg, build_backbone(self.cfg, load=False)[0])
+                backbone = build_backbone_from_meta(self.backbone_meta) if self.cfg.backbone == "vitdet" \
+                    else build_backbone(self.cfg, load=False)[0]
+                model = build_detr(self.cfg, backbone)
                 images, mask = torch.zeros(1, 3, side, side), torch.zeros(1, side, side, dtype=torch.bool)
             with FlopCounterMode(display=False) as counter:
                 out = model(images, mask)
