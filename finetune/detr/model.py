@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
+from finetune.vitdet import ViTDetBackbone
+
 
 class PositionEmbeddingSine(nn.Module):
     """DETR's 2-D sine position encoding over the unpadded area: mask [B, H, W] (True = padding) -> [B, 2F, H, W].
@@ -236,7 +238,7 @@ class DETR(nn.Module):
 
     def features(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """images [B, 3, H, W], mask [B, H, W] -> (neck map [B, d, H/s, W/s], its mask [B, H/s, W/s])."""
-        if getattr(self.backbone, "vitdet_kwargs", None) is not None:
+        if isinstance(self.backbone, ViTDetBackbone):
             tokens = self.backbone(images)   # ViTDet: the last block's map, the grid padded to whole windows inside
         else:
             (tokens,) = self.backbone.forward_intermediates(images, indices=1, norm=True, output_fmt="NCHW",
