@@ -349,6 +349,118 @@ def _trees_source(split: str, seed: int) -> Source:
     return src
 
 
+# ----------------------------------------------------------------------------------------------- emoji objects
+
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+EMOJI_FONT_SIZE = 109       # NotoColorEmoji is a bitmap (CBDT) font: Pillow renders it only at its strike size
+# the classes: single-codepoint glyphs that look unlike each other; names from unicodedata (category names)
+EMOJI_CLASSES = ("\U0001F34E", "\U0001F436", "\U0001F697", "\u26BD", "\U0001F33B", "\U0001F511", "\U0001F3B8",
+                 "\U0001F41F")
+EMOJI_SIZE = 192            # image side, px
+EMOJI_OBJECTS = (1, 5)      # objects per image, inclusive range
+EMOJI_SIDE = (24, 72)       # object's longer side, px
+EMOJI_ROTATION = 15.0       # max |rotation|, degrees
+EMOJI_TRAIN_IMAGES = 2400
+EMOJI_VAL_IMAGES = 200
+
+
+def emoji_glyphs() -> dict[str, Image.Image]:
+    """Each class's glyph as an RGBA image cropped to its visible pixels (alpha > 0), at the font's native size."""
+    from PIL import ImageDraw, ImageFont
+
+    if not EMOJI_FONT.exists():
+        raise SourceError(f"The emoji detection set draws the glyphs of Noto Color Emoji ({EMOJI_FONT} is missing). "
+                          "It ships in a Debian package: apt-get install fonts-noto-color-emoji")
+    font = ImageFont.truetype(str(EMOJI_FONT), EMOJI_FONT_SIZE)
+    glyphs = {}
+    for ch in EMOJI_CLASSES:
+        canvas = Image.new("RGBA", (EMOJI_FONT_SIZE + 40, EMOJI_FONT_SIZE + 40))
+        ImageDraw.Draw(canvas).text((0, 0), ch, font=font, embedded_color=True)
+        box = canvas.getchannel("A").getbbox()
+        if box is None:
+            raise SourceError(f"{EMOJI_FONT} draws nothing for U+{ord(ch):04X}: Pillow needs FreeType with PNG "
+                              "support to render colour bitmap fonts")
+        glyphs[ch] = canvas.crop(box)
+    return glyphs
+
+
+def emoji_category_name(ch: str) -> str:
+    import unicodedata
+
+    return unicodedata.name(ch).lower()
+
+
+def _place_objects(rng: np.random.Generator, glyphs: dict[str, Image.Image]) -> list[tuple[str, Image.Image, int, int]]:
+    """1-5 glyphs, each flipped, rotated and scaled at random, at positions where no two boxes overlap:
+    [(class char, RGBA sprite cropped to its visible pixels, x, y)]."""
+    placed: list[tuple[str, Image.Image, int, int]] = []
+    boxes: list[tuple[int, int, int, int]] = []
+    for _ in range(int(rng.integers(EMOJI_OBJECTS[0], EMOJI_OBJECTS[1] + 1))):
+        ch = EMOJI_CLASSES[int(rng.integers(len(EMOJI_CLASSES)))]
+        sprite = glyphs[ch]
+        if rng.random() < 0.5:
+            sprite = sprite.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        sprite = sprite.rotate(float(rng.uniform(-EMOJI_ROTATION, EMOJI_ROTATION)), Image.Resampling.BICUBIC,
+                               expand=True)
+        side = int(rng.integers(EMOJI_SIDE[0], EMOJI_SIDE[1] + 1))
+        scale = side / max(sprite.size)
+        sprite = sprite.resize((max(1, round(sprite.width * scale)), max(1, round(sprite.height * scale))),
+                               Image.Resampling.LANCZOS)
+        visible = sprite.getchannel("A").getbbox()  # rotation and resampling leave transparent margins
+        if visible is None:
+            continue
+        sprite = sprite.crop(visible)
+        w, h = sprite.size
+        for _ in range(20):  # a free spot, or the object is left out
+            x, y = int(rng.integers(0, EMOJI_SIZE - w + 1)), int(rng.integers(0, EMOJI_SIZE - h + 1))
+            if all(x + w <= bx or bx + bw <= x or y + h <= by or by + bh <= y for bx, by, bw, bh in boxes):
+                placed.append((ch, sprite, x, y))
+                boxes.append((x, y, w, h))
+                break
+    return placed
+
+
+def _emoji_source(split: str, seed: int) -> Source:
+    glyphs = emoji_glyphs()
+    names = photo_names(split)
+    photos = load_photos(names)
+    count = EMOJI_VAL_IMAGES if split == "val" else EMOJI_TRAIN_IMAGES
+    # placements and background crops from a stream of the split's own: validation differs from training in both
+    rng = np.random.default_rng([seed, zlib.crc32(f"emoji-{split}".encode())])
+    categories = [{"id": i + 1, "name": emoji_category_name(ch)} for i, ch in enumerate(EMOJI_CLASSES)]
+    class_id = {ch: i + 1 for i, ch in enumerate(EMOJI_CLASSES)}
+    coco: dict[str, Any] = {"images": [], "annotations": [], "categories": categories}
+    plans: dict[str, tuple[str, tuple[int, int, int], list[tuple[str, Image.Image, int, int]]]] = {}
+    for i in range(count):
+        name = names[int(rng.integers(len(names)))]
+        photo = photos[name]
+        h, w = photo.shape[:2]
+        side = int(rng.integers(min(EMOJI_SIZE, min(h, w)), min(h, w) + 1))  # background crop, never upsampled
+        x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+        objects = _place_objects(rng, glyphs)
+        file_name = f"emoji_{split}_{i:05d}.jpg"
+        coco["images"].append({"id": i + 1, "file_name": file_name, "width": EMOJI_SIZE, "height": EMOJI_SIZE})
+        for ch, sprite, x, y in objects:
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1,
+                                        "bbox": [float(x), float(y), float(sprite.width), float(sprite.height)],
+                                        "category_id": class_id[ch], "iscrowd": 0,
+                                        "area": float(sprite.width * sprite.height)})
+        plans[file_name] = (name, (x0, y0, side), objects)
+
+    def read(file_name: str) -> bytes:
+        name, (x0, y0, side), objects = plans[file_name]
+        background = Image.fromarray(photos[name][y0:y0 + side, x0:x0 + side])
+        image = background.resize((EMOJI_SIZE, EMOJI_SIZE), Image.Resampling.BICUBIC, reducing_gap=3.0).convert("RGBA")
+        for _, sprite, x, y in objects:
+            image.alpha_composite(sprite, (x, y))
+        return encode_image(image.convert("RGB"), "jpg", quality=95)[0]
+
+    src = coco_source(coco, read, seed=seed, source=f"Noto Color Emoji glyphs ({EMOJI_FONT}) composited onto "
+                      f"{', '.join(names)}")
+    src.metadata["num_boxes"] = len(coco["annotations"])
+    return src
+
+
 # ----------------------------------------------------------------------------------------------- registry
 
 
@@ -370,6 +482,12 @@ REGISTRY: dict[str, EmbeddedDataset] = {
         partial(_fashion_source, "train"), shards=32),
     "fashion_mnist_val": EmbeddedDataset(
         "Fashion-MNIST test (10,000)", partial(_fashion_source, "val"), shards=16, prefix="val"),
+    "emoji": EmbeddedDataset(
+        f"{EMOJI_TRAIN_IMAGES} {EMOJI_SIZE}px photos with 1-5 of {len(EMOJI_CLASSES)} emoji classes composited, exact "
+        "boxes; needs apt-get install fonts-noto-color-emoji", partial(_emoji_source, "train"), shards=16),
+    "emoji_val": EmbeddedDataset(
+        f"{EMOJI_VAL_IMAGES} such images on the held-out photos ({', '.join(VAL_PHOTOS)}), other placements",
+        partial(_emoji_source, "val"), shards=16, prefix="val"),
     "trees": EmbeddedDataset(
         f"tree-crown boxes: {TREE_TILE}px tiles of 2 YELL aerial images; pip install --no-deps deepforest",
         partial(_trees_source, "train"), shards=16),

@@ -126,6 +126,15 @@ def vitdet_from_backbone(folder: str | Path, img_size: int | tuple[int, int], wi
     Returns the model; `model(images)` [N, 3, H, W] -> [N, D, H/p, W/p].
     """
     meta, state = read_backbone(folder)
+    return vitdet_from_state(meta, state, img_size, window_size, global_blocks, rel_pos, drop_path_rate, str(folder))
+
+
+def vitdet_from_state(meta: dict[str, Any], state: dict[str, Tensor], img_size: int | tuple[int, int],
+                      window_size: int = 14, global_blocks: Sequence[int] | None = None, rel_pos: bool = True,
+                      drop_path_rate: float = 0.0, folder: str = "the ViT") -> ViTDetBackbone:
+    """`vitdet_from_backbone` on a plain ViT already in memory: its backbone meta (config) and state dict. A
+    from-scratch ViTDet is a random plain ViT converted this way, so it starts from the same initialisation as the
+    ViT that pretraining would have started from."""
     state = strip_wrapper_prefixes(state)
     kwargs = meta["model_kwargs"]
     if meta.get("embed_layer"):

@@ -417,8 +417,26 @@ def test_vitdet_backbone_builds_runs_on_padded_batches_and_decays_by_block(vitde
     assert scales["backbone.patch_embed.proj.weight"][0] == pytest.approx(0.1 * 0.125)
     assert scales["class_embed.weight"] == (1.0, 1e-4)
     assert task.flops_per_sample() > 0
-    with pytest.raises(ValueError, match="model.init=<backbone folder>"):
-        DETRTask(DETRConfig(**{**VITDET, "img_size": 0}))
+
+
+def test_scratch_vitdet_is_the_random_plain_vit_converted():
+    """init=scratch with backbone=vitdet: the random plain ViT of the scratch fields (timm's ViT initialisation, as
+    a pretraining run would start from), converted; all blocks global and no relative positions give that ViT's
+    blocks on its patch tokens (the class token dropped), before its final norm."""
+    geometry = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, drop_path=0.0)
+    torch.manual_seed(0)
+    task = DETRTask(DETRConfig(**{**VITDET, "global_blocks": (0, 1), "rel_pos": False}, **geometry))
+    torch.manual_seed(0)
+    plain = bb.create_from_config(bb.scratch_vit_config(img_size=64, patch_size=8, embed_dim=32, depth=2,
+                                                        num_heads=2, mlp_ratio=4.0, class_token=True,
+                                                        global_pool="token", num_classes=0)).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = task.model.backbone.eval()(images)                               # [2, 32, 8, 8]
+        # ViTDet has no class token: the plain blocks on the patch tokens alone, with their positions
+        tokens = plain.blocks(plain.patch_embed(images) + plain.pos_embed[:, 1:])   # [2, 64, 32]
+    torch.testing.assert_close(got.flatten(2).transpose(1, 2), tokens, atol=1e-5, rtol=0)
+    assert task.backbone_meta["vitdet"] and task.flops_per_sample() > 0
 
 
 def test_vitdet_job_runs_and_its_exports_reload(tmp_path, coco_shards, vitdet_source):

@@ -153,3 +153,55 @@ def test_fashion_mnist_reader():
     assert Image.open(io.BytesIO(first.image)).size == (28, 28) and 0 <= first.cls < 10
     labels = embedded.read_idx(embedded.FASHION_DIR / "t10k-labels-idx1-ubyte.gz")
     assert np.bincount(labels).tolist() == [1000] * 10
+
+
+@pytest.mark.skipif(not embedded.EMOJI_FONT.exists(), reason="apt-get install fonts-noto-color-emoji")
+def test_emoji_boxes_are_exact_and_apart():
+    glyphs = embedded.emoji_glyphs()
+    assert len(glyphs) == len(embedded.EMOJI_CLASSES) >= 8
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        objects = embedded._place_objects(rng, glyphs)
+        assert embedded.EMOJI_OBJECTS[0] <= len(objects) <= embedded.EMOJI_OBJECTS[1]
+        # composited onto black: every pixel that changed is inside a box, and each box's four edges touch a
+        # changed pixel (the box is the tight box of what is visible)
+        canvas = Image.new("RGBA", (embedded.EMOJI_SIZE, embedded.EMOJI_SIZE), (0, 0, 0, 255))
+        for _, sprite, x, y in objects:
+            canvas.alpha_composite(sprite, (x, y))
+        changed = np.asarray(canvas.convert("RGB")).any(-1)
+        inside = np.zeros_like(changed)
+        for _, sprite, x, y in objects:
+            w, h = sprite.size
+            assert 0 <= x and x + w <= embedded.EMOJI_SIZE and 0 <= y and y + h <= embedded.EMOJI_SIZE
+            assert max(w, h) <= embedded.EMOJI_SIDE[1]
+            assert not inside[y:y + h, x:x + w].any()  # no two boxes overlap
+            inside[y:y + h, x:x + w] = True
+            alpha = np.asarray(sprite.getchannel("A")) > 0
+            assert alpha[0].any() and alpha[-1].any() and alpha[:, 0].any() and alpha[:, -1].any()
+        assert not (changed & ~inside).any()
+
+
+@pytest.mark.skipif(not embedded.EMOJI_FONT.exists(), reason="apt-get install fonts-noto-color-emoji")
+def test_emoji_detection_set(cache):
+    index, val = _samples(Path(embedded.resolve("embedded:emoji_val")))
+    meta = index["metadata"]
+    assert [c["name"] for c in meta["categories"]][:3] == ["red apple", "dog face", "automobile"]
+    assert index["num_samples"] == len(val) == embedded.EMOJI_VAL_IMAGES
+    # the held-out backgrounds only
+    assert all(n in meta["source"] for n in embedded.VAL_PHOTOS)
+    assert not any(n in meta["source"] for n in embedded.photo_names("train"))
+    per_image, classes = [], collections.Counter()
+    for s in val:
+        t = json.loads(s["json"])
+        assert Image.open(io.BytesIO(s["jpg"])).size == (t["width"], t["height"]) == (embedded.EMOJI_SIZE,) * 2
+        per_image.append(len(set(t["category_ids"])))
+        classes.update(t["category_ids"])
+    assert set(classes) == {c["id"] for c in meta["categories"]}  # every class is in the validation set
+    assert np.mean([n >= 2 for n in per_image]) > 0.5              # most images hold several classes
+    assert sum(classes.values()) == meta["num_boxes"]
+
+
+def test_emoji_without_the_font_names_the_package(cache, monkeypatch):
+    monkeypatch.setattr(embedded, "EMOJI_FONT", cache / "NotoColorEmoji.ttf")
+    with pytest.raises(SourceError, match="apt-get install fonts-noto-color-emoji"):
+        embedded.resolve("embedded:emoji_val")

@@ -188,25 +188,36 @@ def build_backbone(cfg: DETRConfig, load: bool = True) -> tuple[nn.Module, dict[
 
 def build_vitdet(cfg: DETRConfig, load: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """ViTDet's windowed ViT (finetune/vitdet.py) from the export `cfg.init` names, at cfg.img_size (0: the export's
-    own). Returns (model, backbone.json: timm's SAM ViT architecture with the model's kwargs). `load=False` (FLOPs
+    own), or (init=scratch) from a random plain ViT of the model.patch_size..num_heads geometry. Returns (model, backbone.json: timm's SAM ViT architecture with the model's kwargs). `load=False` (FLOPs
     on the meta device) builds the same geometry without weights."""
-    from finetune.vitdet import VITDET_ARCHITECTURE, vitdet_from_backbone, vitdet_from_config
+    from finetune.vitdet import VITDET_ARCHITECTURE, vitdet_from_backbone, vitdet_from_config, vitdet_from_state
 
     init = cfg.init.strip()
-    if init == "scratch":
-        raise ValueError("model.backbone=vitdet converts a pretrained plain ViT: set model.init=<backbone folder> "
-                         "(a from-scratch ViTDet is not offered; use model.backbone=vit for init=scratch)")
-    folder = bb.find_backbone(init)
-    source = bb.read_config(folder)
-    img_size = cfg.img_size or source.get("model_kwargs", {}).get("img_size", 224)
     blocks = cfg.global_blocks or None
-    if load:
-        model = vitdet_from_backbone(folder, img_size, cfg.window_size, blocks, cfg.rel_pos,
-                                     drop_path_rate=cfg.drop_path)
-    else:
+    if init == "scratch":
+        # the random plain ViT of the model.patch_size..num_heads fields, converted: the same starting point as the
+        # ViT a pretraining run of that geometry starts from (the arm a pretrained ViTDet is compared against)
+        img_size = cfg.img_size or SCRATCH_IMG_SIZE
+        source = bb.scratch_vit_config(img_size=img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                                       depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                                       class_token=True, global_pool="token", num_classes=0)
         with torch.device("cpu"):
-            kwargs = vitdet_from_backbone(folder, img_size, cfg.window_size, blocks, cfg.rel_pos).vitdet_kwargs
-        model = vitdet_from_config(kwargs)
+            plain = bb.create_from_config(source)
+        model = vitdet_from_state(source, plain.state_dict(), img_size, cfg.window_size, blocks, cfg.rel_pos,
+                                  drop_path_rate=cfg.drop_path, folder="the from-scratch ViT")
+        if not load:
+            model = vitdet_from_config(model.vitdet_kwargs)
+    else:
+        folder = bb.find_backbone(init)
+        source = bb.read_config(folder)
+        img_size = cfg.img_size or source.get("model_kwargs", {}).get("img_size", 224)
+        if load:
+            model = vitdet_from_backbone(folder, img_size, cfg.window_size, blocks, cfg.rel_pos,
+                                         drop_path_rate=cfg.drop_path)
+        else:
+            with torch.device("cpu"):
+                kwargs = vitdet_from_backbone(folder, img_size, cfg.window_size, blocks, cfg.rel_pos).vitdet_kwargs
+            model = vitdet_from_config(kwargs)
     meta = {k: v for k, v in source.items() if k in ("pretrained_cfg_overlay", "source")}
     meta.update(architecture=VITDET_ARCHITECTURE, model_kwargs=dict(model.vitdet_kwargs), vitdet=True)
     return model, meta
