@@ -1,6 +1,7 @@
 """finetune_detr: box-aware transforms, padding masks, COCO mAP through pycocotools, boxes drawn for TensorBoard,
 backbones (scratch, an MAE export) with resampled positions, and whole runs on real shards written from a COCO json
 (one process, and two under the DeepSpeed launcher)."""
+import io
 import json
 import math
 import random
@@ -137,6 +138,65 @@ def test_perfect_predictions_score_map_1_with_category_id_gaps():
     assert coco_map(evaluator.images, evaluator.annotations, shifted)["map"] == 0.0
 
 
+def test_per_class_ap_equals_cocoeval_restricted_to_each_category():
+    """Random ground truth of categories 1, 3, 8 and noisy detections of 1, 3 and 12 on 6 images (one with more
+    than 10 detections): the per-class AP and AP50 equal COCOeval run with params.catIds=[c]; category 8 (no
+    detections) scores 0, category 12 (no ground truth) is not reported; names with a space or a slash become one
+    tag each, a clash gets the id."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(0)
+    categories = [{"id": 1, "name": "traffic light"}, {"id": 3, "name": "traffic/light"}, {"id": 8, "name": "dog"},
+                  {"id": 12, "name": "cat"}]
+    images, annotations, detections = [], [], []
+    for image_id in range(1, 7):
+        images.append({"id": image_id, "height": 100, "width": 120})
+        for _ in range(int(rng.integers(2, 6))):
+            x, y, w, h = (float(v) for v in (*rng.uniform(0, 60, 2), *rng.uniform(10, 50, 2)))
+            cat = int(rng.choice([1, 3, 8]))
+            annotations.append({"image_id": image_id, "bbox": [x, y, w, h], "category_id": cat, "iscrowd": 0,
+                                "area": w * h})
+            if cat != 8 and rng.random() < 0.8:  # a detection near the box (IoU from ~1 to ~0), mostly confident
+                jitter = rng.normal(0, rng.choice([1.0, 3.0, 10.0]), 4)
+                detections.append({"image_id": image_id, "bbox": [x + jitter[0], y + jitter[1],
+                                                                  max(2.0, w + jitter[2]), max(2.0, h + jitter[3])],
+                                   "score": float(rng.uniform(0.2, 1)), "category_id": cat})
+        for _ in range(2):  # false positives, some of a category absent from the ground truth
+            detections.append({"image_id": image_id, "bbox": [*rng.uniform(0, 80, 2).tolist(), 20.0, 20.0],
+                               "score": float(rng.uniform(0, 0.8)), "category_id": int(rng.choice([1, 3, 12]))})
+    # image 1: a category-1 box found only by its 12th best detection, so that maxDets 100 counts it and 10 would not
+    annotations.append({"image_id": 1, "bbox": [90.0, 70.0, 25.0, 25.0], "category_id": 1, "iscrowd": 0,
+                        "area": 625.0})
+    detections += [{"image_id": 1, "bbox": [95.0, 2.0 + 8 * i, 5.0, 5.0], "score": 0.9 + 0.005 * i, "category_id": 1}
+                   for i in range(11)]
+    detections.append({"image_id": 1, "bbox": [90.0, 70.0, 25.0, 25.0], "score": 0.15, "category_id": 1})
+    stats = coco_map(images, annotations, detections, categories)
+
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": [{**a, "id": i + 1} for i, a in enumerate(annotations)],
+                  "categories": categories}
+    gt.createIndex()
+    dt = gt.loadRes(detections)
+    for cid, tag in ((1, "traffic_light"), (3, "traffic_light_3"), (8, "dog")):
+        oracle = COCOeval(gt, dt, iouType="bbox")
+        oracle.params.catIds = [cid]
+        oracle.evaluate()
+        oracle.accumulate()
+        oracle.summarize()
+        assert stats[f"ap_per_class/{tag}"] == pytest.approx(oracle.stats[0], abs=1e-12), tag
+        assert stats[f"ap50_per_class/{tag}"] == pytest.approx(oracle.stats[1], abs=1e-12), tag
+    assert stats["ap_per_class/dog"] == 0.0 and stats["ap50_per_class/dog"] == 0.0
+    assert all(0 < stats[f"ap_per_class/{t}"] < stats[f"ap50_per_class/{t}"] < 1
+               for t in ("traffic_light", "traffic_light_3"))
+    per_class = {k for k in stats if "_per_class/" in k}
+    assert per_class == {f"{p}_per_class/{t}" for p in ("ap", "ap50") for t in ("traffic_light", "traffic_light_3",
+                                                                                 "dog")}
+    # no detections at all: every category with ground truth scores 0, the others are absent
+    empty = coco_map(images, annotations, [], categories)
+    assert {k for k in empty if "_per_class/" in k} == per_class and not any(empty[k] for k in per_class)
+
+
 # --- pictures --------------------------------------------------------------------------------------------------
 
 def test_drawn_boxes_land_where_the_data_says():
@@ -151,6 +211,39 @@ def test_drawn_boxes_land_where_the_data_says():
     ys, xs = torch.nonzero(green, as_tuple=True)
     assert (xs.min().item(), ys.min().item(), xs.max().item(), ys.max().item()) == (x, y, x + w, y + h)
     assert green[y, x:x + w].all() and green[y:y + h, x].all()  # the top and left edges
+    # labelled: the name on a green patch inside the box's top-left corner, the rest of the picture unchanged
+    labelled = draw_detections(out["image"], target["boxes"][:1], torch.zeros(0, 4), MEAN, STD, gt_labels=["a"])
+    ys, xs = torch.nonzero((labelled != picture).any(0), as_tuple=True)
+    assert len(ys) and xs.min() > x and ys.min() > y and xs.max() < x + w and ys.max() < y + h
+
+
+def test_pictures_label_boxes_with_category_names_and_skip_padding(monkeypatch):
+    """task.images: ground truth labelled with its category's name, every prediction (draw_score 0) with the name of
+    its best class (contiguous classes: categories by id) and its score; the stream's padding sample not drawn."""
+    import finetune.detr.task as detr_task
+
+    task = DETRTask(DETRConfig(patch_size=8, embed_dim=32, depth=1, num_heads=2, hidden_dim=32, nheads=2,
+                               enc_layers=1, dec_layers=1, dim_feedforward=64, num_queries=5, num_classes=2,
+                               draw_score=0.0))
+    task.on_dataset({"kind": "detection", "categories": [{"id": 7, "name": "seven"}, {"id": 2, "name": "two"}]})
+    samples = []
+    for w in (120, 90, 60):
+        sample = painted_sample(w=w)
+        sample["json"]["category_ids"] = [7, 2, 7, 2]
+        samples.append(DetectionEvalTransform(64, 128, mean=task.mean, std=task.std)(sample))
+    batch = {**PadCollate(task.model.size_divisibility)(samples), "is_padding": torch.tensor([False, True, False])}
+    drawn = []
+    monkeypatch.setattr(detr_task, "draw_detections", lambda image, gt, pred, mean, std, **labels: drawn.append(
+        (image.shape, len(pred), labels)) or torch.zeros(3, 1, 1))
+    pictures = task.images(task.model, batch)
+    assert sorted(pictures) == ["detections/0", "detections/1"] and task.model.training
+    with torch.no_grad():
+        scores, labels = task.model.eval()(batch["image"], batch["mask"])["pred_logits"].softmax(-1)[..., :-1].max(-1)
+    for (shape, n, got), i in zip(drawn, (0, 2)):
+        assert shape[1:] == tuple(samples[i]["target"]["size"].tolist()) and n == 5
+        assert got["gt_labels"] == ["seven", "two", "seven", "two"]
+        assert got["pred_labels"] == [f"{['two', 'seven'][c]} {p:.2f}" for c, p in zip(labels[i].tolist(),
+                                                                                        scores[i].tolist())]
 
 
 # --- backbones and the job -------------------------------------------------------------------------------------
@@ -311,7 +404,8 @@ def test_detector_export_loads_alone_and_predicts_in_input_pixels(mae_export, tm
         load_detector(tmp_path)
 
 
-def test_job_runs_and_logs_every_loss_term_and_map(tmp_path, coco_shards):
+def test_job_runs_and_logs_every_loss_term_and_map(tmp_path, coco_shards, caplog):
+    caplog.set_level("INFO")
     assert finetune_detr.main(job_args(tmp_path, coco_shards, "optim.max_steps=4", "log.images_every=2",
                                        "model.neck=project")) == 0
     run_dir = tmp_path / JOB / "t"
@@ -322,8 +416,35 @@ def test_job_runs_and_logs_every_loss_term_and_map(tmp_path, coco_shards):
     final = [r for r in rows if "val/map" in r][-1]
     assert {"val/map", "val/map50", "val/map75", "val/map_small", "val/map_medium", "val/map_large"} <= set(final)
     assert 0 <= final["val/map"] <= 1
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0}).Reload()
-    assert "images/detections/0" in events.Tags()["images"]
+    # per-class AP of exactly the categories with a box in the validation set, in TensorBoard and metrics.jsonl
+    val_dir = Path(coco_shards["val"]).parent / "val"
+    val_coco = json.loads((val_dir / "instances.json").read_text())
+    names = {c["id"]: c["name"] for c in val_coco["categories"]}
+    in_val = sorted({names[a["category_id"]] for a in val_coco["annotations"]})
+    assert in_val and {k for k in final if "_per_class/" in k} == {f"val/{p}_per_class/{n}" for p in ("ap", "ap50")
+                                                                    for n in in_val}
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    for name in in_val:
+        for prefix in ("ap", "ap50"):
+            [last] = events.Scalars(f"val/{prefix}_per_class/{name}")[-1:]
+            assert last.step == 4 and last.value == pytest.approx(final[f"val/{prefix}_per_class/{name}"])
+            assert 0 <= last.value <= 1
+    assert any(r.getMessage().startswith("AP50 per class: ") for r in caplog.records)
+    evals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("eval step 4:")]
+    assert evals and "val/map " in evals[-1] and "_per_class" not in evals[-1]
+    # the pictures are validation images (the eval transform's pixels, not an augmented training crop) with boxes
+    assert {"images/detections/0", "images/detections/1"} <= set(events.Tags()["images"])
+    transform = DetectionEvalTransform(64, max_size=80, mean=MEAN, std=STD)
+    val_images = []
+    for i in range(8):
+        out = transform({"image": Image.open(val_dir / f"{i}.png").convert("RGB"), "json": {"boxes": []}})
+        pixels = out["image"] * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
+        val_images.append((pixels.clamp(0, 1) * 255).round().permute(1, 2, 0).numpy())
+    for tag in ("images/detections/0", "images/detections/1"):
+        event = events.Images(tag)[-1]
+        picture = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"), dtype=np.float64)
+        same = [np.mean(np.abs(picture - v) <= 2) for v in val_images if v.shape == picture.shape]
+        assert same and max(same) > 0.8, tag
     # the export is the finetuned backbone as a timm folder
     meta = bb.read_config(run_dir / "export")
     assert meta["categories"] == [{"id": 2, "name": "two"}, {"id": 7, "name": "seven"}]

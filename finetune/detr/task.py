@@ -254,19 +254,23 @@ def detr_encoder_features(model: nn.Module, imgs: Tensor) -> Tensor:
 
 
 def draw_detections(image: Tensor, gt_boxes: Tensor, pred_boxes: Tensor, mean: tuple[float, ...],
-                    std: tuple[float, ...]) -> Tensor:
+                    std: tuple[float, ...], gt_labels: list[str] | None = None,
+                    pred_labels: list[str] | None = None) -> Tensor:
     """image [3, H, W] normalised; gt_boxes [G, 4], pred_boxes [P, 4] normalised cxcywh of that image -> [3, H, W]
-    float in [0, 1] with ground truth in green and predictions in red (torchvision's draw_bounding_boxes)."""
+    float in [0, 1] with ground truth in green and predictions in red (torchvision's draw_bounding_boxes), each
+    box's label (class name; a prediction's with its score) written in black on its colour at the box's top left."""
     pixels = image.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     canvas = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
     h, w = canvas.shape[1:]
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
     width = max(1, round(min(h, w) / 200))
-    for boxes, color in ((gt_boxes, GT_COLOR), (pred_boxes, PRED_COLOR)):
+    for boxes, labels, color in ((gt_boxes, gt_labels, GT_COLOR), (pred_boxes, pred_labels, PRED_COLOR)):
         if len(boxes):
             # rounded: draw_bounding_boxes truncates, and 10 / 120 * 120 comes back as 9.99...
             xyxy = (box_convert(boxes.detach().float().cpu(), "cxcywh", "xyxy") * scale).round()
-            canvas = draw_bounding_boxes(canvas, xyxy, colors=[color] * len(boxes), width=width)
+            canvas = draw_bounding_boxes(canvas, xyxy, labels=labels, colors=[color] * len(boxes), width=width,
+                                         label_colors=(0, 0, 0), label_background_colors=color,
+                                         fill_labels=labels is not None)
     return canvas.float() / 255.0
 
 
@@ -428,7 +432,8 @@ class DETRTask(TaskHooks):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any) -> dict[str, float]:
         """COCO box AP of the validation set over all ranks (padding samples excluded): map, map50, map75,
-        map_small, map_medium, map_large, mar100. Collective."""
+        map_small, map_medium, map_large, mar100, and ap_per_class/<name>, ap50_per_class/<name> for each category
+        with ground truth in it (finetune/detr/coco_eval.py). Collective."""
         was_training = model.training
         model.eval()
         evaluator = CocoEvaluator(self.category_ids, self.categories)
@@ -447,21 +452,34 @@ class DETRTask(TaskHooks):
         model.train(was_training)
         return evaluator.summarize()
 
+    def category_name(self, category_id: int) -> str:
+        """The dataset's name of a category id (the id itself when the index.json names none)."""
+        names = {int(c["id"]): str(c["name"]) for c in self.categories}
+        return names.get(int(category_id), str(int(category_id)))
+
     @torch.no_grad()
     def images(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Up to draw_images images of `batch` (unpadded) with ground truth (green) and predictions scoring at
-        least draw_score (red)."""
+        """Up to draw_images images of `batch` (unpadded; the runtime's fixed batch: the first validation batch,
+        else the first training batch) with ground truth (green, labelled with its category name) and predictions
+        scoring at least draw_score (red, labelled "name score"). Padding samples of the stream are not drawn."""
         was_training = model.training
         model.eval()
         outputs = model(batch["image"], batch["mask"])
         model.train(was_training)
+        padding = batch["is_padding"].bool().tolist() if "is_padding" in batch else [False] * len(batch["targets"])
+        keep = [i for i, pad in enumerate(padding) if not pad][:self.cfg.draw_images]
         pictures = {}
-        for i, target in enumerate(batch["targets"][:self.cfg.draw_images]):
+        for n, i in enumerate(keep):
+            target = batch["targets"][i]
             h, w = (int(v) for v in target["size"])
-            prob = outputs["pred_logits"][i].float().softmax(-1)[:, :-1].max(-1).values
-            pred = outputs["pred_boxes"][i][prob >= self.cfg.draw_score]
-            pictures[f"detections/{i}"] = draw_detections(batch["image"][i, :, :h, :w], target["boxes"], pred,
-                                                          self.mean, self.std)
+            scores, labels = outputs["pred_logits"][i].float().softmax(-1)[:, :-1].max(-1)
+            shown = scores >= self.cfg.draw_score
+            ids = [self.category_ids[c] if self.category_ids is not None else c for c in labels[shown].tolist()]
+            pred_labels = [f"{self.category_name(c)} {p:.2f}" for c, p in zip(ids, scores[shown].tolist())]
+            gt_labels = [self.category_name(c) for c in target["category_ids"].tolist()]
+            pictures[f"detections/{n}"] = draw_detections(batch["image"][i, :, :h, :w], target["boxes"],
+                                                          outputs["pred_boxes"][i][shown], self.mean, self.std,
+                                                          gt_labels=gt_labels, pred_labels=pred_labels)
         return pictures
 
     def export(self, state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict]:

@@ -493,8 +493,12 @@ class Trainer:
                                                  DeviceLoader(self.val_stream, self.world.device, torch.float32))
             values.update({f"val/{k.removeprefix('val_')}_ema": float(v) for k, v in ema_results.items()})
         self.tracker.scalars(self.step, values)
-        logger.info("eval step %d: %s (%.1f s)", self.step, "  ".join(f"{k} {v:.4f}" for k, v in values.items()),
-                    time.perf_counter() - t0)
+        # the console line keeps the headline numbers; a task's detail groups (val/<group>/<name>, e.g. DETR's
+        # per-class AP) go to TensorBoard and metrics.jsonl, and the task logs its own summary of them
+        headline = tracking.headline(values)
+        detail = len(values) - len(headline)
+        logger.info("eval step %d: %s (%.1f s)%s", self.step, "  ".join(f"{k} {v:.4f}" for k, v in headline.items()),
+                    time.perf_counter() - t0, f"; {detail} more values in TensorBoard" if detail else "")
         self.keep_best(values)
         return values
 
@@ -637,7 +641,7 @@ class Trainer:
             self.export(self.run_dir / "export_ema", extra={"ema_decay": self.cfg.optim.ema_decay, "step": self.step},
                         state=self.ema.state_dict())
         if self.world.is_main:
-            metrics = {k: v for k, v in {**(last_values or {}), **final}.items()
+            metrics = {k: v for k, v in tracking.headline({**(last_values or {}), **final}).items()
                        if k in ("train/loss", "val/loss") or k.startswith("val/")}
             hparams = {k: v for k, v in tracking.flatten(cfg.to_dict()).items() if v is not None}
             self.tracker.hparams(hparams, metrics)
@@ -647,7 +651,7 @@ class Trainer:
         if first_loss is not None and last_values is not None:
             logger.info("done: %d steps in %s; train loss %.4f -> %.4f%s", steps_done,
                         tracking.format_duration(elapsed), first_loss, last_values.get("train/loss", math.nan),
-                        "".join(f"; {k} {v:.4f}" for k, v in final.items()))
+                        "".join(f"; {k} {v:.4f}" for k, v in tracking.headline(final).items()))
         if self.best is not None:
             logger.info("best:         %s %.4f at step %d (checkpoints/%s, %s)", self.best["metric"],
                         self.best["value"], self.best["step"], checkpoint.BEST_TAG, self.run_dir / "export_best")

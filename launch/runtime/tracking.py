@@ -4,7 +4,9 @@ Scalar tags (one row of metrics.jsonl per logged step, same names):
   train/loss (mean over ranks and the steps since the last row), train/lr, train/grad_norm, train/epoch,
   perf/images_per_s (global), perf/images_per_s_per_rank, perf/step_time_s, perf/data_wait_frac (time waiting for
   the next batch / step time), perf/mfu (GPUs whose peak is known), mem/cuda_max_allocated_gib (GPU) or
-  mem/cpu_rss_gib (CPU), data/skipped/<reason> (cumulative, all ranks), val/<metric>.
+  mem/cpu_rss_gib (CPU), data/skipped/<reason> (cumulative, all ranks), val/<metric>, and a task's detail groups
+  val/<group>/<name> (e.g. finetune_detr's val/ap_per_class/<category>): in TensorBoard and metrics.jsonl, left out
+  of the console's evaluation line and of the HParams metrics (`headline`).
 Images: images/<name> from task.images. Text: config (the resolved YAML). HParams at the end.
 """
 from __future__ import annotations
@@ -153,6 +155,12 @@ class Tracker:
             self.writer.close()
         if self._jsonl:
             self._jsonl.close()
+
+
+def headline(values: dict[str, float]) -> dict[str, float]:
+    """The values whose tag is section/name (train/loss, val/map), without the detail groups section/group/name
+    (val/ap_per_class/<category>, data/skipped/<reason>): what the console line and the HParams table show."""
+    return {k: v for k, v in values.items() if k.count("/") <= 1}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
