@@ -25,7 +25,9 @@ validation split is also the test split). Budgets are key=value overrides in one
 
 Outputs: WORKDIR/quality.json and WORKDIR/quality.png always; unless --no-write also bench/results/quality-<preset>
 .json, bench/results/quality-<preset>.png and the section between `<!-- quality:begin -->` and
-`<!-- quality:end -->` in bench/RESULTS.md (nothing outside the markers changes).
+`<!-- quality:end -->` in bench/RESULTS.md (nothing outside the markers changes). A run of some claims (`--only`)
+keeps the other claims of the previous bench/results/quality-<preset>.json in all three, each claim naming the
+invocation its figures come from.
 
 A fresh run (no --reuse) deletes WORKDIR's shards/, runs/, backbones/ and logs/ first, so no figure comes from an
 earlier run; --reuse instead skips every step whose identical command already succeeded in WORKDIR (recovery after
@@ -717,9 +719,36 @@ def git_commit() -> str:
         return "unknown"
 
 
+def run_info(report: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the invocation a claim's figures come from."""
+    return {k: report[k] for k in ("date", "commit", "command", "seeds")}
+
+
+def merge_previous(report: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """The report of a run of some claims (--only), completed with the other claims of the previous report of the
+    same preset (their tables, verdicts, steps and the invocation they came from, in `runs`), so that re-running one
+    claim does not erase the others from RESULTS.md. A previous report of another preset is ignored."""
+    if previous.get("preset") != report["preset"]:
+        return report
+    runs = dict(previous.get("runs") or {c: run_info(previous) for c in previous.get("claims", [])})
+    kept = [c for c in previous.get("claims", []) if c not in report["claims"] and c in previous.get("results", {})]
+    if not kept:
+        return report
+    runs.update({c: run_info(report) for c in report["claims"]})
+    order = [c for c in CLAIMS if c in kept or c in report["claims"]]
+    return {**report, "claims": order, "runs": {c: runs[c] for c in order},
+            "results": {c: (report["results"][c] if c in report["claims"] else previous["results"][c]) for c in order},
+            "steps": [s for s in previous.get("steps", []) if s["claim"] in kept] + report["steps"],
+            "total_wall_s": round(sum(s["wall_s"] for s in previous.get("steps", []) if s["claim"] in kept)
+                                  + report["total_wall_s"], 1)}
+
+
 def render_markdown(report: dict[str, Any], plot_link: str) -> str:
-    """The RESULTS.md section: machine, date, commit, command, wall time, one table + verdicts per claim, plot."""
+    """The RESULTS.md section: machine, date, commit, command, wall time, one table + verdicts per claim, plot. A
+    merged report (claims from several invocations) names each claim's own invocation under its heading."""
     m = report["machine"]
+    runs = report.get("runs") or {}
+    merged = len({json.dumps(r, sort_keys=True) for r in runs.values()}) > 1
     shared = [s for s in report["steps"] if s["seed"] is None and s["claim"] != "shards"]
     loads = [s["load_before"][0] for s in report["steps"]]
     reused = sum(s["reused"] for s in report["steps"])
@@ -743,16 +772,23 @@ def render_markdown(report: dict[str, Any], plot_link: str) -> str:
         "two arms' seed stds combined (sqrt(std_a^2 + std_b^2)).",
         "",
     ]
+    if merged:
+        lines.insert(-1, "- Claims from earlier invocations are kept (re-running some claims with `--only` replaces "
+                     "only theirs): each claim below names the date, commit, command and seeds its figures come from.")
     for claim in report["claims"]:
         data = report["results"][claim]
         wall = sum(s["wall_s"] for s in report["steps"] if s["claim"] == claim)
-        lines += [f"### {CLAIM_TITLES[claim]}", "", f"Wall time {format_duration(wall)}.", "",
+        run = runs.get(claim)
+        seeds = run["seeds"] if run else report["seeds"]
+        origin = (f" From {run['date']}, commit {run['commit']}, seeds {', '.join(map(str, seeds))}: "
+                  f"`{run['command']}`." if merged and run else "")
+        lines += [f"### {CLAIM_TITLES[claim]}", "", f"Wall time {format_duration(wall)}.{origin}", "",
                   markdown_table({arm: {f: Stats(st["mean"], st["std"], st["n"]) for f, st in figs.items()}
                                   for arm, figs in data["arms"].items()}), ""]
         lines += [f"- {v['text']}" for v in data["verdicts"]]
         lines += ["", "<details><summary>commands (seed 0 and shared stages)</summary>", "", "```bash"]
         lines += [s["command"] for s in report["steps"]
-                  if s["claim"] == claim and s["seed"] in (None, report["seeds"][0])]
+                  if s["claim"] == claim and s["seed"] in (None, seeds[0])]
         lines += ["```", "", "</details>", ""]
     lines += [f"![quality benchmark, preset {report['preset']}]({plot_link})", ""]
     return "\n".join(lines)
@@ -903,6 +939,10 @@ def main(argv: Sequence[str] | None = None,
     # steps reused from an earlier invocation count with the wall time they took then
     total = time.perf_counter() - t0 + sum(r.wall_s for r in results if r.reused)
     report = build_report(command, preset, args.claims, seeds, results, steps, comparisons, total, started, commit)
+    previous_json = RESULTS_DIR / f"quality-{preset.name}.json"
+    if not args.no_write and previous_json.is_file():  # keep the claims this invocation did not run
+        report = merge_previous(report, json.loads(previous_json.read_text()))
+        comparisons = build_plan(preset, report["claims"], seeds, layout)[1]
     out_json, out_png = args.workdir / "quality.json", args.workdir / "quality.png"
     out_json.write_text(json.dumps(report, indent=1) + "\n")
     plot(report, comparisons, out_png)

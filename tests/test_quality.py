@@ -274,3 +274,30 @@ def test_results_md_section_and_files_written(tmp_path, monkeypatch, fake_machin
     assert "### 3. DeiT" in text and "![quality benchmark, preset cpu](results/quality-cpu.png)" in text
     assert json.loads((tmp_path / "results" / "quality-cpu.json").read_text())["claims"] == ["deit"]
     assert (tmp_path / "results" / "quality-cpu.png").is_file()
+
+
+def test_a_claim_rerun_keeps_the_others_in_the_results(tmp_path, monkeypatch, fake_machine):
+    """--only deit after a run of mae and deit: deit's figures are replaced, mae's table, verdicts and commands are
+    kept, and each claim names the invocation it comes from."""
+    results = tmp_path / "RESULTS.md"
+    results.write_text(DOC)
+    monkeypatch.setattr(quality, "RESULTS_MD", results)
+    monkeypatch.setattr(quality, "RESULTS_DIR", tmp_path / "results")
+    assert quality.main(["--only", "mae,deit", "--workdir", str(tmp_path / "w")], runner=fake_runner) == 0
+    first = json.loads((tmp_path / "results" / "quality-cpu.json").read_text())
+    assert quality.main(["--only", "deit", "--seeds", "3", "--workdir", str(tmp_path / "w2")],
+                        runner=fake_runner) == 0
+    merged = json.loads((tmp_path / "results" / "quality-cpu.json").read_text())
+    assert merged["claims"] == ["mae", "deit"]
+    assert merged["results"]["mae"] == first["results"]["mae"]
+    assert merged["results"]["deit"]["arms"]["no teacher"]["top-1 (%)"]["n"] == 3
+    assert merged["runs"]["mae"]["seeds"] == [0, 1] and merged["runs"]["deit"]["seeds"] == [0, 1, 2]
+    assert {s["claim"] for s in merged["steps"]} >= {"mae", "deit"}
+    text = results.read_text()
+    assert "### 1. MAE" in text and "### 3. DeiT" in text
+    assert "`python bench/quality.py --only deit --seeds 3 " in text and "seeds 0, 1, 2:" in text
+    mae_part, deit_part = text.split("### 3. DeiT")
+    assert "deit-hard-s0" in deit_part and f"{tmp_path / 'w2'}/" in deit_part
+    assert "mae-finetune-s0" in mae_part and f"{tmp_path / 'w2'}/" not in mae_part
+    # a run of every claim replaces everything
+    assert quality.merge_previous({**merged, "claims": ["mae", "deit"]}, merged)["claims"] == ["mae", "deit"]
