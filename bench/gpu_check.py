@@ -26,6 +26,8 @@ The plan (rows run in dependency order; the functional rows up to --parallel at 
   throughput_b16  bench/train_throughput.py: MAE ViT-B/16, batch 256, bf16, ours against ViTMAEForPreTraining
   throughput_l16  ours at ViT-L/16, batch 128: fits, memory, MFU
   data_wait     bench/data_wait.py: the real pretrain_mae vit_b16 job at batch 256 with 12 loader workers
+  vitdet_memory bench/vitdet_memory.py: ViTDet's ViT-B backbone, forward + backward at 512 and 1024 px in bf16,
+                windowed against global attention: images/s and peak memory, each in its own process
 S is 20 on a GPU, 2 with --cpu. With --cpu the job rows run in processes forked from this one (the imports are paid
 once: the tests keep it under a minute), compile uses the "eager" backend, and every size is tiny.
 
@@ -87,18 +89,21 @@ class Sizes:
     small_val: bool            # cls / deit evaluate on 40 digits instead of the 360 of digits_val
     ipt_tasks: str             # model.tasks of the ipt row ("" = all six)
     shuffle_buffer: int        # data.shuffle_buffer of the job rows (0 = the default; the first batch waits for it)
+    vitdet: tuple[str, ...]    # bench/vitdet_memory.py's options (the ViTDet backbone, windowed vs global attention)
 
 
 GPU = Sizes(gpu=True, steps=20, batch=None, workers=4, compile_backend="inductor", numerics_preset="vit_b16",
             numerics_batch=64, throughput=("vit_b16", 256, "vit_l16", 128), throughput_steps=(20, 5),
             data_wait=("vit_b16", 256, 12, 40), jpegs=(4096, 500, 32), ipt_eval_images=8,
             pretrain_val=True, precision="bf16", timing_precision="bf16", small_val=False, ipt_tasks="",
-            shuffle_buffer=0)
+            shuffle_buffer=0, vitdet=("--device", "cuda", "--sizes", "512,1024", "--dtype", "bf16"))
 CPU = Sizes(gpu=False, steps=2, batch=8, workers=0, compile_backend="eager", numerics_preset="tiny",
             numerics_batch=4, throughput=("tiny", 8, "tiny", 8), throughput_steps=(2, 1),
             data_wait=("tiny", 8, 1, 8), jpegs=(32, 96, 4), ipt_eval_images=2,
             pretrain_val=False, precision="bf16", timing_precision="fp32", small_val=True,
-            ipt_tasks="[denoise30,sr2]", shuffle_buffer=32)
+            ipt_tasks="[denoise30,sr2]", shuffle_buffer=32,
+            vitdet=("--device", "cpu", "--sizes", "64,128", "--embed-dim", "32", "--depth", "4", "--heads", "2",
+                    "--window", "4", "--global-blocks", "1,3", "--warmup", "1", "--iters", "1", "--isolate", "fork"))
 
 
 class RowFailed(Exception):
@@ -229,6 +234,8 @@ def plan(sizes: Sizes, work: Path, out: Path) -> list[Row]:
              f"data.train={data / 'jpeg' / 'shards'}", f"data.batch_size={dw_batch}",
              f"engine.precision={sizes.timing_precision}",
              "data.mode=resampled"], 180, timing=True, needs=("data",), check=report("data_wait.json")),
+        Row("vitdet_memory", "bench/vitdet_memory.py", [*sizes.vitdet, "--out", str(out / "vitdet_memory.json")],
+            150, timing=True, check=report("vitdet_memory.json")),
     ]
 
 
@@ -241,11 +248,14 @@ def read_report(path: Path) -> dict[str, Any]:
         return report
     figures: dict[str, Any] = {"device": report.get("device")}
     for side, r in report["results"].items():
-        for key in ("images_per_s", "mfu", "peak_memory_gib", "step_time_s", "data_wait_frac"):
+        for key in ("images_per_s", "mfu", "peak_memory_gib", "peak_memory_mib", "step_time_s", "data_wait_frac"):
             if key in r:
                 figures[f"{side}/{key}"] = r[key]
     if "ratio_images_per_s" in report:
         figures["ours/peer images/s"] = report["ratio_images_per_s"]
+    for px, ratio in report.get("ratios", {}).items():   # bench/vitdet_memory.py: windowed / global at each size
+        figures[f"{px} windowed/global images/s"] = ratio["images_per_s"]
+        figures[f"{px} windowed/global peak memory"] = ratio["peak_memory"]
     return figures
 
 

@@ -54,6 +54,8 @@ def test_cpu_rehearsal_runs_every_row_and_leaves_nothing(tmp_path):
     assert tp["ours/images_per_s"] > 0 and tp["peer/images_per_s"] > 0 and tp["ours/peer images/s"] > 0
     assert rows["throughput_l16"]["figures"]["ours/mfu"] > 0
     assert 0 <= rows["data_wait"]["figures"]["1/data_wait_frac"] <= 1
+    vitdet = rows["vitdet_memory"]["figures"]
+    assert vitdet["128/global/peak_memory_mib"] > 0 and vitdet["128 windowed/global images/s"] > 0
     summary = (out / "gpu_check.md").read_text()
     assert all(f"| {name} | pass |" in summary for name in rows) and "ours / peer images/s" in summary
     assert "===== data_wait: pass =====" in (out / "logs.txt").read_text()
