@@ -16,7 +16,10 @@ the result is a plain timm classifier.
 
 The model comes from `model.init` (finetune/backbone.py): a backbone folder, `none` (a ViT from scratch: learned
 or sin-cos positions, class token or not, patchify or convolutional stem), or `timm:NAME` (any timm architecture,
-random weights). Top-1/top-5 are percentages, as in MAE's and timm's logs.
+random weights). A windowed backbone (a SimMIM Swin export) takes `model.window_size`, its relative position tables
+resized to the new window (SimMIM finetunes its 192-px / window-6 Swin at 224 px / window 7), and keeps its own
+average pooling: `model.global_pool` and the new fc_norm apply to ViT and BEiT backbones. Top-1/top-5 are
+percentages, as in MAE's and timm's logs.
 """
 from __future__ import annotations
 
@@ -103,7 +106,8 @@ class ClassificationConfig:
 
     # each field's range, checked (with finiteness) by the job config before the dataclass is built
     LIMITS: ClassVar[dict[str, str]] = {
-        "num_classes": ">= 2", "img_size": ">= 0", "window_size": ">= 0", "patch_size": ">= 1", "embed_dim": ">= 1", "depth": ">= 1",
+        "num_classes": ">= 2", "img_size": ">= 0", "window_size": ">= 0", "patch_size": ">= 1", "embed_dim": ">= 1",
+        "depth": ">= 1",
         "num_heads": ">= 1", "mlp_ratio": "> 0", "conv_stem": ">= 1", "head_init_std": ">= 0",
         "layer_decay": "(0, 1]", "drop_path": "[0, 1)", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
         "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1)", "reprob": "[0, 1]", "crop_scale": "(0, 1]",

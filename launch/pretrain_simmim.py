@@ -1,4 +1,5 @@
-"""SimMIM pretraining of a Swin Transformer or a ViT on WebDataset shards under DeepSpeed (Xie et al., arXiv 2111.09886).
+"""SimMIM pretraining of a Swin Transformer or a ViT on WebDataset shards under DeepSpeed (Xie et al. 2021,
+arXiv 2111.09886).
 
 With no arguments: the tiny preset (a small Swin) on the embedded photographs, on the CPU, in a few minutes:
     python launch/pretrain_simmim.py

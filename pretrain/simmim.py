@@ -97,7 +97,7 @@ class SimMIMConfig:
     img_size: int = 64                # square input side, pixels
     patch_size: int = 4               # pixels per token side (the patch embedding's stride)
     embed_dim: int = 48               # swin: the first stage's width (doubled by every merge); vit: the width
-    depths: tuple[int, ...] = (2, 2, 2)      # blocks per stage (swin); vit: one value, its depth
+    depths: tuple[int, ...] = (2, 2, 2)      # blocks per stage (swin); vit: one value, its depth ([12])
     num_heads: tuple[int, ...] = (3, 6, 12)  # heads per stage (swin); vit: one value
     window_size: int = 4              # swin: attention window side, tokens (a stage smaller than it attends globally)
     mlp_ratio: float = 4.0

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # a Swin with shifted windows in its first two stages (16 and 8 tokens per side, window 4) and a global last stage
 SWIN = SimMIMConfig(backbone="swin", img_size=64, patch_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4),
                     window_size=4, mask_patch_size=16)
+SHARED_VIT = SimMIMConfig(backbone="vit", img_size=32, patch_size=8, embed_dim=32, depths=(2,), num_heads=(2,),
+                          mask_patch_size=16)   # BEiT-style: shared relative bias, LayerScale, no absolute positions
 PLAIN_VIT = SimMIMConfig(backbone="vit", img_size=32, patch_size=8, embed_dim=32, depths=(2,), num_heads=(2,),
                          rel_pos_bias="none", abs_pos_emb=True, layer_scale=0.0, mask_patch_size=16)
 
@@ -137,7 +139,8 @@ def vit_to_hf(ours: dict[str, torch.Tensor], k_bias_seed: int = 5) -> dict[str, 
     softmax cancels, so the outputs must not change."""
     fixed = {"cls_token": "vit.embeddings.cls_token", "pos_embed": "vit.embeddings.position_embeddings",
              "mask_token": "vit.embeddings.mask_token", "norm.weight": "vit.layernorm.weight",
-             "norm.bias": "vit.layernorm.bias", "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
+             "norm.bias": "vit.layernorm.bias",
+             "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
              "patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias"}
     block = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj",
              "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
@@ -226,7 +229,7 @@ def test_masked_pixels_reach_the_encoder_only_as_the_mask_token(cfg):
 
 def test_param_groups_follow_simmim():
     for cfg, no_decay_names in ((SWIN, {"mask_token", "layers.0.blocks.0.attn.relative_position_bias_table"}),
-                                (SimMIMConfig(**SIMMIM_ARCHS["vit_tiny"]), {"cls_token"})):
+                                (SHARED_VIT, {"cls_token"})):
         task = SimMIMTask(cfg)
         names = {id(p): n for n, p in task.model.named_parameters()}
         groups = task.param_groups()
@@ -236,19 +239,12 @@ def test_param_groups_follow_simmim():
         assert len(no_decay) + len(decay) == len(names)
         assert all(name.endswith(".bias") or task.model.get_parameter(name).ndim == 1 or name in no_decay_names
                    or "relative_position_bias_table" in name for name in no_decay)
-    vit = SimMIMTask(SimMIMConfig(**SIMMIM_ARCHS["vit_tiny"]))
-    decayed = {n for n, p in vit.model.named_parameters() if any(p is q for q in vit.param_groups()[1]["params"])}
-    assert {"mask_token", "rel_pos_bias.relative_position_bias_table"} <= decayed  # SimMIM's ViT decays both
+    assert {"mask_token", "rel_pos_bias.relative_position_bias_table"} <= decay  # SimMIM's ViT decays both
 
 
 # --- exports ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [
-    SWIN,
-    SimMIMConfig(backbone="vit", img_size=32, patch_size=8, embed_dim=32, depths=(2,), num_heads=(2,),
-                 mask_patch_size=16),   # BEiT-style: shared relative bias, LayerScale
-    PLAIN_VIT,
-], ids=["swin", "vit_shared_rel_pos", "vit_plain"])
+@pytest.mark.parametrize("cfg", [SWIN, SHARED_VIT, PLAIN_VIT], ids=["swin", "vit_shared_rel_pos", "vit_plain"])
 def test_export_loads_in_plain_timm_with_the_encoder_features(cfg, tmp_path):
     task = SimMIMTask(cfg)
     randomised(task.model)
@@ -306,7 +302,12 @@ def test_bad_geometry_is_a_config_error(override, message, tmp_path, caplog):
     assert message in caplog.text
 
 
-# --- a whole run, then finetune_cls at another size and window ---------------------------------------------------------
+def test_finetune_window_size_needs_a_windowed_backbone(tmp_path, caplog):
+    assert finetune_cls.main(["model.window_size=7", "data.num_workers=0", f"run.dir={tmp_path}"]) == 2
+    assert "model.window_size=7 needs a windowed backbone" in caplog.text
+
+
+# --- a whole run, then finetune_cls at another size and window -------------------------------------------------
 
 def test_job_then_finetune_at_another_size_and_window(shard_factory, tmp_path):
     shards = shard_factory.write([[shard_factory.sample(f"{s * 8 + i:06d}", size=48) for i in range(8)]
@@ -343,12 +344,23 @@ def test_job_then_finetune_at_another_size_and_window(shard_factory, tmp_path):
         assert model.state_dict()[key].shape == (11 * 11, model.get_submodule(key[:-29]).num_heads)
         torch.testing.assert_close(model.state_dict()[key], reference[key], rtol=0, atol=0)
 
-    ft = [f"model.init={export}", "model.img_size=48", "model.window_size=6", "data.batch_size=16",
-          "data.num_workers=0", "optim.max_steps=2", "optim.warmup_steps=1", "log.every=1", "log.eval_every_epoch=false",
-          f"run.dir={tmp_path}", "run.name=ft"]
-    assert finetune_cls.main(ft) == 0
+    ft = [f"model.init={export}", "model.img_size=48", "model.window_size=6", "data.batch_size=16", "data.val=",
+          "data.num_workers=0", "optim.max_steps=2", "optim.warmup_steps=1", "log.every=1",
+          "log.eval_every_epoch=false", "ckpt.best_metric=", f"run.dir={tmp_path}", "run.name=ft"]
+    assert finetune_cls.main(ft) == 0   # the embedded digits, 10 classes
     finetuned = cb.read_config(tmp_path / "finetune_cls" / "ft" / "export")
-    assert finetuned["architecture"].startswith("swin")
+    assert finetuned["architecture"].startswith("swin") and finetuned["model_kwargs"]["num_classes"] == 10
     assert (finetuned["model_kwargs"]["img_size"], finetuned["model_kwargs"]["window_size"]) == (48, 6)
     rows = [json.loads(line) for line in (tmp_path / "finetune_cls" / "ft" / "metrics.jsonl").read_text().splitlines()]
-    assert "val/top1" in rows[-1]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+
+
+def test_flops_per_sample_is_three_forwards():
+    """The ViT on every token (16 patches + the class token) and the 1x1 head on the 4 x 4 map; backward is two
+    forwards, except the patch embedding needs no gradient for its input."""
+    cfg = PLAIN_VIT
+    tokens, width, depth, p = cfg.grid ** 2 + 1, cfg.embed_dim, cfg.depths[0], cfg.patch_size
+    patch_embed = 2 * cfg.grid ** 2 * 3 * p * p * width
+    blocks = depth * (2 * tokens * 12 * width * width + 2 * 2 * tokens * tokens * width)  # linears, then q@k, attn@v
+    head = 2 * cfg.grid ** 2 * width * p * p * 3
+    assert SimMIMTask(cfg).flops_per_sample() == 3 * (patch_embed + blocks + head) - patch_embed
