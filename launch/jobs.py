@@ -47,7 +47,7 @@ def _pretrain_beit() -> Job:
 def _pretrain_simmim() -> Job:
     from pretrain.simmim import SIMMIM_ARCHS, SimMIMConfig, SimMIMTask, simmim_encoder_features
 
-    return Job(SimMIMConfig, SimMIMTask, SIMMIM_ARCHS, simmim_encoder_features, aliases={"backbone": "model.backbone"})
+    return Job(SimMIMConfig, SimMIMTask, SIMMIM_ARCHS, simmim_encoder_features)
 
 
 def _train_dvae() -> Job:

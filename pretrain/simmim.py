@@ -131,7 +131,8 @@ class SimMIMConfig:
                           "one value per stage")
         if self.backbone == "vit" and len(self.depths) != 1:
             errors.append(f"model.backbone=vit has one stage: model.depths={list(self.depths)} must be one value "
-                          "(its depth), model.num_heads one value")
+                          "(its depth, e.g. [12]), model.num_heads one value (model.arch=vit_tiny or vit_b16 sets "
+                          "all of a ViT's fields)")
         if self.backbone == "vit" and self.rel_pos_bias == "none" and not self.abs_pos_emb:
             errors.append("model.rel_pos_bias=none with model.abs_pos_emb=false leaves the ViT without any position "
                           "information: set abs_pos_emb=true")
