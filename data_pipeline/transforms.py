@@ -7,7 +7,8 @@ torchvision's and timm's; only the glue (dict in, dict out, one crop shared by t
 
 Recipes:
     MAE (He et al. 2021, facebookresearch/mae ``main_pretrain.py``): RandomResizedCrop(scale 0.2-1, bicubic),
-        horizontal flip, normalise.
+        horizontal flip, normalise. SimMIM (Xie et al. 2021, microsoft/SimMIM ``data/data_simmim.py``): the same
+        with scale 0.67-1 and bilinear resizing.
     BEiT (Bao et al. 2021, microsoft/unilm ``beit/datasets.py`` DataAugmentationForBEiT): colour jitter 0.4,
         flip, one RandomResizedCrop box resized twice: bicubic for the ViT, lanczos for the tokenizer.
     DeiT / finetuning (Touvron et al. 2021): timm's ``create_transform`` with RandAugment rand-m9-mstd0.5-inc1,
@@ -100,16 +101,18 @@ class MAETrainTransform(_SampleTransform):
         std: per-channel normalisation std.
         normalize: False returns the crop as uint8 [3, S, S] (0..255) for normalising on the accelerator:
             a quarter of the bytes to batch and move between processes (see bench/RESULTS.md).
+        interpolation: the crop's resize ("bicubic": MAE; "bilinear": torchvision's default, SimMIM's).
     """
 
     def __init__(self, img_size: int, scale: tuple[float, float] = (0.2, 1.0),
                  mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
-                 normalize: bool = True) -> None:
+                 normalize: bool = True, interpolation: str = "bicubic") -> None:
         self.img_size = img_size
         self.scale = tuple(scale)
         self.mean, self.std = tuple(mean), tuple(std)
         self.normalize = normalize
-        self._crop = T.RandomResizedCrop(img_size, scale=self.scale, interpolation=T.InterpolationMode.BICUBIC)
+        self.interpolation = interpolation
+        self._crop = T.RandomResizedCrop(img_size, scale=self.scale, interpolation=T.InterpolationMode(interpolation))
         self._flip = T.RandomHorizontalFlip()
         self._normalize = _Normalize(mean, std)
 

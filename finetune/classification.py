@@ -16,7 +16,10 @@ the result is a plain timm classifier.
 
 The model comes from `model.init` (finetune/backbone.py): a backbone folder, `none` (a ViT from scratch: learned
 or sin-cos positions, class token or not, patchify or convolutional stem), or `timm:NAME` (any timm architecture,
-random weights). Top-1/top-5 are percentages, as in MAE's and timm's logs.
+random weights). A windowed backbone (a SimMIM Swin export) takes `model.window_size`, its relative position tables
+resized to the new window (SimMIM finetunes its 192-px / window-6 Swin at 224 px / window 7), and keeps its own
+average pooling: `model.global_pool` and the new fc_norm apply to ViT and BEiT backbones. Top-1/top-5 are
+percentages, as in MAE's and timm's logs.
 """
 from __future__ import annotations
 
@@ -68,6 +71,8 @@ class ClassificationConfig:
     num_classes: int = 10          # must equal the train set's class count (index.json metadata) when it has one
     img_size: int = 0              # input side, px; 0 = the backbone's (init=DIR), the architecture's (timm:NAME),
                                    # 32 (none); another size resamples the backbone's position table
+    window_size: int = 0           # attention window of a windowed backbone (Swin), tokens; 0 = the backbone's; another
+                                   # window resizes its relative position tables (SimMIM: 6 at 192 px -> 7 at 224)
     # --- a ViT from scratch (init=none) ---
     patch_size: int = 4            # pixels per token side (the conv stem's total stride)
     embed_dim: int = 192
@@ -101,7 +106,8 @@ class ClassificationConfig:
 
     # each field's range, checked (with finiteness) by the job config before the dataclass is built
     LIMITS: ClassVar[dict[str, str]] = {
-        "num_classes": ">= 2", "img_size": ">= 0", "patch_size": ">= 1", "embed_dim": ">= 1", "depth": ">= 1",
+        "num_classes": ">= 2", "img_size": ">= 0", "window_size": ">= 0", "patch_size": ">= 1", "embed_dim": ">= 1",
+        "depth": ">= 1",
         "num_heads": ">= 1", "mlp_ratio": "> 0", "conv_stem": ">= 1", "head_init_std": ">= 0",
         "layer_decay": "(0, 1]", "drop_path": "[0, 1)", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
         "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1)", "reprob": "[0, 1]", "crop_scale": "(0, 1]",
@@ -142,6 +148,16 @@ class ClassificationConfig:
             raise ValueError("; ".join(errors))
 
 
+# timm modules whose models finetune_cls re-pools (class token or average + fc_norm); other families (Swin, the
+# windowed ViT, CNNs) keep their own pooling
+VIT_FAMILY_MODULES = ("timm.models.vision_transformer", "timm.models.beit")
+
+
+def is_vit_family(meta: dict[str, Any]) -> bool:
+    """Whether the backbone is a timm VisionTransformer or Beit (the pooling switches global_pool/fc_norm apply)."""
+    return timm.models.model_entrypoint(meta["architecture"]).__module__ in VIT_FAMILY_MODULES
+
+
 @dataclass
 class BuiltModel:
     model: nn.Module                  # the timm model (finetune) or trunk (linprobe: num_classes 0)
@@ -164,13 +180,24 @@ def build_model(cfg: ClassificationConfig, load: bool = True) -> BuiltModel:
         kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": drop_path}
         if cfg.img_size:
             kwargs["img_size"] = cfg.img_size
-        model, used = bb.create_timm(name, **kwargs)
+        if cfg.window_size:
+            kwargs["window_size"] = cfg.window_size
+        try:
+            model, used = bb.create_timm(name, **kwargs)
+        except TypeError as e:
+            if not cfg.window_size or "window_size" not in str(e):
+                raise
+            raise ValueError(f"model.window_size={cfg.window_size}: timm:{name} has no attention window; leave "
+                             "model.window_size=0") from None
         pcfg = model.pretrained_cfg
         img_size = cfg.img_size or int(pcfg.get("input_size", (3, 224, 224))[-1])
         meta = {"architecture": name, "model_kwargs": bb.export_kwargs(used)}
         return BuiltModel(model, meta, img_size, tuple(pcfg.get("mean", IMAGENET_DEFAULT_MEAN)),
                           tuple(pcfg.get("std", IMAGENET_DEFAULT_STD)))
     if init == "none":
+        if cfg.window_size:
+            raise ValueError(f"model.window_size={cfg.window_size} needs a windowed backbone (model.init=DIR of a Swin "
+                             "export, or timm:swin_*); the from-scratch ViT attends globally")
         img_size = cfg.img_size or SCRATCH_IMG_SIZE
         meta = bb.scratch_vit_config(img_size=img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                                      depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
@@ -185,8 +212,17 @@ def build_model(cfg: ClassificationConfig, load: bool = True) -> BuiltModel:
     overrides: dict[str, Any] = {"num_classes": num_classes}
     if cfg.img_size:
         overrides["img_size"] = cfg.img_size
-    if not probe:  # a probe reads the feature the backbone was trained to give; a finetune picks its pooling
+    if cfg.window_size:
+        if "window_size" not in kwargs:
+            raise ValueError(f"model.window_size={cfg.window_size}: the backbone {init} ({source['architecture']}) "
+                             "has no attention window; leave model.window_size=0")
+        overrides["window_size"] = cfg.window_size
+    if not probe and is_vit_family(source):
+        # a probe reads the feature the backbone was trained to give; a ViT finetune picks its pooling
         overrides.update(global_pool=cfg.global_pool, fc_norm=cfg.global_pool != "token")
+    elif not probe and cfg.global_pool == "token":
+        raise ValueError(f"model.global_pool=token: the backbone {init} ({source['architecture']}) has no class "
+                         "token; it keeps its own pooling (model.global_pool=avg)")
     model = bb.create_from_config(source, drop_path_rate=drop_path, **overrides)
     report = bb.load_weights(model, bb.read_weights(folder), source) if load else None
     if probe and report is not None and report.missing:

@@ -44,6 +44,12 @@ def _pretrain_beit() -> Job:
                aliases={"tokenizer": "model.tokenizer", "target": "model.target"}, run_task=BEiTTask)
 
 
+def _pretrain_simmim() -> Job:
+    from pretrain.simmim import SIMMIM_ARCHS, SimMIMConfig, SimMIMTask, simmim_encoder_features
+
+    return Job(SimMIMConfig, SimMIMTask, SIMMIM_ARCHS, simmim_encoder_features)
+
+
 def _train_dvae() -> Job:
     from pretrain.dvae import DVAEConfig, DVAETask
 
@@ -102,6 +108,7 @@ class _Registry(Mapping[str, Job]):
 JOBS: Mapping[str, Job] = _Registry({
     "pretrain_mae": _pretrain_mae,
     "pretrain_beit": _pretrain_beit,
+    "pretrain_simmim": _pretrain_simmim,
     "train_dvae": _train_dvae,
     "pretrain_deit": _pretrain_deit,
     "finetune_cls": _finetune_cls,

@@ -243,20 +243,8 @@ class BEiTForMaskedImageModeling(Beit):
         self.reset_to_unilm_init()
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
-    @torch.no_grad()
     def reset_to_unilm_init(self) -> None:
-        def init(t: Tensor) -> None:
-            trunc_normal_(t, std=INIT_STD, a=-INIT_STD, b=INIT_STD)
-
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                init(m.weight)
-                if m.bias is not None:
-                    m.bias.zero_()
-        for t in (self.cls_token, self.mask_token, self.pos_embed):
-            if t is not None:
-                init(t)
-        self.fix_init_weight()  # block l's attn.proj and mlp.fc2 / sqrt(2 l)
+        unilm_init(self)
 
     def embed(self, images: Tensor, mask: Tensor) -> Tensor:
         """images [N, 3, H, W], mask [N, L] codes (pretrain.masking) -> tokens [N, 1 + L, D] before the blocks.
@@ -296,15 +284,35 @@ class BEiTForMaskedImageModeling(Beit):
         return self.lm_head(x[mask != VISIBLE])
 
 
+@torch.no_grad()
+def unilm_init(model: Beit) -> None:
+    """unilm's BEiT initialisation of a timm `Beit` (SimMIM's ViT shares it): every Linear weight, the class token,
+    a `mask_token` and the absolute positions from normal(0, 0.02) truncated at +-0.02, Linear biases 0, then block
+    l's attn.proj and mlp.fc2 weights divided by sqrt(2 l)."""
+    def init(t: Tensor) -> None:
+        trunc_normal_(t, std=INIT_STD, a=-INIT_STD, b=INIT_STD)
+
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            init(m.weight)
+            if m.bias is not None:
+                m.bias.zero_()
+    for t in (model.cls_token, getattr(model, "mask_token", None), model.pos_embed):
+        if t is not None:
+            init(t)
+    model.fix_init_weight()
+
+
 # --- export ----------------------------------------------------------------------------------------------------------
 
 PRETRAINING_ONLY = ("mask_token", "lm_head.")
 
 
-def beit_to_timm_beit(state_dict: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+def beit_to_timm_beit(state_dict: dict[str, Tensor], depth: int,
+                      drop_prefixes: tuple[str, ...] = PRETRAINING_ONLY) -> dict[str, Tensor]:
     """Timm `Beit` keys for a backbone: pretraining-only tensors dropped, the shared relative position table copied
     into every block (timm's Beit loads per-block tables only; its checkpoint filter does not expand a shared one)."""
-    out = encoder_to_timm(state_dict, drop_prefixes=PRETRAINING_ONLY)
+    out = encoder_to_timm(state_dict, drop_prefixes=drop_prefixes)
     shared = out.pop("rel_pos_bias.relative_position_bias_table", None)
     if shared is not None:
         for i in range(depth):
@@ -313,11 +321,12 @@ def beit_to_timm_beit(state_dict: dict[str, Tensor], depth: int) -> dict[str, Te
     return {k: v for k, v in out.items() if not k.endswith("relative_position_index")}
 
 
-def beit_to_timm_vit(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+def beit_to_timm_vit(state_dict: dict[str, Tensor],
+                     drop_prefixes: tuple[str, ...] = PRETRAINING_ONLY) -> dict[str, Tensor]:
     """Timm `VisionTransformer` keys for a BEiT without relative position bias: qkv.bias = [q_bias, 0, v_bias]
     (BEiT's k bias is a constant zero), gamma_1/gamma_2 -> ls1.gamma/ls2.gamma; pretraining-only tensors dropped."""
     out = {}
-    for key, value in encoder_to_timm(state_dict, drop_prefixes=PRETRAINING_ONLY).items():
+    for key, value in encoder_to_timm(state_dict, drop_prefixes=drop_prefixes).items():
         if "relative_position" in key:
             raise ValueError(f"{key}: a BEiT with relative position bias has no plain-ViT equivalent")
         if key.endswith(".attn.q_bias"):
@@ -330,6 +339,37 @@ def beit_to_timm_vit(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         key = key.replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma")
         out[key] = value
     return out
+
+
+def export_beit_encoder(state_dict: dict[str, Tensor], cfg: Any, fmt: str, *, mean: tuple, std: tuple, source: str,
+                        drop_prefixes: tuple[str, ...]) -> tuple[dict[str, Tensor], dict]:
+    """A timm `Beit` encoder's export: (tensors, backbone.json) with timm `Beit` keys (`fmt` "beit") or
+    `VisionTransformer` keys ("vit", only without relative position bias). `cfg` holds the encoder's img_size,
+    patch_size, embed_dim, depth, num_heads, mlp_ratio, rel_pos_bias, abs_pos_emb and layer_scale (BEiTConfig, or
+    SimMIM's ViT); `drop_prefixes` are the pretraining-only keys."""
+    size_args = (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads)
+    overlay = {"mean": list(mean), "std": list(std), "input_size": [3, cfg.img_size, cfg.img_size]}
+    if fmt == "vit":
+        extra = {"init_values": cfg.layer_scale} if cfg.layer_scale else {}
+        config = vit_config(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                            depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, source=source,
+                            mean=mean, std=std, **extra)
+        return beit_to_timm_vit(state_dict, drop_prefixes), config
+    kwargs = {
+        "img_size": cfg.img_size, "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim, "depth": cfg.depth,
+        "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_ratio, "qkv_bias": True,
+        "use_abs_pos_emb": cfg.abs_pos_emb, "use_rel_pos_bias": cfg.rel_pos_bias != "none",
+        # 0.0 without LayerScale, not None: timm.create_model drops None kwargs and beit_*'s default (0.1) would
+        # create gamma_1/gamma_2, which this export does not have
+        "use_shared_rel_pos_bias": False, "init_values": cfg.layer_scale or 0.0, "num_classes": 0,
+        # the pretrained final norm is kept before the pooling (unilm drops it for fc_norm when finetuning
+        # with mean pooling; finetune_cls chooses that with its own global_pool)
+        "global_pool": "avg", "use_fc_norm": False,
+    }
+    config = {"architecture": timm_architecture(*size_args, template="beit_{size}_patch{patch}_{img}",
+                                                generic="beit_base_patch16_224"),
+              "model_kwargs": kwargs, "pretrained_cfg_overlay": overlay, "source": source}
+    return beit_to_timm_beit(state_dict, cfg.depth, drop_prefixes), config
 
 
 # --- the task ----------------------------------------------------------------------------------------------------
@@ -516,30 +556,9 @@ class BEiTTask(TaskHooks):
 
     def export(self, state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict]:
         """The encoder as timm `Beit` or `VisionTransformer` weights + backbone.json (see the module docstring)."""
-        cfg = self.cfg
-        size_args = (cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads)
-        overlay = {"mean": list(self.mean), "std": list(self.std), "input_size": [3, cfg.img_size, cfg.img_size]}
-        if self.export_format == "vit":
-            extra = {"init_values": cfg.layer_scale} if cfg.layer_scale else {}
-            config = vit_config(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                                depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, source="beit",
-                                mean=self.mean, std=self.std, **extra)
-            return beit_to_timm_vit(state_dict), {**config, "target": cfg.target}
-        kwargs = {
-            "img_size": cfg.img_size, "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim, "depth": cfg.depth,
-            "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_ratio, "qkv_bias": True,
-            "use_abs_pos_emb": cfg.abs_pos_emb, "use_rel_pos_bias": cfg.rel_pos_bias != "none",
-            # 0.0 without LayerScale, not None: timm.create_model drops None kwargs and beit_*'s default (0.1) would
-            # create gamma_1/gamma_2, which this export does not have
-            "use_shared_rel_pos_bias": False, "init_values": cfg.layer_scale or 0.0, "num_classes": 0,
-            # the pretrained final norm is kept before the pooling (unilm drops it for fc_norm when finetuning
-            # with mean pooling; finetune_cls chooses that with its own global_pool)
-            "global_pool": "avg", "use_fc_norm": False,
-        }
-        config = {"architecture": timm_architecture(*size_args, template="beit_{size}_patch{patch}_{img}",
-                                                    generic="beit_base_patch16_224"),
-                  "model_kwargs": kwargs, "pretrained_cfg_overlay": overlay, "source": "beit", "target": cfg.target}
-        return beit_to_timm_beit(state_dict, cfg.depth), config
+        tensors, config = export_beit_encoder(state_dict, self.cfg, self.export_format, mean=self.mean, std=self.std,
+                                              source="beit", drop_prefixes=PRETRAINING_ONLY)
+        return tensors, {**config, "target": self.cfg.target}
 
     def flops_per_sample(self) -> float:
         """Training FLOPs per image: forward + backward of the ViT on all tokens (FlopCounterMode on a meta-device

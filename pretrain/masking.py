@@ -7,7 +7,8 @@ the visible tokens batch without padding. The rounding matters: lucidrains' MAE 
 keeps one patch more at r = 0.6 or 0.8.
 
 `BlockMaskingGenerator` is BEiT's blockwise masking and `PatchCorruption` ViT's BERT-style masked patch prediction;
-both run in the data workers, one mask per image.
+both run in the data workers, one mask per image, as does SimMIM's `SimMIMMaskGenerator` (random squares upsampled
+to the token grid).
 """
 import math
 import random
@@ -171,3 +172,50 @@ class PatchCorruption:
             codes[index] = (MASK_TOKEN if u < self.mask_token else
                             RANDOM_PATCH if u < self.mask_token + self.random_patch else UNCHANGED)
         return codes
+
+
+# --- SimMIM: random masking of large square blocks ------------------------------------------------------------------
+
+class SimMIMMaskGenerator:
+    """SimMIM's random masking (Xie et al., arXiv 2111.09886, Sec. 3.1; microsoft/SimMIM data/data_simmim.py
+    `MaskGenerator`): the image is cut into `mask_patch_size` squares, `ceil(squares * mask_ratio)` of them are chosen
+    uniformly without replacement, and the choice is upsampled to the model's token grid (img_size / patch_size per
+    side), so each masked square covers (mask_patch_size / patch_size)^2 tokens. At 192 px, squares of 32 and Swin's
+    4-px patches: 22 of 36 squares, 8 x 8 tokens each, 1408 of 2304 tokens.
+
+    The count is the reference's `int(np.ceil(count * ratio))` on the same float product. Draws use Python's `random`
+    module (which torch's DataLoader seeds per worker) unless `rng` (a `random.Random`) is given, as
+    `BlockMaskingGenerator`.
+    """
+
+    def __init__(self, input_size: int = 192, mask_patch_size: int = 32, model_patch_size: int = 4,
+                 mask_ratio: float = 0.6) -> None:
+        if input_size % mask_patch_size or mask_patch_size % model_patch_size:
+            raise ValueError(f"the mask patch ({mask_patch_size} px) must divide the image ({input_size} px) and be a "
+                             f"multiple of the model's patch ({model_patch_size} px)")
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        self.rand_size = input_size // mask_patch_size            # mask squares per side
+        self.scale = mask_patch_size // model_patch_size          # tokens per square side
+        self.token_count = self.rand_size ** 2
+        self.mask_count = math.ceil(self.token_count * mask_ratio)
+        if self.mask_count >= self.token_count:
+            raise ValueError(f"mask_ratio {mask_ratio} masks all {self.token_count} squares of {mask_patch_size} px; "
+                             "leave some visible (a lower ratio or smaller squares)")
+
+    @property
+    def grid(self) -> int:
+        """Tokens per side of the mask this generator returns."""
+        return self.rand_size * self.scale
+
+    def __repr__(self) -> str:
+        return (f"SimMIMMaskGenerator({self.mask_count}/{self.token_count} squares of {self.scale}x{self.scale} "
+                f"tokens, {self.grid}x{self.grid} grid)")
+
+    def __call__(self, rng: Any = None) -> torch.Tensor:
+        """-> [grid, grid] bool, True = masked."""
+        rng = rng if rng is not None else random
+        mask = torch.zeros(self.token_count, dtype=torch.bool)
+        mask[rng.sample(range(self.token_count), self.mask_count)] = True
+        mask = mask.view(self.rand_size, self.rand_size)
+        return mask.repeat_interleave(self.scale, 0).repeat_interleave(self.scale, 1)

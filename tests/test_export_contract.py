@@ -22,6 +22,8 @@ JOB_ARGS = {
                                 "model.decoder_num_heads=2", "data.batch_size=4"],
     "pretrain_beit": TINY_VIT + ["model.img_size=32", "target=mean_color", "data.batch_size=4"],
     "pretrain_deit": TINY_VIT + ["model.img_size=32", "distill=none", "data.batch_size=4"],
+    "pretrain_simmim": ["model.img_size=32", "model.embed_dim=16", "model.depths=1,1", "model.num_heads=1,2",
+                        "model.window_size=4", "model.mask_patch_size=8", "data.batch_size=4"],   # a Swin
     "finetune_cls": TINY_VIT + ["model.img_size=32", "data.batch_size=4"],
     "finetune_detr": TINY_VIT + ["model.hidden_dim=32", "model.nheads=2", "model.enc_layers=1", "model.dec_layers=1",
                                  "model.dim_feedforward=32", "model.num_queries=5", "model.scales=48,48",
