@@ -356,11 +356,11 @@ EMOJI_FONT_SIZE = 109       # NotoColorEmoji is a bitmap (CBDT) font: Pillow ren
 # the classes: single-codepoint glyphs that look unlike each other; names from unicodedata (category names)
 EMOJI_CLASSES = ("\U0001F34E", "\U0001F436", "\U0001F697", "\u26BD", "\U0001F33B", "\U0001F511", "\U0001F3B8",
                  "\U0001F41F")
-EMOJI_SIZE = 192            # image side, px
-EMOJI_OBJECTS = (1, 5)      # objects per image, inclusive range
-EMOJI_SIDE = (24, 72)       # object's longer side, px
+EMOJI_SIZE = 128            # image side, px
+EMOJI_OBJECTS = (1, 3)      # objects per image, inclusive range
+EMOJI_SIDE = (32, 64)       # object's longer side, px
 EMOJI_ROTATION = 15.0       # max |rotation|, degrees
-EMOJI_TRAIN_IMAGES = 2400
+EMOJI_TRAIN_IMAGES = 3000
 EMOJI_VAL_IMAGES = 200
 
 
@@ -391,7 +391,7 @@ def emoji_category_name(ch: str) -> str:
 
 
 def _place_objects(rng: np.random.Generator, glyphs: dict[str, Image.Image]) -> list[tuple[str, Image.Image, int, int]]:
-    """1-5 glyphs, each flipped, rotated and scaled at random, at positions where no two boxes overlap:
+    """1-3 glyphs, each flipped, rotated and scaled at random, at positions where no two boxes overlap:
     [(class char, RGBA sprite cropped to its visible pixels, x, y)]."""
     placed: list[tuple[str, Image.Image, int, int]] = []
     boxes: list[tuple[int, int, int, int]] = []
@@ -483,7 +483,7 @@ REGISTRY: dict[str, EmbeddedDataset] = {
     "fashion_mnist_val": EmbeddedDataset(
         "Fashion-MNIST test (10,000)", partial(_fashion_source, "val"), shards=16, prefix="val"),
     "emoji": EmbeddedDataset(
-        f"{EMOJI_TRAIN_IMAGES} {EMOJI_SIZE}px photos with 1-5 of {len(EMOJI_CLASSES)} emoji classes composited, exact "
+        f"{EMOJI_TRAIN_IMAGES} {EMOJI_SIZE}px photos with 1-3 of {len(EMOJI_CLASSES)} emoji classes composited, exact "
         "boxes; needs apt-get install fonts-noto-color-emoji", partial(_emoji_source, "train"), shards=16),
     "emoji_val": EmbeddedDataset(
         f"{EMOJI_VAL_IMAGES} such images on the held-out photos ({', '.join(VAL_PHOTOS)}), other placements",
