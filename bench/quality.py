@@ -170,7 +170,8 @@ CPU = QualityPreset(
     # decay (nothing is pretrained). At 32 px layer3's map is 2 x 2: the 16 tokens pool 4 pixels, and the VT modules'
     # cost (on 16 tokens whatever the image size) dominates: VT-ResNet-18 has fewer FLOPs than ResNet-18 only from
     # about 180 px up (6.6x ResNet-18's at 32 px; bench/vt_flops.py), so this compares quality at the same epochs
-    # and recipe, not at the same FLOPs
+    # and recipe, not at the same FLOPs. 4 runs for 2 seeds: 20 min at a load of 3-8 (VT-ResNet-18 6-11 min each,
+    # ResNet-18 1-1.5 min)
     vt=("model.img_size=32", "model.layer_decay=1.0", "optim.epochs=5", "ckpt.best_metric=", "ckpt.every=0",
         "log.every=23", "log.eval_every_epoch=false"),
 )

@@ -83,7 +83,7 @@ def markdown(results: dict[str, dict[str, Any]], sides: tuple[int, ...]) -> str:
     ratio = r18["stage5_macs"] / vt18["stage5_macs"]
     lines += ["", f"- At 224 px VT-ResNet-18 needs {vt18['macs'][224] / r18['macs'][224]:.2f}x ResNet-18's "
               f"multiply-adds; its stage 5 needs {1 / ratio:.2f}x of ResNet-18's layer4 + fc ({ratio:.1f}x fewer; "
-              "the paper's first version: up to 6.9x fewer in the stage), with "
+              "the paper's first version: up to 6.9x fewer in the stage) and has "
               f"{vt18['stage5_params'] / r18['stage5_params']:.2f}x its parameters.",
               "- The VT modules work on 16 tokens whatever the image size, so their cost does not shrink with the "
               "image: VT-ResNet-18 is the cheaper model "

@@ -67,20 +67,15 @@ RESNET_PREFIXES = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.")
 
 class Tokenizer(nn.Module):
     """What both tokenizers share: pixels pooled by a spatial attention A [N, HW, L] (softmax over the pixels), then
-    the value projection W_V [C, C_T] (`value`: the token width, see the module docstring). Subclasses give A."""
+    the value projection W_V [C, C_T] (`value`: the token width, see the module docstring)."""
 
     def __init__(self, dim: int, token_dim: int) -> None:
         super().__init__()
         self.value = nn.Linear(dim, token_dim, bias=False)     # W_V
 
-    def attention(self, x: Tensor, tokens: Tensor | None) -> Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: Tensor, tokens: Tensor | None = None) -> Tensor:
-        """x [N, HW, C], the previous module's tokens [N, L, C_T] or None -> tokens [N, L, C_T]."""
-        a = self.attention(x, tokens)                           # [N, HW, L], each column summing to 1 over HW
-        pooled = torch.einsum("npl,npc->nlc", a, x)             # A^T X: [N, L, C]
-        return self.value(pooled)
+    def pool(self, a: Tensor, x: Tensor) -> Tensor:
+        """A [N, HW, L] (each column summing to 1 over HW), pixels [N, HW, C] -> tokens (A^T X) W_V [N, L, C_T]."""
+        return self.value(torch.einsum("npl,npc->nlc", a, x))
 
 
 class FilterTokenizer(Tokenizer):
@@ -91,9 +86,13 @@ class FilterTokenizer(Tokenizer):
         super().__init__(dim, token_dim)
         self.attn = nn.Linear(dim, num_tokens, bias=False)     # W_A
 
-    def attention(self, x: Tensor, tokens: Tensor | None = None) -> Tensor:
-        """x [N, HW, C] -> A [N, HW, L] (the filter tokenizer ignores previous tokens: it is the first)."""
+    def attention(self, x: Tensor) -> Tensor:
+        """x [N, HW, C] -> A [N, HW, L]."""
         return self.attn(x).softmax(dim=1)
+
+    def forward(self, x: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """x [N, HW, C] (tokens: none before the first module) -> tokens [N, L, C_T]."""
+        return self.pool(self.attention(x), x)
 
 
 class RecurrentTokenizer(Tokenizer):
@@ -110,6 +109,10 @@ class RecurrentTokenizer(Tokenizer):
             raise ValueError("a recurrent tokenizer needs the previous module's tokens")
         filters = self.token_to_filter(tokens)                  # W_R: [N, L, C]
         return torch.einsum("npc,nlc->npl", x, filters).softmax(dim=1)
+
+    def forward(self, x: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """x [N, HW, C], the previous module's tokens [N, L, C_T] -> tokens [N, L, C_T]."""
+        return self.pool(self.attention(x, tokens), x)
 
 
 class Projector(nn.Module):

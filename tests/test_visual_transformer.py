@@ -19,7 +19,9 @@ from timm.optim import param_groups_layer_decay
 
 from contracts import backbone as bb
 from contracts import visual_transformer as vt
+from finetune.classification import ClassificationConfig
 from launch import finetune_cls
+from launch.runtime import config
 
 ROOT = Path(__file__).resolve().parents[1]
 # a VT-ResNet-18 with narrow tokens: the geometry of the real one (2 modules, 16 tokens, ResNet-18 stages 1-4)
@@ -189,12 +191,44 @@ def test_finetune_cls_two_steps_with_the_preset(tmp_path):
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
 
 
+def load_bench(name: str):
+    """A bench/ script as a module (bench is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses resolve their module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_preset_recipe_and_quality_claim_commands(tmp_path):
+    """The ImageNet preset resolves on 8 GPUs (lr 0.1 per 256 images); the quality claim's arms, in both of its
+    presets, parse as finetune_cls commands and differ only in model.init and the run name."""
+    cfg, _ = config.parse_args("finetune_cls", ClassificationConfig, ["--preset", "vt_resnet18",
+                                                                      "data.train=s3://b/in1k/train"])
+    config.resolve(cfg, job="finetune_cls", preset="vt_resnet18", run_dir="r", world_size=8, batches_per_epoch=1251,
+                   num_samples=None, device="cuda:0", precision="bf16")
+    assert (cfg.model.init, cfg.model.img_size, cfg.optim.optimizer) == ("timm:vitpretrain_vt_resnet18", 224, "sgd")
+    assert cfg.derived.global_batch == 1024 and cfg.derived.lr == pytest.approx(0.4)
+    quality = load_bench("quality")
+    for preset in (quality.CPU, quality.GPU):
+        steps, comparisons = quality.build_plan(preset, ["vt"], [0, 1], quality.Layout(tmp_path))
+        runs = {s.key: s for s in steps if s.claim == "vt"}
+        assert sorted(runs) == ["vt.resnet18-s0", "vt.resnet18-s1", "vt.vt-resnet18-s0", "vt.vt-resnet18-s1"]
+        assert [c.arms for c in comparisons] == [("VT-ResNet-18", "ResNet-18")]
+        for seed in (0, 1):
+            a, b = runs[f"vt.vt-resnet18-s{seed}"], runs[f"vt.resnet18-s{seed}"]
+            strip = ("model.init=", "run.name=")
+            assert [x for x in a.argv if not x.startswith(strip)] == [x for x in b.argv if not x.startswith(strip)]
+            for step, init in ((a, "timm:vitpretrain_vt_resnet18"), (b, "timm:resnet18")):
+                args = [x for x in step.argv[2:] if not x.startswith(("data.train=", "data.val="))]  # not written
+                cfg, _ = config.parse_args("finetune_cls", ClassificationConfig, args)
+                assert cfg.model.init == init and cfg.model.layer_decay == 1.0
+
+
 def test_fewer_flops_than_resnet18_at_224():
     """bench/vt_flops.py's count (FlopCounterMode / 2): VT-ResNet-18 below ResNet-18 at 224 px, above it at 32 px
     (16 tokens of 1024 channels cost the same at any image size)."""
-    spec = importlib.util.spec_from_file_location("bench_vt_flops", ROOT / "bench" / "vt_flops.py")
-    flops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(flops)
+    flops = load_bench("vt_flops")
     with torch.device("meta"):
         resnet, model = timm.create_model("resnet18").eval(), timm.create_model("vitpretrain_vt_resnet18").eval()
     r224, v224 = flops.macs(resnet, 224, device="meta"), flops.macs(model, 224, device="meta")
