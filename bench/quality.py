@@ -16,6 +16,8 @@ The claims (issue 11):
 4. detr: DETR with an MAE-pretrained backbone against a scratch one (COCO AP and AP50 on the held-out tree images).
 5. ipt:  PSNR gain over the degraded input for denoising sigma 30 and SR x2; the multi-task pretrained body
          finetuned per task against a single-task body from scratch with the same number of steps.
+6. vt:   VT-ResNet-18 (Wu et al. 2020: ResNet-18's last stage replaced by visual-token transformer modules) against
+         ResNet-18, both from scratch with the same recipe, image size and epochs (top-1 on the held-out split).
 
 Every job is a subprocess of its launch script (`python launch/<job>.py key=value ...`); its stdout and stderr go to
 WORKDIR/logs/<step>.log, its run directory to WORKDIR/runs/<job>/<name>/ (`run.dir=`, `run.name=`), converted
@@ -68,13 +70,14 @@ RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 RESULTS_DIR = ROOT / "bench" / "results"
 BEGIN_MARKER = "<!-- quality:begin -->"
 END_MARKER = "<!-- quality:end -->"
-CLAIMS = ("mae", "beit", "deit", "detr", "ipt")
+CLAIMS = ("mae", "beit", "deit", "detr", "ipt", "vt")
 CLAIM_TITLES = {
     "mae": "1. MAE: pretrain -> finetune vs scratch; linear probe vs random features",
     "beit": "2. BEiT with the project's dVAE tokenizer",
     "deit": "3. DeiT: hard distillation vs no teacher",
     "detr": "4. DETR: MAE-pretrained backbone vs scratch",
     "ipt": "5. IPT: restoration gain; multi-task pretrained body vs single-task scratch",
+    "vt": "6. VT-ResNet-18 vs ResNet-18 from scratch, same budget",
 }
 # The plot's panels: one per claim, BEiT's tokenizer on its own (dB and % do not share an axis).
 PANEL_TITLES = {**CLAIM_TITLES, "beit tokenizer": "2b. BEiT's dVAE tokenizer: reconstruction on the held-out split"}
@@ -115,6 +118,8 @@ class QualityPreset:
     seeded_pretraining: frozenset[str] = frozenset()
     teacher_init: str = "timm:resnet18"   # DeiT's teacher: a convnet, as the paper's RegNetY
     note: str = ""
+    # finetune_cls (tiny preset) of both arms of the vt claim, from scratch (model.init=timm:NAME)
+    vt: tuple[str, ...] = ()
 
 
 # Quiet runs: no intermediate checkpoints, pictures or evaluations unless a stage asks for them.
@@ -163,6 +168,14 @@ CPU = QualityPreset(
     ipt_finetune=QUIET + ("optim.max_steps=50", "optim.warmup_steps=10", "log.every=25"),
     ipt_scratch=QUIET + ("optim.max_steps=50", "optim.warmup_steps=10", "log.every=25"),
     seeded_pretraining=frozenset({"mae", "beit"}),
+    # the tiny preset's 32 px (the DeiT teacher's ResNet-18 size) and the other finetuning claims' 5 epochs; no layer
+    # decay (nothing is pretrained). At 32 px layer3's map is 2 x 2: the 16 tokens pool 4 pixels, and the VT modules'
+    # cost (on 16 tokens whatever the image size) dominates: VT-ResNet-18 has fewer FLOPs than ResNet-18 only from
+    # about 180 px up (6.6x ResNet-18's at 32 px; bench/vt_flops.py), so this compares quality at the same epochs
+    # and recipe, not at the same FLOPs. 4 runs for 2 seeds: 20 min at a load of 3-8 (VT-ResNet-18 6-11 min each,
+    # ResNet-18 1-1.5 min)
+    vt=("model.img_size=32", "model.layer_decay=1.0", "optim.epochs=5", "ckpt.best_metric=", "ckpt.every=0",
+        "log.every=23", "log.eval_every_epoch=false"),
 )
 
 GPU = QualityPreset(
@@ -203,6 +216,9 @@ GPU = QualityPreset(
     ipt_scratch=QUIET + ("data.batch_size=64", "data.num_workers=8", "model.img_size=48", "model.n_feats=64",
                          "model.enc_layers=6", "model.dec_layers=6", "optim.max_steps=2000", "log.every=100"),
     seeded_pretraining=frozenset(CLAIMS),
+    # the paper's geometry: 224 px, so stage 4's map is 14 x 14 and VT-ResNet-18 runs at fewer FLOPs than ResNet-18
+    vt=("model.img_size=224", "model.layer_decay=1.0", "data.batch_size=256", "data.num_workers=8",
+        "optim.epochs=10", "ckpt.best_metric=", "ckpt.every=0", "log.every=50"),
 )
 
 PRESETS: dict[str, QualityPreset] = {"cpu": CPU, "gpu": GPU}
@@ -332,7 +348,7 @@ class Planner:
         names: list[str] = []
         for claim in claims:
             base = {"mae": self.p.cls_data, "beit": self.p.cls_data, "deit": self.p.cls_data,
-                    "detr": self.p.det_data, "ipt": self.p.photos_data}[claim]
+                    "detr": self.p.det_data, "ipt": self.p.photos_data, "vt": self.p.cls_data}[claim]
             names += [n for n in (base, base + "_val") if n not in names]
         for name in names:
             argv = [sys.executable, "-m", "data_pipeline.write", f"embedded:{name}", self.layout.shards(name),
@@ -466,6 +482,17 @@ class Planner:
             self.comparisons += [
                 Comparison("ipt", psnr, ("pretrained -> finetune", "degraded input"), psnr, plot=False),
                 Comparison("ipt", psnr, ("pretrained -> finetune", "scratch (single task)", "degraded input"), psnr)]
+
+    def vt(self) -> None:
+        p, cls = self.p, self.p.cls_data
+        top1 = "top-1 (%)"
+        arms = (("vt-resnet18", "VT-ResNet-18", "timm:vitpretrain_vt_resnet18"),
+                ("resnet18", "ResNet-18", "timm:resnet18"))
+        for seed in self.seeds:
+            for stage, arm, init in arms:   # the two arms differ only in model.init (and the run name)
+                self.job("vt", stage, "finetune_cls", seed, [f"model.init={init}"] + _data(self.layout, cls)
+                         + list(p.vt), [Read(arm, top1, "val/top1")])
+        self.comparisons.append(Comparison("vt", top1, ("VT-ResNet-18", "ResNet-18"), "from scratch, top-1 (%)"))
 
 
 def build_plan(preset: QualityPreset, claims: Sequence[str], seeds: Sequence[int],

@@ -18,7 +18,10 @@ In code every reader sees one dict, the project's `meta`: {"architecture", "mode
 backbone.json layout; `timm_config` / `meta_from_config` translate it to and from config.json without loss.
 
 Families: any timm model (ViT, Beit, the windowed ViT of vision_transformer_sam, Swin, MobileViT, ResNet, ...) is
-written and loaded the same way. Two project extras exist:
+written and loaded the same way. The project's own architectures are registered with timm here, so their exports
+load with `timm.create_model("local-dir:...")` after `import contracts.backbone` (config.json says so in
+`vitpretrain.requires`): the conv-stem ViT below and VT-ResNet (contracts/visual_transformer.py: Wu et al.'s Visual
+Transformers, `vitpretrain_vt_resnet18` / `vitpretrain_vt_resnet34`). Two project extras exist:
 - `embed_layer` conv_stem (Xiao et al., arXiv 2106.14881): a callable, which JSON cannot hold, so config.json names
   the timm model this module registers, `vitpretrain_conv_stem_vit` (model_args `conv_stem_channels`): it loads with
   `timm.create_model("local-dir:...")` after `import contracts.backbone` (config.json says so in
@@ -53,6 +56,8 @@ from timm.models import register_model
 from timm.models.vision_transformer_hybrid import ConvStem
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from contracts.visual_transformer import VT_ARCHITECTURES  # importing it registers the VT-ResNets with timm
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +180,8 @@ def timm_config(meta: Mapping[str, Any]) -> dict[str, Any]:
         architecture = CONV_STEM_VIT
         model_args["conv_stem_channels"] = list(embed["channels"])
         project["requires"] = "import contracts.backbone (registers vitpretrain_conv_stem_vit with timm)"
+    elif architecture in VT_ARCHITECTURES:
+        project["requires"] = f"import contracts.backbone (registers {architecture} with timm)"
     config = {"architecture": architecture, "num_classes": num_classes, "model_args": model_args,
               "pretrained_cfg": pretrained_cfg, PROJECT_KEY: project}
     if classes:
