@@ -357,11 +357,16 @@ def vit_geometry_errors(img_size: int, patch_size: int, embed_dim: int, num_head
     return errors
 
 
+# Overrides that a job passes to any backbone and that architectures without them (CNNs) are built without.
+OPTIONAL_KWARGS = ("img_size", "drop_path_rate")
+
+
 def create_from_config(meta: Mapping[str, Any], **overrides: Any) -> nn.Module:
     """The (randomly initialised) timm model `meta` describes, with `overrides` over its model_kwargs.
 
     `meta["embed_layer"]` (conv stem) and `meta["pos_embed"]` ("sincos", frozen) are applied here; everything else
-    is `timm.create_model(meta["architecture"], **model_kwargs)`.
+    is `timm.create_model(meta["architecture"], **model_kwargs)`. An override in OPTIONAL_KWARGS that the
+    architecture's constructor rejects is left out.
     """
     kwargs = {**meta.get("model_kwargs", {}), **overrides}
     if "init_values" in kwargs and kwargs["init_values"] is None:
@@ -381,10 +386,17 @@ def create_from_config(meta: Mapping[str, Any], **overrides: Any) -> nn.Module:
         kwargs["embed_layer"] = partial(ConvStemEmbed, channels=tuple(embed["channels"]))
     if "pretrained_cfg_overlay" in meta:
         kwargs["pretrained_cfg_overlay"] = dict(meta["pretrained_cfg_overlay"])
-    try:
-        model = timm.create_model(meta["architecture"], pretrained=False, **kwargs)
-    except AssertionError as e:  # timm checks argument combinations with asserts (token pooling without a token)
-        raise ValueError(f"{meta['architecture']} with {kwargs}: {e}") from None
+    while True:
+        try:
+            model = timm.create_model(meta["architecture"], pretrained=False, **kwargs)
+            break
+        except AssertionError as e:  # timm checks argument combinations with asserts (token pooling without a token)
+            raise ValueError(f"{meta['architecture']} with {kwargs}: {e}") from None
+        except TypeError as e:  # a CNN (ResNet, VT-ResNet) takes no image size or drop path: built without them
+            rejected = [k for k in OPTIONAL_KWARGS if k in overrides and k in kwargs and f"'{k}'" in str(e)]
+            if not rejected:
+                raise
+            kwargs.pop(rejected[0])
     if meta.get("pos_embed") == "sincos":
         set_sincos_pos_embed(model)
     return model

@@ -20,8 +20,8 @@ import timm
 from torch import nn
 
 from contracts.backbone import (  # noqa: F401 - the contract's names, re-exported for finetune code
-    CONFIG_NAME, GENERIC_VIT, LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME, NEW_MODULE_PREFIXES, TRAINING_ONLY_KWARGS,
-    WEIGHTS_NAME, ConvStemEmbed, LoadReport, create_from_config, export_kwargs, find_backbone, grid_size, is_beit,
+    CONFIG_NAME, GENERIC_VIT, LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME, NEW_MODULE_PREFIXES, OPTIONAL_KWARGS,
+    TRAINING_ONLY_KWARGS, WEIGHTS_NAME, ConvStemEmbed, LoadReport, create_from_config, export_kwargs, find_backbone, grid_size, is_beit,
     load_resampled, load_weights, read_backbone, read_config, read_weights, resample_pos_embed,
     resize_rel_pos_tables, set_sincos_pos_embed)
 
@@ -51,13 +51,12 @@ def scratch_vit_config(*, img_size: int, patch_size: int, embed_dim: int, depth:
 def create_timm(name: str, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
     """timm.create_model(name, pretrained=False, **kwargs), leaving out `img_size` / `drop_path_rate` for the
     architectures whose constructor does not take them (CNNs). Returns (model, the kwargs it was built with)."""
-    optional = ("img_size", "drop_path_rate")
     kwargs = dict(kwargs)
     while True:
         try:
             return timm.create_model(name, pretrained=False, **kwargs), kwargs
         except TypeError as e:
-            rejected = [k for k in optional if k in kwargs and f"'{k}'" in str(e)]
+            rejected = [k for k in OPTIONAL_KWARGS if k in kwargs and f"'{k}'" in str(e)]
             if not rejected:
                 raise
             logger.info("timm:%s takes no %s; built without it", name, rejected[0])

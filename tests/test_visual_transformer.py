@@ -189,6 +189,12 @@ def test_finetune_cls_two_steps_with_the_preset(tmp_path):
     assert set(tensors) == set(model.state_dict())
     rows = [json.loads(line) for line in (tmp_path / "finetune_cls" / "vt" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]
+    # the export is a backbone folder like any other: finetune_cls takes it (the CNN is built without the image
+    # size and drop path a ViT would take) and starts from its weights
+    args = [a for a in args if not a.startswith(("--preset", "vt_resnet18", "run.name="))]
+    assert finetune_cls.main(args + [f"model.init={export}", "optim.max_steps=1", "run.name=again"]) == 0
+    again = bb.read_config(tmp_path / "finetune_cls" / "again" / "export")
+    assert again["architecture"] == "vitpretrain_vt_resnet18" and again["model_kwargs"]["num_classes"] == 10
 
 
 def load_bench(name: str):
