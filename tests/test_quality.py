@@ -169,7 +169,13 @@ def test_deit_detr_ipt_chains(tmp_path):
         assert steps["detr.convert-pretrain"].argv[2] == steps["detr.pretrain"].run_dir
         assert _arg(steps[f"detr.pretrained-s{seed}"], "model.init") == backbone
         assert _arg(steps[f"detr.scratch-s{seed}"], "model.init") == "scratch"
-        assert _arg(steps[f"detr.scratch-s{seed}"], "data.train") == str(tmp_path / "shards/trees")
+        assert _arg(steps[f"detr.scratch-s{seed}"], "data.train") == str(tmp_path / "shards/emoji")
+        # both arms: the emoji preset, ViTDet's windowed backbone, the same budget
+        for arm in ("pretrained", "scratch"):
+            assert "--preset=emoji" in steps[f"detr.{arm}-s{seed}"].argv
+            assert _arg(steps[f"detr.{arm}-s{seed}"], "model.backbone") == "vitdet"
+        assert _arg(steps[f"detr.pretrained-s{seed}"], "optim.max_steps") == \
+            _arg(steps[f"detr.scratch-s{seed}"], "optim.max_steps")
 
         for task in quality.CPU.ipt_tasks:
             pre = steps[f"ipt.{task}-pretrained-s{seed}"]
