@@ -291,6 +291,16 @@ class RepeatedViews(_SampleTransform):
         return out
 
 
+def normalize_on_device(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised float images: uint8 [N, 3, H, W] (0..255, MAETrainTransform's `normalize=False` output, cheaper to
+    move) are scaled and normalised on their own device; floating images (already normalised) pass through."""
+    if images.is_floating_point():
+        return images
+    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255.0
+    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255.0
+    return (images.float() - mean_t) / std_t
+
+
 def flatten_views(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Collate `RepeatedViews` outputs: B samples of [k, 3, H, W] -> ``{"image": [B*k, 3, H, W], "label": [B*k]}``.
 

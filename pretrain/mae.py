@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
 from contracts.task import TaskHooks
+from data_pipeline.transforms import normalize_on_device
 from pretrain.export import encoder_to_timm, vit_config
 from pretrain.masking import num_visible, random_masking
 from pretrain.pos_embed import sincos_2d
@@ -322,11 +323,7 @@ class MAETask(TaskHooks):
     def pixels(self, images: Tensor) -> Tensor:
         """Normalised float images: uint8 [N, 3, H, W] (0..255) are scaled and normalised here, on their device;
         floating images (the eval transform's) are already normalised and pass through."""
-        if images.is_floating_point():
-            return images
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1) * 255.0
-        return (images.float() - mean) / std
+        return normalize_on_device(images, self.mean, self.std)
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         loss, _, _ = model(self.pixels(batch["image"]))

@@ -58,6 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
 from contracts.task import TaskHooks
+from data_pipeline.transforms import normalize_on_device
 from pretrain.beit import export_beit_encoder, unilm_init
 from pretrain.export import encoder_to_timm
 from pretrain.masking import SimMIMMaskGenerator
@@ -433,11 +434,7 @@ class SimMIMTask(TaskHooks):
     def pixels(self, images: Tensor) -> Tensor:
         """Normalised float images: uint8 [N, 3, H, W] (the train crops) are normalised here, on their device;
         floating images (the eval transform's, already normalised) pass through."""
-        if images.is_floating_point():
-            return images
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1) * 255.0
-        return (images.float() - mean) / std
+        return normalize_on_device(images, self.mean, self.std)
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         mask = batch["mask"]
