@@ -16,6 +16,8 @@ The claims (issue 11):
 4. detr: DETR with an MAE-pretrained backbone against a scratch one (COCO AP and AP50 on the held-out tree images).
 5. ipt:  PSNR gain over the degraded input for denoising sigma 30 and SR x2; the multi-task pretrained body
          finetuned per task against a single-task body from scratch with the same number of steps.
+6. simmim: SimMIM pretraining of a small Swin, then finetuning, against the same Swin finetuned from its
+         initialisation (issue 21), pretraining repeated per seed.
 
 Every job is a subprocess of its launch script (`python launch/<job>.py key=value ...`); its stdout and stderr go to
 WORKDIR/logs/<step>.log, its run directory to WORKDIR/runs/<job>/<name>/ (`run.dir=`, `run.name=`), converted
@@ -68,13 +70,14 @@ RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 RESULTS_DIR = ROOT / "bench" / "results"
 BEGIN_MARKER = "<!-- quality:begin -->"
 END_MARKER = "<!-- quality:end -->"
-CLAIMS = ("mae", "beit", "deit", "detr", "ipt")
+CLAIMS = ("mae", "beit", "deit", "detr", "ipt", "simmim")
 CLAIM_TITLES = {
     "mae": "1. MAE: pretrain -> finetune vs scratch; linear probe vs random features",
     "beit": "2. BEiT with the project's dVAE tokenizer",
     "deit": "3. DeiT: hard distillation vs no teacher",
     "detr": "4. DETR: MAE-pretrained backbone vs scratch",
     "ipt": "5. IPT: restoration gain; multi-task pretrained body vs single-task scratch",
+    "simmim": "6. SimMIM on a Swin: pretrain -> finetune vs scratch",
 }
 # The plot's panels: one per claim, BEiT's tokenizer on its own (dB and % do not share an axis).
 PANEL_TITLES = {**CLAIM_TITLES, "beit tokenizer": "2b. BEiT's dVAE tokenizer: reconstruction on the held-out split"}
@@ -115,6 +118,11 @@ class QualityPreset:
     seeded_pretraining: frozenset[str] = frozenset()
     teacher_init: str = "timm:resnet18"   # DeiT's teacher: a convnet, as the paper's RegNetY
     note: str = ""
+    # --- claim 6 (simmim): a Swin on the classification set, pretrained per seed ---
+    swin: tuple[str, ...] = ()            # pretrain_simmim keys of the Swin's geometry and its masked squares
+    simmim_pretrain: tuple[str, ...] = ()  # pretrain_simmim (tiny preset) on the classification set's images
+    simmim_init: tuple[str, ...] = ()     # pretrain_simmim run that trains nothing: the Swin at its initialisation
+    simmim_finetune: tuple[str, ...] = ()  # finetune_cls (tiny preset): both Swin arms
 
 
 # Quiet runs: no intermediate checkpoints, pictures or evaluations unless a stage asks for them.
@@ -163,6 +171,15 @@ CPU = QualityPreset(
     ipt_finetune=QUIET + ("optim.max_steps=50", "optim.warmup_steps=10", "log.every=25"),
     ipt_scratch=QUIET + ("optim.max_steps=50", "optim.warmup_steps=10", "log.every=25"),
     seeded_pretraining=frozenset({"mae", "beit"}),
+    # a Swin at the digits' 32 px: 2-px patches (16 x 16 tokens), 3 stages of 2 blocks (48-96-192 wide), window 4
+    # (stage grids 16, 8, 4), total stride 8; masked squares of 8 px (10 of 16); ~0.4 s per step of 64 on one core
+    swin=("model.img_size=32", "model.patch_size=2", "model.embed_dim=48", "model.depths=[2,2,2]",
+          "model.num_heads=[3,6,12]", "model.window_size=4", "model.mask_patch_size=8"),
+    simmim_pretrain=QUIET + ("data.batch_size=64", "optim.max_steps=300", "optim.warmup_steps=20", "log.every=50"),
+    simmim_init=QUIET + ("optim.max_steps=1", "optim.lr=0", "optim.base_lr=0", "optim.warmup_steps=0", "data.val="),
+    # the MAE claim's finetuning budget (5 epochs, one evaluation at the end), on the Swin's own 32 px
+    simmim_finetune=("model.img_size=32", "optim.epochs=5", "ckpt.best_metric=", "ckpt.every=0", "log.every=23",
+                     "log.eval_every_epoch=false"),
 )
 
 GPU = QualityPreset(
@@ -203,6 +220,15 @@ GPU = QualityPreset(
     ipt_scratch=QUIET + ("data.batch_size=64", "data.num_workers=8", "model.img_size=48", "model.n_feats=64",
                          "model.enc_layers=6", "model.dec_layers=6", "optim.max_steps=2000", "log.every=100"),
     seeded_pretraining=frozenset(CLAIMS),
+    # Swin-T's widths and depths (96-192-384-768, 2-2-6-2) with 2-px patches at 32 px (stage grids 16, 8, 4, 2),
+    # window 4; SimMIM's 100-epoch schedule shape at a tenth
+    swin=("model.img_size=32", "model.patch_size=2", "model.embed_dim=96", "model.depths=[2,2,6,2]",
+          "model.num_heads=[3,6,12,24]", "model.window_size=4", "model.mask_patch_size=8"),
+    simmim_pretrain=QUIET + ("data.batch_size=256", "data.num_workers=8", "optim.epochs=100",
+                             "optim.warmup_epochs=10", "optim.base_lr=1e-4", "log.every=50"),
+    simmim_init=QUIET + ("optim.max_steps=1", "optim.lr=0", "optim.base_lr=0", "optim.warmup_steps=0", "data.val="),
+    simmim_finetune=("model.img_size=32", "data.batch_size=256", "data.num_workers=8", "optim.epochs=10",
+                     "ckpt.best_metric=", "ckpt.every=0", "log.every=50"),
 )
 
 PRESETS: dict[str, QualityPreset] = {"cpu": CPU, "gpu": GPU}
@@ -332,7 +358,7 @@ class Planner:
         names: list[str] = []
         for claim in claims:
             base = {"mae": self.p.cls_data, "beit": self.p.cls_data, "deit": self.p.cls_data,
-                    "detr": self.p.det_data, "ipt": self.p.photos_data}[claim]
+                    "detr": self.p.det_data, "ipt": self.p.photos_data, "simmim": self.p.cls_data}[claim]
             names += [n for n in (base, base + "_val") if n not in names]
         for name in names:
             argv = [sys.executable, "-m", "data_pipeline.write", f"embedded:{name}", self.layout.shards(name),
@@ -466,6 +492,27 @@ class Planner:
             self.comparisons += [
                 Comparison("ipt", psnr, ("pretrained -> finetune", "degraded input"), psnr, plot=False),
                 Comparison("ipt", psnr, ("pretrained -> finetune", "scratch (single task)", "degraded input"), psnr)]
+
+
+    def simmim(self) -> None:
+        p, cls = self.p, self.p.cls_data
+        top1 = "top-1 (%)"
+        for seed in self.seeds:   # SimMIM is the method under test: its pretraining is repeated per seed, as MAE's
+            run = self.job("simmim", "pretrain", "pretrain_simmim", seed,
+                           _data(self.layout, cls) + list(p.swin) + list(p.simmim_pretrain),
+                           [Read("SimMIM pretraining", "val masked-pixel L1", "val/loss")])
+            backbone = self.convert("simmim", "pretrain", seed, run)
+            # one step at lr 0 changes no weight: the export is the same Swin at SimMIM's (timm's) initialisation
+            init = self.job("simmim", "init", "pretrain_simmim", seed, _data(self.layout, cls, val=False)
+                            + list(p.swin) + list(p.simmim_init)) + "/export"
+            common = _data(self.layout, cls) + list(p.simmim_finetune)
+            self.job("simmim", "finetune", "finetune_cls", seed, [f"model.init={backbone}"] + common,
+                     [Read("SimMIM -> finetune", top1, "val/top1")])
+            self.job("simmim", "scratch", "finetune_cls", seed, [f"model.init={init}"] + common,
+                     [Read("Swin init (no pretraining) -> finetune", top1, "val/top1")])
+        self.comparisons.append(Comparison("simmim", top1, ("SimMIM -> finetune",
+                                                            "Swin init (no pretraining) -> finetune"),
+                                           "finetune, top-1 (%)"))
 
 
 def build_plan(preset: QualityPreset, claims: Sequence[str], seeds: Sequence[int],
