@@ -172,14 +172,18 @@ CPU = QualityPreset(
     ipt_scratch=QUIET + ("optim.max_steps=50", "optim.warmup_steps=10", "log.every=25"),
     seeded_pretraining=frozenset({"mae", "beit"}),
     # a Swin at the digits' 32 px: 2-px patches (16 x 16 tokens), 3 stages of 2 blocks (48-96-192 wide), window 4
-    # (stage grids 16, 8, 4), total stride 8; masked squares of 8 px (10 of 16); ~0.4 s per step of 64 on one core
+    # (stage grids 16, 8, 4), total stride 8; masked squares of 8 px (10 of 16); ~0.5 s per step of 64 on one core.
+    # 300 steps at lr 1e-3 (base_lr 4e-3; the tiny preset's 2.5e-4 left the val L1 at 0.64 instead of 0.57 and the
+    # finetuned top-1 at 69% instead of 81%, seed 0)
     swin=("model.img_size=32", "model.patch_size=2", "model.embed_dim=48", "model.depths=[2,2,2]",
           "model.num_heads=[3,6,12]", "model.window_size=4", "model.mask_patch_size=8"),
-    simmim_pretrain=QUIET + ("data.batch_size=64", "optim.max_steps=300", "optim.warmup_steps=20", "log.every=50"),
+    simmim_pretrain=QUIET + ("data.batch_size=64", "optim.max_steps=300", "optim.warmup_steps=20",
+                             "optim.base_lr=4e-3", "log.every=50"),
     simmim_init=QUIET + ("optim.max_steps=1", "optim.lr=0", "optim.base_lr=0", "optim.warmup_steps=0", "data.val="),
-    # the MAE claim's finetuning budget (5 epochs, one evaluation at the end), on the Swin's own 32 px
-    simmim_finetune=("model.img_size=32", "optim.epochs=5", "ckpt.best_metric=", "ckpt.every=0", "log.every=23",
-                     "log.eval_every_epoch=false"),
+    # 10 epochs with SimMIM's finetuning layer decay 0.9, on the Swin's own 32 px: after the MAE claim's 5 epochs at
+    # the tiny preset's 0.75 both arms were still near 45% and within each other's seed noise
+    simmim_finetune=("model.img_size=32", "model.layer_decay=0.9", "optim.epochs=10", "ckpt.best_metric=",
+                     "ckpt.every=0", "log.every=23", "log.eval_every_epoch=false"),
 )
 
 GPU = QualityPreset(
@@ -227,8 +231,8 @@ GPU = QualityPreset(
     simmim_pretrain=QUIET + ("data.batch_size=256", "data.num_workers=8", "optim.epochs=100",
                              "optim.warmup_epochs=10", "optim.base_lr=1e-4", "log.every=50"),
     simmim_init=QUIET + ("optim.max_steps=1", "optim.lr=0", "optim.base_lr=0", "optim.warmup_steps=0", "data.val="),
-    simmim_finetune=("model.img_size=32", "data.batch_size=256", "data.num_workers=8", "optim.epochs=10",
-                     "ckpt.best_metric=", "ckpt.every=0", "log.every=50"),
+    simmim_finetune=("model.img_size=32", "model.layer_decay=0.9", "data.batch_size=256", "data.num_workers=8",
+                     "optim.epochs=10", "ckpt.best_metric=", "ckpt.every=0", "log.every=50"),
 )
 
 PRESETS: dict[str, QualityPreset] = {"cpu": CPU, "gpu": GPU}

@@ -394,9 +394,10 @@ class DETRTask(TaskHooks):
         self._flops: float | None = None
         total = sum(p.numel() for p in self.model.parameters())
         in_backbone = sum(p.numel() for p in self.model.backbone.parameters())
-        logger.info("DETR: %s backbone from %s (patch %d, %.2fM parameters), %s neck at stride %d, %d+%d x %d "
+        logger.info("DETR: %s backbone from %s (%s %d, %.2fM parameters), %s neck at stride %d, %d+%d x %d "
                     "transformer, %d queries, %d classes (%s); %.2fM parameters", self.backbone_meta["architecture"],
-                    cfg.init, self.model.patch_size, in_backbone / 1e6, cfg.neck, self.model.feature_stride,
+                    cfg.init, "last stage stride" if self.model.hierarchical else "patch", self.model.patch_size,
+                    in_backbone / 1e6, cfg.neck, self.model.feature_stride,
                     cfg.enc_layers, cfg.dec_layers, cfg.hidden_dim, cfg.num_queries, cfg.num_classes,
                     cfg.category_map, total / 1e6)
 
