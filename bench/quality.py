@@ -36,9 +36,10 @@ earlier run; --reuse instead skips every step whose identical command already su
 a failure, or calibration stage by stage).
 
 Presets:
-- cpu (default): 49 commands for 2 seeds, about 42 min on an idle 2-core CPU (each stage timed with --seeds 1 at
-  load ~1); tiny models (img 32, patch 4, 128 x 4 for the classification ViT). MAE and BEiT pretraining repeat per
-  seed; the dVAE tokenizer, the DeiT teacher, DETR's MAE backbone and IPT's multi-task pretraining run once (seed 0)
+- cpu (default): 59 commands for 2 seeds, about 57 min on an idle 2-core CPU (each stage timed with --seeds 1 at
+  load ~1; the simmim claim, 15 min, with --seeds 2 at load ~4 and one thread per job); tiny models (img 32, patch
+  4, 128 x 4 for the classification ViT; a 48-96-192 Swin with 2-px patches for SimMIM). MAE, BEiT and SimMIM
+  pretraining repeat per seed; the dVAE tokenizer, the DeiT teacher, DETR's MAE backbone and IPT's multi-task pretraining run once (seed 0)
   and are shared by every seed, as the report says (their run-to-run spread is not in the stds).
 - gpu: ViT-S-sized models, Fashion-MNIST, longer budgets, every pretraining per seed. It has NOT been run: no GPU
   was available when it was written; its commands were only checked against every job's configuration parser.
@@ -130,7 +131,8 @@ QUIET = ("log.eval_every=0", "log.images_every=0", "ckpt.every=0", "ckpt.keep=1"
 
 CPU = QualityPreset(
     name="cpu",
-    note="2 CPU cores, about 45 min: tiny models (img 32, patch 4, 128 x 4) and budgets of minutes per stage",
+    note="2 CPU cores, about 1 h: tiny models (img 32, patch 4, 128 x 4; a small Swin) and budgets of minutes per "
+         "stage",
     cls_data="digits", photos_data="photos", det_data="trees",
     # 8 x 8 = 64 tokens: enough for MAE's 75% masking and BEiT's block masks; 128 wide so a finetune epoch of the
     # 1,437 digits is ~10 s on one core
