@@ -358,7 +358,7 @@ def vit_geometry_errors(img_size: int, patch_size: int, embed_dim: int, num_head
 
 
 # Overrides that a job passes to any backbone and that architectures without them (CNNs) are built without.
-OPTIONAL_KWARGS = ("img_size", "drop_path_rate")
+OPTIONAL_KWARGS = ("img_size", "drop_path_rate", "drop_rate", "dynamic_img_size")
 
 
 def create_from_config(meta: Mapping[str, Any], **overrides: Any) -> nn.Module:

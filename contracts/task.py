@@ -84,6 +84,13 @@ class TaskHooks:
         """The train set's index.json metadata, before the engine is built; a ValueError is a configuration error
         (exit 2), e.g. a class count that does not match the head."""
 
+    def on_multiscale(self, sizes: tuple[int, ...]) -> None:
+        """The training image sizes of data.multiscale (multi-scale batches), called only when it is set, before the
+        EMA copies the model and DeepSpeed wraps it: a task whose model reads one fixed size (a Swin's attention
+        masks, a ViT's position table) makes it read all of them. A ValueError is a configuration error (exit 2).
+        The stream refuses multi-scale batches for a train transform without `at_size`, so a task that cannot take
+        them needs nothing here."""
+
     def after_step(self, model: nn.Module, step: int) -> None:
         """After each optimizer step (step counts from 1), e.g. an annealed temperature."""
 

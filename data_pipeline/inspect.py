@@ -74,7 +74,7 @@ def _plan_report(plan: EpochPlan, scans: dict[str, ShardScan] | None) -> dict[st
         for worker in plan.rank_workers(rank):
             entry: dict[str, Any] = {
                 "worker": worker.worker, "samples": worker.samples, "batches": worker.batches,
-                "padding": worker.batches * plan.batch_size - worker.samples,
+                "padding": worker.capacity - worker.samples,
                 "shards": [shard.url for shard in worker.shards]}
             if scans is not None:
                 entry["keys"] = [key for shard in worker.shards for key in scans[shard.url].keys]

@@ -49,6 +49,8 @@ import braceexpand
 import fsspec
 from webdataset.tariterators import base_plus_ext
 
+from data_pipeline.multiscale import MultiScale
+
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
@@ -579,7 +581,9 @@ class WorkerPlan:
     Attributes:
         shards: the shards it reads, in reading order; each shard of the dataset is in exactly one WorkerPlan.
         samples: the samples those shards hold (from the index).
-        batches: the exact number of full batches it yields; `batches * batch_size - samples` are padding.
+        batches: the exact number of full batches it yields.
+        capacity: the images those batches hold, `batches * batch_size` (multi-scale: the sum of its scheduled
+            batch sizes); `capacity - samples` are padding.
     """
 
     rank: int
@@ -587,6 +591,7 @@ class WorkerPlan:
     shards: tuple[ShardInfo, ...]
     samples: int
     batches: int
+    capacity: int
 
 
 @dataclass(frozen=True)
@@ -612,7 +617,7 @@ class EpochPlan:
         return sum(plan.samples for plan in self.rank_workers(rank))
 
     def rank_padding(self, rank: int) -> int:
-        return self.batches_per_epoch * self.batch_size - self.rank_samples(rank)
+        return sum(plan.capacity for plan in self.rank_workers(rank)) - self.rank_samples(rank)
 
 
 def readers_per_rank(num_workers: int) -> int:
@@ -641,7 +646,7 @@ def _deal(positions: list[int], sizes: list[int], bins: int, minimum: int) -> li
 
 
 def plan_epoch(shards: Sequence[ShardInfo], world_size: int, num_workers: int, epoch: int, seed: int,
-               batch_size: int, shuffle: bool) -> EpochPlan:
+               batch_size: int, shuffle: bool, multiscale: MultiScale | None = None) -> EpochPlan:
     """Assign every shard to exactly one (rank, worker) and give every worker an exact batch quota.
 
     Assignment: the shards are shuffled with (seed, epoch) and dealt largest first (equal sizes in shuffled
@@ -652,9 +657,10 @@ def plan_epoch(shards: Sequence[ShardInfo], world_size: int, num_workers: int, e
     `batches_per_epoch`; shards of equal size (all but the last, as data_pipeline.write makes them) trade places
     between readers from one epoch to the next.
 
-    Quotas: a worker holding n samples yields ceil(n / batch_size) batches; every rank must yield
-    B = max over ranks of the sum of its workers' batches, and a rank short of B gives its extra batches to its
-    workers that hold samples, largest first, round-robin.
+    Quotas: a worker holding n samples yields ceil(n / batch_size) batches (multi-scale: `multiscale.batches_for(n)`,
+    the fewest batches of its size schedule that hold n whatever the order; data_pipeline/multiscale.py); every rank
+    must yield B = max over ranks of the sum of its workers' batches, and a rank short of B gives its extra batches
+    to its workers that hold samples, largest first, round-robin.
 
     Raises:
         ValueError: fewer shards than readers, or a rank whose shards hold no samples.
@@ -677,7 +683,7 @@ def plan_epoch(shards: Sequence[ShardInfo], world_size: int, num_workers: int, e
         assigned.extend(_deal(rank_positions, sizes, bins=readers, minimum=1))
     loads = [sum(sizes[position] for position in slot) for slot in assigned]
 
-    natural = [math.ceil(load / batch_size) for load in loads]
+    natural = [multiscale.batches_for(load) if multiscale else math.ceil(load / batch_size) for load in loads]
     rank_batches = [sum(natural[r * readers:(r + 1) * readers]) for r in range(world_size)]
     batches_per_epoch = max(rank_batches)
     quotas = list(natural)
@@ -690,10 +696,15 @@ def plan_epoch(shards: Sequence[ShardInfo], world_size: int, num_workers: int, e
         for extra in range(batches_per_epoch - rank_batches[rank]):
             quotas[slots[extra % len(slots)]] += 1
 
+    def capacity(slot: int) -> int:
+        if multiscale is None:
+            return quotas[slot] * batch_size
+        return multiscale.capacity(seed, epoch, slot % readers, quotas[slot])
+
     workers = tuple(
         WorkerPlan(rank=slot // readers, worker=slot % readers,
                    shards=tuple(order[position] for position in sorted(assigned[slot])),
-                   samples=loads[slot], batches=quotas[slot])
+                   samples=loads[slot], batches=quotas[slot], capacity=capacity(slot))
         for slot in range(total))
     return EpochPlan(epoch=epoch, seed=seed, world_size=world_size, num_workers=readers, batch_size=batch_size,
                      shuffle=shuffle, workers=workers, batches_per_epoch=batches_per_epoch)

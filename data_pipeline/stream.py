@@ -32,6 +32,17 @@ batch would be made of repeats); a resampled stream needs batch_size <= the data
 than MAX_BATCH_SIZE samples per batch. A training batch larger than what a worker reads per epoch is allowed but
 logged as a warning with the share of repeats (the fix: fewer workers or a smaller batch).
 
+Multi-scale batches (`multiscale=` sizes, data.multiscale; data_pipeline/multiscale.py, MobileViT's variable-batch
+sampler): a training stream's batches come at several image sizes, a batch at size s holding
+int(batch_size x base^2 / s^2) images (about the same pixels per batch). Each worker's batch sizes follow a schedule
+of (seed, epoch, worker, batch index) alone (cycles holding each size once, shuffled), the same on every rank, so a
+resumed run gets the same sizes and batches and the ranks run the same size at the same step. The map function
+declares that it takes a size per batch with a method `at_size(size) -> map function` (finetune_cls's
+ClassificationTrainTransform); the worker maps each sample with the transform of its batch's size. In epoch mode a
+worker's batch quota is the fewest batches of its schedule that hold its samples (`MultiScale.batches_for`), so
+batches_per_epoch stays the same in every epoch; a padding repeat mapped at another size is mapped again, from its
+raw sample, at the size of the batch it pads.
+
 Resampled mode (`mode="resampled"`): infinite; each (rank, worker) draws shards with replacement from an RNG
 seeded by (seed, epoch, rank, worker), so no two readers share a sequence. No padding; `batches_per_epoch` is None.
 
@@ -79,6 +90,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from data_pipeline.multiscale import MultiScale
 from data_pipeline.shards import (
     IMAGE_EXTENSIONS,
     PICKLE_EXTENSIONS,
@@ -121,8 +133,19 @@ class DataConfig:
     # "auto" (= when CUDA is present); a bool so that YAML's on/off/true/false all read as meant
     pin_memory: Literal["auto"] | bool = "auto"
     prefetch_factor: int = 2  # batches each worker prepares ahead (DataLoader's prefetch_factor; num_workers > 0)
+    # multi-scale training batches (data_pipeline/multiscale.py; MobileViT's [160, 192, 256, 288, 320]): each training
+    # batch at one of these square sizes, batch_size scaled by (multiscale_base / size)^2; () = off. Jobs whose train
+    # transform takes a size per batch (finetune_cls); evaluation stays at the job's image size
+    multiscale: tuple[int, ...] = ()
+    multiscale_base: int = 0  # the size data.batch_size is stated at; 0 = the job's own image size (model.img_size)
 
     def __post_init__(self) -> None:
+        self.multiscale = tuple(self.multiscale)
+        if self.multiscale:
+            MultiScale(self.multiscale, self.multiscale_base or 1, self.batch_size)  # distinct sizes >= 1
+        if self.multiscale_base < 0:
+            raise ValueError(f"data.multiscale_base must be >= 0 (0 = the job's image size), got "
+                             f"{self.multiscale_base}")
         if self.mode not in MODES:
             raise ValueError(f"data.mode must be one of {MODES}, got {self.mode!r}")
         if not (self.pin_memory == "auto" or isinstance(self.pin_memory, bool)):
@@ -244,7 +267,8 @@ class ShardBatchDataset(IterableDataset):
 
     def __init__(self, shards: Sequence[ShardInfo], *, reader: ShardReader, map_fn: Callable[[dict], dict],
                  collate_fn: Callable[[list], dict] | None, batch_size: int, rank: int, world_size: int,
-                 num_workers: int, mode: str, train: bool, seed: int, shuffle_buffer: int) -> None:
+                 num_workers: int, mode: str, train: bool, seed: int, shuffle_buffer: int,
+                 multiscale: MultiScale | None = None) -> None:
         super().__init__()
         self.shards = tuple(shards)
         self.reader = reader
@@ -255,11 +279,31 @@ class ShardBatchDataset(IterableDataset):
         self.readers = readers_per_rank(num_workers)
         self.mode, self.train, self.seed = mode, train, seed
         self.shuffle_buffer = shuffle_buffer if train else 0
+        self.multiscale = multiscale
         self.epoch = 0
 
     def plan(self) -> EpochPlan:
         return plan_epoch(self.shards, self.world_size, self.readers, self.epoch, self.seed, self.batch_size,
-                          shuffle=self.train)
+                          shuffle=self.train, multiscale=self.multiscale)
+
+    def _shapes(self, worker: int) -> Callable[[int], tuple[Callable[[dict], dict], int, int | None]]:
+        """batch index j of this worker in this epoch -> (map function, batch size, image size or None)."""
+        if self.multiscale is None:
+            return lambda j: (self.map_fn, self.batch_size, None)
+        ms, transforms = self.multiscale, {}
+        batch_of = dict(zip(ms.sizes, ms.batch_sizes))
+        cycles: dict[int, list[int]] = {}
+
+        def shape(j: int) -> tuple[Callable[[dict], dict], int, int]:
+            index, position = divmod(j, len(ms.sizes))
+            if index not in cycles:
+                cycles.clear()  # only the current cycle is needed
+                cycles[index] = ms.cycle(self.seed, self.epoch, worker, index)
+            size = cycles[index][position]
+            if size not in transforms:
+                transforms[size] = self.map_fn.at_size(size)  # type: ignore[attr-defined]
+            return transforms[size], batch_of[size], size
+        return shape
 
     def _worker_id(self) -> int:
         info = get_worker_info()
@@ -286,12 +330,13 @@ class ShardBatchDataset(IterableDataset):
     def _buffer_rng(self, worker: int) -> random.Random:
         return random.Random(f"samples-{self.seed}-{self.epoch}-{self.rank}-{worker}")
 
-    def _mapped(self, raw: Iterable[dict], skips: SkipTracker, on_usable: Callable[[], None] | None = None
-                ) -> Iterator[dict]:
-        """Decode and map raw samples; anything that raises is skipped and counted."""
+    def _mapped(self, raw: Iterable[dict], skips: SkipTracker, map_fn: Callable[[], Callable[[dict], dict]],
+                on_usable: Callable[[], None] | None = None) -> Iterator[tuple[dict, dict]]:
+        """Decode and map raw samples with the map function `map_fn()` returns at that moment (the current batch's);
+        yields (raw sample, mapped item); anything that raises is skipped and counted."""
         for sample in raw:
             try:
-                item = self.map_fn(decode_sample(sample))
+                item = map_fn()(decode_sample(sample))
             except SkipSample as skip:
                 skips(skip.reason, sample["__key__"], sample["__url__"], skip.detail)
                 continue
@@ -301,7 +346,7 @@ class ShardBatchDataset(IterableDataset):
                 continue
             if on_usable is not None:
                 on_usable()
-            yield item
+            yield sample, item
 
     def _batch(self, items: list[dict], num_padding: int, skips: SkipTracker) -> dict[str, Any]:
         batch = self.collate_fn(items)
@@ -317,13 +362,17 @@ class ShardBatchDataset(IterableDataset):
             return
         raw: Iterator[dict] = (sample for shard in plan.shards for sample in self.reader.samples(shard, skips))
         raw = iter(shuffled(raw, self.shuffle_buffer, self._buffer_rng(worker)))
-        recent: deque[dict] = deque(maxlen=self.batch_size)  # this worker's own samples, repeated as padding
+        shape = self._shapes(worker)
+        map_fn, batch_size, size = shape(0)
+        # this worker's own samples, repeated as padding: (raw sample only when multi-scale, item, its size)
+        largest = self.multiscale.largest_batch if self.multiscale else self.batch_size
+        recent: deque[tuple[dict | None, dict, int | None]] = deque(maxlen=largest)
         pending: list[dict] = []
         emitted = 0
-        for item in self._mapped(raw, skips):
+        for sample, item in self._mapped(raw, skips, lambda: map_fn):
             pending.append(item)
-            recent.append(item)
-            if len(pending) < self.batch_size:
+            recent.append((sample if self.multiscale else None, item, size))
+            if len(pending) < batch_size:
                 continue
             emitted += 1
             if emitted == plan.batches:
@@ -335,6 +384,7 @@ class ShardBatchDataset(IterableDataset):
                 return
             yield self._batch(pending, 0, skips)
             pending = []
+            map_fn, batch_size, size = shape(emitted)
         if not recent:
             raise RuntimeError(
                 f"rank {self.rank} worker {worker} read no usable sample from its {len(plan.shards)} shard(s) "
@@ -343,13 +393,30 @@ class ShardBatchDataset(IterableDataset):
         repeats = list(recent)
         next_repeat = 0
         while emitted < plan.batches:
-            num_padding = self.batch_size - len(pending)
+            num_padding = batch_size - len(pending)
             for _ in range(num_padding):
-                pending.append(repeats[next_repeat % len(repeats)])
+                pending.append(self._repeat(repeats, next_repeat, map_fn, size))
                 next_repeat += 1
             emitted += 1
             yield self._batch(pending, num_padding, skips)
             pending = []
+            if emitted < plan.batches:
+                map_fn, batch_size, size = shape(emitted)
+
+    @staticmethod
+    def _repeat(repeats: list[tuple[dict | None, dict, int | None]], k: int, map_fn: Callable[[dict], dict],
+                size: int | None) -> dict:
+        """The k-th padding repeat for a batch at `size`: the item itself when it was mapped at that size, else its
+        raw sample mapped again at that size (it mapped once, so it maps again; if not, the next repeat is tried)."""
+        for offset in range(len(repeats)):
+            sample, item, item_size = repeats[(k + offset) % len(repeats)]
+            if item_size == size or sample is None:
+                return item
+            try:
+                return map_fn(decode_sample(sample))
+            except Exception:  # noqa: BLE001 - a random transform may fail where it once passed: take another
+                continue
+        raise RuntimeError(f"none of the {len(repeats)} samples kept for padding maps at {size} px")
 
     def _resampled_batches(self, worker: int, skips: SkipTracker) -> Iterator[dict[str, Any]]:
         shard_rng = random.Random(f"resampled-{self.seed}-{self.epoch}-{self.rank}-{worker}")
@@ -380,12 +447,17 @@ class ShardBatchDataset(IterableDataset):
             reads_since_usable[0] = 0
 
         raw = shuffled(draws(), self.shuffle_buffer, self._buffer_rng(worker))
+        shape = self._shapes(worker)
+        map_fn, batch_size, _ = shape(0)
         pending: list[dict] = []
-        for item in self._mapped(raw, skips, on_usable=usable):
+        emitted = 0
+        for _, item in self._mapped(raw, skips, lambda: map_fn, on_usable=usable):
             pending.append(item)
-            if len(pending) == self.batch_size:
+            if len(pending) == batch_size:
                 yield self._batch(pending, 0, skips)
                 pending = []
+                emitted += 1
+                map_fn, batch_size, _ = shape(emitted)
 
 
 def _missing_member(error: Exception, raw: dict[str, Any]) -> str | None:
@@ -619,7 +691,8 @@ def build_stream(url: str | Sequence[str], map_fn: Callable[[dict], dict], batch
                  seed: int = 0, shuffle_buffer: int = 1000, cache_dir: str | None = None,
                  collate_fn: Callable[[list], dict] | None = None, required: Sequence[str] = ("image",),
                  open_retries: int = 5, retry_backoff_s: float = 1.0, allow_pipe: bool = False,
-                 pin_memory: bool | None = None, prefetch_factor: int = 2) -> BatchStream:
+                 pin_memory: bool | None = None, prefetch_factor: int = 2, multiscale: Sequence[int] = (),
+                 multiscale_base: int = 0) -> BatchStream:
     """Build a rank's batch stream over a sharded dataset (see the module docstring for the data flow and policy).
 
     Args:
@@ -642,10 +715,14 @@ def build_stream(url: str | Sequence[str], map_fn: Callable[[dict], dict], batch
         allow_pipe: accept `pipe:CMD` shard URLs (a shell command per shard; refused unless set).
         pin_memory: batches in page-locked memory for asynchronous copies to the GPU; None = when CUDA is present.
         prefetch_factor: batches each worker prepares ahead of the training loop (with num_workers > 0).
+        multiscale: image sizes of a multi-scale training stream (see the module docstring); () = every batch of
+            `batch_size` at the map function's own size. Needs `train=True` and a map function with `at_size`.
+        multiscale_base: the size `batch_size` is stated at; 0 = the map function's `img_size`.
 
     Raises:
         ValueError: bad arguments; (epoch mode) fewer shards than world_size x max(1, num_workers); a batch size
-            out of bounds (see the module docstring; checked for training streams, `train=True`).
+            out of bounds (see the module docstring; checked for training streams, `train=True`, with the largest
+            multi-scale batch); multi-scale sizes for an evaluation stream or a map function without `at_size`.
         DatasetInputError (a ValueError): a malformed index.json, a URL naming no shards, a missing local path
             (LocalPathError, also a ShardOpenError) -- inputs to fix, never retried.
         ShardOpenError: the index or a shard to count cannot be opened after retrying (shards opened later raise
@@ -667,22 +744,46 @@ def build_stream(url: str | Sequence[str], map_fn: Callable[[dict], dict], batch
                          f"(more ranks or engine.grad_accum give a larger global batch)")
     for one in [url] if isinstance(url, str) else url:
         check_pipe(str(one), allow_pipe)
+    scales = multiscale_of(map_fn, batch_size, multiscale, multiscale_base, train)
     reader = ShardReader(cache_dir=cache_dir or None, open_retries=open_retries, retry_backoff_s=retry_backoff_s,
                          required=tuple(required), allow_pipe=allow_pipe)
     index = load_index(url, reader)
     dataset = ShardBatchDataset(index.shards, reader=reader, map_fn=map_fn, collate_fn=collate_fn,
                                 batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
-                                mode=mode, train=train, seed=seed, shuffle_buffer=shuffle_buffer)
+                                mode=mode, train=train, seed=seed, shuffle_buffer=shuffle_buffer, multiscale=scales)
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     stream = BatchStream(dataset, index, num_workers, pin_memory=pin, prefetch_factor=prefetch_factor)
     plan = stream.plan  # epoch mode: raises now, on every rank, if the shards cannot be split
     if train:
-        check_batch_size(index, plan, batch_size, world_size, num_workers)
+        check_batch_size(index, plan, scales.largest_batch if scales else batch_size, world_size, num_workers)
+    if scales:
+        logger.info("stream %s: multi-scale batches (size x images, base %d px x %d): %s", index.url,
+                    scales.base_size, batch_size, scales.describe())
     if plan is None:
         logger.info("stream %s: %d shards, %d samples; rank %d/%d resamples shards with replacement",
                     index.url, len(index.shards), index.num_samples, rank, world_size)
     else:
-        logger.info("stream %s: %d shards, %d samples; rank %d/%d reads %d samples as %d batches of %d "
+        logger.info("stream %s: %d shards, %d samples; rank %d/%d reads %d samples as %d batches of %s "
                     "(%d padding) per epoch", index.url, len(index.shards), index.num_samples, rank, world_size,
-                    plan.rank_samples(rank), plan.batches_per_epoch, batch_size, plan.rank_padding(rank))
+                    plan.rank_samples(rank), plan.batches_per_epoch, "several sizes" if scales else batch_size,
+                    plan.rank_padding(rank))
     return stream
+
+
+def multiscale_of(map_fn: Callable[[dict], dict], batch_size: int, sizes: Sequence[int], base: int,
+                  train: bool) -> MultiScale | None:
+    """The MultiScale of a stream (None when `sizes` is empty); ValueError, naming data.multiscale, when the stream
+    cannot have one."""
+    if not sizes:
+        return None
+    if not train:
+        raise ValueError("multi-scale batches are for training streams; an evaluation stream keeps one size")
+    if not callable(getattr(map_fn, "at_size", None)):
+        raise ValueError(f"data.multiscale={list(sizes)}: this job's train transform ({type(map_fn).__name__}) "
+                         "cannot take an image size per batch (it has no at_size method); finetune_cls's does. "
+                         "Fix: data.multiscale=[] for this job")
+    base = base or getattr(map_fn, "img_size", 0)
+    if not base:
+        raise ValueError(f"data.multiscale={list(sizes)}: set data.multiscale_base, the image size data.batch_size "
+                         "is stated at (the train transform names none)")
+    return MultiScale(tuple(sizes), int(base), batch_size)

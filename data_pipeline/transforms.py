@@ -212,6 +212,14 @@ class ClassificationTrainTransform(_SampleTransform):
     def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"image": self._transform(_rgb(sample["image"])), "label": _label(sample)}
 
+    def at_size(self, size: int) -> "ClassificationTrainTransform":
+        """The same augmentation with `size`-px outputs: what a multi-scale stream maps a batch at `size` with
+        (data.multiscale; RandAugment's translations scale with the size, so the transform is built anew)."""
+        return ClassificationTrainTransform(
+            size, auto_augment=self.auto_augment, re_prob=self.re_prob, scale=self.scale,
+            color_jitter=self.color_jitter, hflip=self.hflip, interpolation=self.interpolation, re_mode=self.re_mode,
+            re_count=self.re_count, mean=self.mean, std=self.std)
+
 
 class ClassificationEvalTransform(EvalTransform):
     """Evaluation counterpart of :class:`ClassificationTrainTransform`: resize + center crop, with the label."""

@@ -49,8 +49,9 @@ def scratch_vit_config(*, img_size: int, patch_size: int, embed_dim: int, depth:
 
 
 def create_timm(name: str, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """timm.create_model(name, pretrained=False, **kwargs), leaving out `img_size` / `drop_path_rate` for the
-    architectures whose constructor does not take them (CNNs). Returns (model, the kwargs it was built with)."""
+    """timm.create_model(name, pretrained=False, **kwargs), leaving out the OPTIONAL_KWARGS (`img_size`,
+    `drop_path_rate`, `drop_rate`, `dynamic_img_size`) that an architecture's constructor does not take (CNNs, which
+    read any image size anyway). Returns (model, the kwargs it was built with)."""
     kwargs = dict(kwargs)
     while True:
         try:

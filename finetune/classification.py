@@ -20,6 +20,10 @@ random weights). A windowed backbone (a SimMIM Swin export) takes `model.window_
 resized to the new window (SimMIM finetunes its 192-px / window-6 Swin at 224 px / window 7), and keeps its own
 average pooling: `model.global_pool` and the new fc_norm apply to ViT and BEiT backbones. Top-1/top-5 are
 percentages, as in MAE's and timm's logs.
+
+Multi-scale batches (data.multiscale, MobileViT's recipe: presets mobilevit_*): the train transform takes a size per
+batch (`ClassificationTrainTransform.at_size`) and `on_multiscale` rebuilds the model to read any size (timm's
+dynamic_img_size for a Swin or ViT; a CNN reads any size), the same weights and the same export.
 """
 from __future__ import annotations
 
@@ -92,6 +96,7 @@ class ClassificationConfig:
     # --- finetuning recipe (linprobe uses MAE's probe recipe instead: crop + flip, cross-entropy) ---
     layer_decay: float = 0.75      # lr scale of layer i of L = decay^(L - i) (embeddings 0, blocks 1..depth); 1 = off
     drop_path: float = 0.1         # stochastic depth, rising linearly to this over the blocks
+    drop_rate: float = 0.0         # dropout before the classifier (timm's drop_rate; MobileViT: 0.1)
     mixup: float = 0.8             # Mixup alpha; 0 = off
     cutmix: float = 1.0            # CutMix alpha; 0 = off
     mixup_prob: float = 1.0        # probability of mixing a batch
@@ -109,7 +114,8 @@ class ClassificationConfig:
         "num_classes": ">= 2", "img_size": ">= 0", "window_size": ">= 0", "patch_size": ">= 1", "embed_dim": ">= 1",
         "depth": ">= 1",
         "num_heads": ">= 1", "mlp_ratio": "> 0", "conv_stem": ">= 1", "head_init_std": ">= 0",
-        "layer_decay": "(0, 1]", "drop_path": "[0, 1)", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
+        "layer_decay": "(0, 1]", "drop_path": "[0, 1)", "drop_rate": "[0, 1)",
+        "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
         "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1)", "reprob": "[0, 1]", "crop_scale": "(0, 1]",
         "hflip": "[0, 1]", "crop_pct": "(0, 1]"}
 
@@ -168,16 +174,23 @@ class BuiltModel:
     report: bb.LoadReport | None = None
 
 
-def build_model(cfg: ClassificationConfig, load: bool = True) -> BuiltModel:
-    """The model `cfg.init` names, with cfg's image size, pooling, head (num_classes, or 0 for a probe's trunk) and
-    drop path; the backbone's weights loaded when `load`. Its `meta` is the backbone.json of the built model."""
+def build_model(cfg: ClassificationConfig, load: bool = True, dynamic: bool = False) -> BuiltModel:
+    """The model `cfg.init` names, with cfg's image size, pooling, head (num_classes, or 0 for a probe's trunk),
+    drop path and dropout; the backbone's weights loaded when `load`. Its `meta` is the backbone.json of the built
+    model. `dynamic`: built to read any image size (timm's dynamic_img_size for a ViT or Swin; a CNN reads any size
+    anyway), for multi-scale batches; the meta is the same as without it."""
     probe = cfg.mode == "linprobe"
     num_classes = 0 if probe else cfg.num_classes
     drop_path = 0.0 if probe else cfg.drop_path
+    extra: dict[str, Any] = {}
+    if cfg.drop_rate and not probe:
+        extra["drop_rate"] = cfg.drop_rate
+    if dynamic:
+        extra["dynamic_img_size"] = True
     init = cfg.init.strip()
     if init.startswith("timm:"):
         name = init[5:]
-        kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": drop_path}
+        kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": drop_path, **extra}
         if cfg.img_size:
             kwargs["img_size"] = cfg.img_size
         if cfg.window_size:
@@ -191,6 +204,7 @@ def build_model(cfg: ClassificationConfig, load: bool = True) -> BuiltModel:
                              "model.window_size=0") from None
         pcfg = model.pretrained_cfg
         img_size = cfg.img_size or int(pcfg.get("input_size", (3, 224, 224))[-1])
+        used.pop("dynamic_img_size", None)
         meta = {"architecture": name, "model_kwargs": bb.export_kwargs(used)}
         return BuiltModel(model, meta, img_size, tuple(pcfg.get("mean", IMAGENET_DEFAULT_MEAN)),
                           tuple(pcfg.get("std", IMAGENET_DEFAULT_STD)))
@@ -203,7 +217,7 @@ def build_model(cfg: ClassificationConfig, load: bool = True) -> BuiltModel:
                                      depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
                                      class_token=cfg.class_token, global_pool=cfg.global_pool,
                                      num_classes=num_classes, pos_embed=cfg.pos_embed, conv_stem=cfg.conv_stem)
-        model = bb.create_from_config(meta, drop_path_rate=drop_path)
+        model = bb.create_from_config(meta, drop_path_rate=drop_path, **extra)
         return BuiltModel(model, meta, img_size, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
     folder = bb.find_backbone(init)
@@ -223,7 +237,7 @@ def build_model(cfg: ClassificationConfig, load: bool = True) -> BuiltModel:
     elif not probe and cfg.global_pool == "token":
         raise ValueError(f"model.global_pool=token: the backbone {init} ({source['architecture']}) has no class "
                          "token; it keeps its own pooling (model.global_pool=avg)")
-    model = bb.create_from_config(source, drop_path_rate=drop_path, **overrides)
+    model = bb.create_from_config(source, drop_path_rate=drop_path, **overrides, **extra)
     report = bb.load_weights(model, bb.read_weights(folder), source) if load else None
     if probe and report is not None and report.missing:
         # a probe trains nothing but its head: a pooling norm the backbone lacks would stay random (mae#186)
@@ -377,6 +391,27 @@ class ClassificationTask(TaskHooks):
     def on_dataset(self, metadata: dict[str, Any]) -> None:
         """Check the train set against the head: a classification set with num_classes classes; keep the names."""
         self.class_names = check_classes(metadata, self.cfg.num_classes, "finetune_cls") or self.class_names
+
+    def on_multiscale(self, sizes: tuple[int, ...]) -> None:
+        """Multi-scale batches (data.multiscale): the model is rebuilt to read every size (`build_model(dynamic=True)`:
+        timm's dynamic_img_size, i.e. a Swin's attention masks and a ViT's position table per input size; a CNN such
+        as MobileViT reads any size as it is) and given the same weights. Evaluation stays at model.img_size."""
+        try:
+            built = build_model(self.cfg, load=False, dynamic=True).model
+        except (TypeError, AssertionError, ValueError) as e:
+            raise ValueError(f"model.init={self.cfg.init} ({self.meta['architecture']}) cannot read several image "
+                             f"sizes: {str(e).splitlines()[0][:300]}") from None
+        trunk = self.model.trunk if isinstance(self.model, LinearProbe) else self.model
+        built.load_state_dict(trunk.state_dict())
+        built.train(trunk.training)
+        if isinstance(self.model, LinearProbe):
+            self.model.trunk = built.requires_grad_(False).eval()
+        else:
+            if self.cfg.grad_checkpointing:
+                built.set_grad_checkpointing(True)
+            self.model = built
+        logger.info("multi-scale batches at %s px: %s rebuilt to read any image size", list(sizes),
+                    self.meta["architecture"])
 
     def param_groups(self) -> list[dict]:
         """Finetune: timm's layer-decay groups (each with `lr_scale`; no decay for 1-D tensors, position table,

@@ -186,6 +186,29 @@ def test_deit_detr_ipt_chains(tmp_path):
             assert _arg(pre, "run.seed") == str(seed)
 
 
+def test_simmim_chain(tmp_path):
+    """SimMIM's Swin pretrained per seed, converted, finetuned; the scratch arm finetunes the same Swin exported by a
+    run at lr 0; the two finetuning arms differ only in init and run name."""
+    steps, comparisons = _plan(tmp_path, ["simmim"])
+    for seed in (0, 1):
+        pretrain, init = steps[f"simmim.pretrain-s{seed}"], steps[f"simmim.init-s{seed}"]
+        assert pretrain.argv[1] == init.argv[1] == "launch/pretrain_simmim.py"
+        assert _arg(pretrain, "run.seed") == _arg(init, "run.seed") == str(seed)
+        assert _arg(init, "optim.lr") == "0" and _arg(init, "optim.base_lr") == "0"
+        for key in ("model.depths", "model.window_size", "model.patch_size", "model.embed_dim"):
+            assert _arg(pretrain, key) == _arg(init, key)          # the same Swin in both arms
+        convert = steps[f"simmim.convert-pretrain-s{seed}"]
+        assert convert.argv[2] == pretrain.run_dir
+        finetune, scratch = steps[f"simmim.finetune-s{seed}"], steps[f"simmim.scratch-s{seed}"]
+        assert _arg(finetune, "model.init") == convert.argv[-1]
+        assert _arg(scratch, "model.init") == init.run_dir + "/export"
+        strip = {"model.init", "run.name"}
+        assert ([a for a in finetune.argv if a.split("=")[0] not in strip]
+                == [a for a in scratch.argv if a.split("=")[0] not in strip])
+    assert [k for k in steps if k.startswith("shards.")] == ["shards.digits", "shards.digits_val"]
+    assert [c.arms for c in comparisons] == [("SimMIM -> finetune", "Swin init (no pretraining) -> finetune")]
+
+
 def test_gpu_preset_repeats_every_pretraining_per_seed(tmp_path):
     steps, _ = _plan(tmp_path, preset=quality.GPU)
     shared = [k for k, s in steps.items() if s.seed is None and not k.startswith("shards.")]

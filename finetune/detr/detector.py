@@ -93,8 +93,10 @@ def load_detector(folder: str | Path, device: str | torch.device = "cpu") -> Det
     kwargs = meta["backbone"].get("model_kwargs", {})
     geometry = {k: kwargs[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
                 if isinstance(kwargs.get(k), int) and not isinstance(kwargs.get(k), bool)}
-    cfg = replace(DETRConfig(**{**values, "init": "scratch", **geometry}), drop_path=0.0)
-    backbone = build_backbone_from_meta(meta["backbone"], drop_path_rate=0.0)  # ViTDet's or timm's ViT
+    # a hierarchical backbone has no scratch geometry: its timm architecture stands for the init (nothing is loaded)
+    init = f"timm:{meta['backbone']['architecture']}" if values.get("backbone") == "hierarchical" else "scratch"
+    cfg = replace(DETRConfig(**{**values, "init": init, **geometry}), drop_path=0.0)
+    backbone = build_backbone_from_meta(meta["backbone"], drop_path_rate=0.0)  # ViTDet's, timm's ViT, Swin, ...
     model = build_detr(cfg, backbone)
     state = load_file(str(folder / f"{DETECTOR_NAME}.safetensors"))
     model.load_state_dict(state, strict=True)

@@ -10,11 +10,18 @@ facebookresearch/detectron2 projects/ViTDet, modeling/backbone/vit.py `SimpleFea
   mask keeps them out of the detector's attention.
   Or ViTDet's windowed ViT (finetune/vitdet.py, `backbone=vitdet`): its forward gives the last block's map
   [B, D, H/p, W/p] directly (no final norm, as in ViTDet; the simple feature pyramid brings its own norms).
+  Or a hierarchical timm model (`hierarchical=True`: Swin built with `dynamic_img_size=True`, MobileViT, any model
+  with timm's `feature_info` and `forward_intermediates`): its stages' maps [B, C_i, H/s_i, W/s_i] (timm's
+  `features_only` outputs; Swin's last one after its final norm), the last stage's stride S standing for the patch.
 - neck: `simple_fpn` builds ViTDet's pyramid level of the requested stride from that single map (stride p/4 and
   p/2 by transposed convolutions, p by identity, 2p by max-pooling; then 1x1 and 3x3 convolutions with
   LayerNorm to the detector width); `project` is DETR's 1x1 input projection at the patch stride. DETR's
   encoder uses one map: its attention cost grows with the square of the token count, which is why plain DETR
   reads the stride-32 C5 map; stride 16 (a ViT-B/16's own grid) quadruples the tokens and helps small objects.
+  A hierarchical backbone's last stage feeds either neck as the ViT's map does (stride S for S, S/2, S/4, 2S);
+  `merge` instead merges its last `merge_levels` stages (Deformable DETR's C3-C5) into one level at the feature
+  stride: each stage through a 1x1 convolution and LayerNorm to the detector width, average-pooled (finer stages) or
+  bilinearly upsampled (coarser ones) to that grid, summed, then a 3x3 convolution and LayerNorm.
 - transformer: DETR's post-norm encoder-decoder (pre-norm optional), sine positions added to queries and keys in
   every attention, N learned object queries, decoder outputs of every layer normalised by the decoder's final
   LayerNorm for the auxiliary losses.
@@ -92,6 +99,34 @@ class SimpleFeaturePyramidLevel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(self.resample(x))
+
+
+class MergedPyramidLevel(nn.Module):
+    """Backbone stages [B, C_i, H/s_i, W/s_i] -> one map [B, out, H/t, W/t] at stride t (one of the s_i): each stage
+    Conv1x1 -> LayerNorm to `out` channels, resized to the stride-t grid (finer: average pooling over whole cells;
+    coarser: bilinear), summed; then Conv3x3 -> LayerNorm (no biases: the norms have them)."""
+
+    def __init__(self, in_dims: list[int], strides: list[int], out_dim: int, stride: int) -> None:
+        super().__init__()
+        if stride not in strides:
+            raise ValueError(f"the merged level's stride {stride} must be one of the merged stages' strides {strides}")
+        self.strides, self.stride = list(strides), stride
+        self.lateral = nn.ModuleList(nn.Sequential(nn.Conv2d(c, out_dim, 1, bias=False), LayerNorm2d(out_dim))
+                                     for c in in_dims)
+        self.proj = nn.Sequential(nn.Conv2d(out_dim, out_dim, 3, padding=1, bias=False), LayerNorm2d(out_dim))
+
+    def forward(self, feats: list[Tensor]) -> Tensor:
+        """feats: the stages' maps, finest first -> [B, out, H/t, W/t]."""
+        size = feats[self.strides.index(self.stride)].shape[-2:]
+        merged = 0
+        for x, lateral, s in zip(feats, self.lateral, self.strides):
+            x = lateral(x)
+            if s < self.stride:
+                x = F.adaptive_avg_pool2d(x, size)
+            elif s > self.stride:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            merged = merged + x
+        return self.proj(merged)
 
 
 class EncoderLayer(nn.Module):
@@ -199,7 +234,7 @@ class MLP(nn.Module):
 
 
 class DETR(nn.Module):
-    """DETR with a timm ViT backbone (see the module docstring).
+    """DETR with a timm ViT backbone, or a hierarchical one (`hierarchical=True`; see the module docstring).
 
     forward(images [B, 3, H, W], mask [B, H, W] bool, True = padding) -> {"pred_logits": [B, Q, K + 1],
     "pred_boxes": [B, Q, 4] normalised (cx, cy, w, h) of the unpadded image, "aux_outputs": [{same}, ...] for the
@@ -209,21 +244,36 @@ class DETR(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, *, neck: str = "simple_fpn", feature_stride: int = 0,
                  hidden_dim: int = 256, nheads: int = 8, enc_layers: int = 6, dec_layers: int = 6,
                  dim_feedforward: int = 2048, dropout: float = 0.1, num_queries: int = 100, pre_norm: bool = False,
-                 aux_loss: bool = True) -> None:
+                 aux_loss: bool = True, hierarchical: bool = False, merge_levels: int = 3) -> None:
         super().__init__()
         self.backbone = backbone
-        self.patch_size = int(backbone.patch_embed.patch_size[0])
+        self.hierarchical = hierarchical
+        if hierarchical:
+            # timm's feature_info: one entry per forward_intermediates output (num_chs, reduction), finest first
+            stages = [(int(f["num_chs"]), int(f["reduction"])) for f in backbone.feature_info]
+            self.patch_size = stages[-1][1]    # the stride of the map the neck reads: the last stage's
+            width = stages[-1][0]
+            used = stages[-max(1, merge_levels):] if neck == "merge" else stages[-1:]
+            self.stage_indices = list(range(len(stages) - len(used), len(stages)))
+        else:
+            self.patch_size = int(backbone.patch_embed.patch_size[0])
+            width = backbone.num_features
         self.feature_stride = feature_stride or self.patch_size
-        width = backbone.num_features
-        if neck == "simple_fpn":
-            self.neck: nn.Module = SimpleFeaturePyramidLevel(width, hidden_dim, self.patch_size / self.feature_stride)
+        if neck == "merge":
+            if not hierarchical:
+                raise ValueError("neck=merge merges a hierarchical backbone's stages; a ViT has one map "
+                                 "(neck=simple_fpn or project)")
+            self.neck: nn.Module = MergedPyramidLevel([c for c, _ in used], [s for _, s in used], hidden_dim,
+                                                      self.feature_stride)
+        elif neck == "simple_fpn":
+            self.neck = SimpleFeaturePyramidLevel(width, hidden_dim, self.patch_size / self.feature_stride)
         elif neck == "project":
             if self.feature_stride != self.patch_size:
                 raise ValueError(f"neck=project reads the ViT's own grid (stride {self.patch_size}); "
                                  f"feature_stride={self.feature_stride} needs neck=simple_fpn")
             self.neck = nn.Conv2d(width, hidden_dim, 1)
         else:
-            raise ValueError(f"neck={neck!r}: expected simple_fpn or project")
+            raise ValueError(f"neck={neck!r}: expected simple_fpn, project or merge")
         self.position = PositionEmbeddingSine(hidden_dim // 2)
         self.transformer = Transformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward, dropout, pre_norm)
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
@@ -238,12 +288,18 @@ class DETR(nn.Module):
 
     def features(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """images [B, 3, H, W], mask [B, H, W] -> (neck map [B, d, H/s, W/s], its mask [B, H/s, W/s])."""
-        if isinstance(self.backbone, ViTDetBackbone):
-            tokens = self.backbone(images)   # ViTDet: the last block's map, the grid padded to whole windows inside
+        if self.hierarchical:
+            # the stages' maps [B, C_i, H/s_i, W/s_i], finest first (Swin: the last after its final norm)
+            maps = self.backbone.forward_intermediates(images, indices=self.stage_indices, norm=True,
+                                                       output_fmt="NCHW", intermediates_only=True)
+            feature = self.neck(maps) if isinstance(self.neck, MergedPyramidLevel) else self.neck(maps[-1])
         else:
-            (tokens,) = self.backbone.forward_intermediates(images, indices=1, norm=True, output_fmt="NCHW",
-                                                            intermediates_only=True)
-        feature = self.neck(tokens)
+            if isinstance(self.backbone, ViTDetBackbone):
+                tokens = self.backbone(images)   # ViTDet: the last block's map, the grid padded to whole windows
+            else:
+                (tokens,) = self.backbone.forward_intermediates(images, indices=1, norm=True, output_fmt="NCHW",
+                                                                intermediates_only=True)
+            feature = self.neck(tokens)
         mask = F.interpolate(mask[None].float(), size=feature.shape[-2:]).to(torch.bool)[0]
         return feature, mask
 

@@ -5,8 +5,12 @@ with export/) written by pretraining or launch/convert_checkpoint.py (MAE, BEiT,
 `dynamic_img_size=True` and its position table resampled to `model.img_size` (finetune/backbone.py), then resampled
 per batch to the padded grid; or `scratch`, a random ViT of the model.patch_size..num_heads geometry. With
 `backbone=vitdet` the export is converted to ViTDet's windowed ViT (finetune/vitdet.py) at model.img_size, its map
-[N, D, H/p, W/p] read without a final norm, exported as a timm SAM ViT folder (`samvit_*`). The detector
-is finetune/detr/model.py, the loss finetune/detr/criterion.py, the metric finetune/detr/coco_eval.py.
+[N, D, H/p, W/p] read without a final norm, exported as a timm SAM ViT folder (`samvit_*`). With
+`backbone=hierarchical` the backbone is a hierarchical timm model (a Swin export: SimMIM's or finetune_cls's; or
+`timm:NAME`, random weights: swin_*, mobilevit_*), Swin built with `dynamic_img_size=True` (attention masks per padded
+batch); DETR reads its last stage, or with `neck=merge` its last `merge_levels` stages merged into one level, and the
+export is the timm model's own folder. The detector is finetune/detr/model.py, the loss finetune/detr/criterion.py,
+the metric finetune/detr/coco_eval.py.
 
 Categories: the train set's index.json lists its COCO categories (`metadata.categories`, ids may have gaps).
 `category_map=contiguous` (default) gives class i to the i-th category by ascending id, so num_classes = the number
@@ -62,7 +66,7 @@ class DETRConfig:
     """
 
     # where the backbone comes from: a folder with backbone.json + backbone.safetensors (or a run dir with export/),
-    # or "scratch" (a random ViT, the fields below)
+    # "scratch" (a random ViT, the fields below), or "timm:NAME" (backbone=hierarchical: that timm model, random)
     init: str = "scratch"
     img_size: int = 0              # grid of the backbone's position table, px; 0 = the backbone's own (scratch: 320)
     # --- a ViT from scratch (init=scratch) ---
@@ -74,13 +78,19 @@ class DETRConfig:
     drop_path: float = 0.1         # backbone stochastic depth (ViTDet: 0.1 for ViT-B)
     # --- the backbone's form: the plain ViT as pretrained, or ViTDet's windowed ViT built from it (finetune/vitdet.py;
     # needs model.init=<export>): window attention except in global_blocks, decomposed relative positions ---
-    backbone: Literal["vit", "vitdet"] = "vit"
+    # hierarchical: a timm model with stages (Swin, MobileViT; model.init=DIR or timm:NAME), read at its last stage
+    # or, with neck=merge, at several (see the neck)
+    backbone: Literal["vit", "vitdet", "hierarchical"] = "vit"
     window_size: int = 14          # vitdet: tokens per window side (ViTDet: 14 at 1024 px, patch 16)
     global_blocks: tuple[int, ...] = ()   # vitdet: blocks with global attention; () = ViTDet's 4 evenly spaced
     rel_pos: bool = True           # vitdet: decomposed relative positions in every block (zero-initialised)
     # --- neck: the single map the DETR transformer reads ---
-    neck: Literal["simple_fpn", "project"] = "simple_fpn"   # ViTDet's pyramid level, or DETR's 1x1 projection
-    feature_stride: int = 0        # stride of that map, px: patch/4 .. 2*patch (simple_fpn); 0 = the patch size
+    # ViTDet's pyramid level, DETR's 1x1 projection, or (backbone=hierarchical) the last merge_levels stages merged
+    neck: Literal["simple_fpn", "project", "merge"] = "simple_fpn"
+    # stride of that map, px: patch/4 .. 2*patch (simple_fpn; a hierarchical backbone's last stage stride stands for
+    # the patch), one of the merged stages' strides (merge); 0 = the patch size (the last stage's stride)
+    feature_stride: int = 0
+    merge_levels: int = 3          # neck=merge: the last stages merged (Deformable DETR's C3-C5: 3)
     # --- DETR transformer and heads ---
     hidden_dim: int = 128
     nheads: int = 4
@@ -122,7 +132,8 @@ class DETRConfig:
     # each field's range, checked (with finiteness) by the job config before the dataclass is built
     LIMITS: ClassVar[dict[str, str]] = {
         "img_size": ">= 0", "patch_size": ">= 1", "embed_dim": ">= 1", "depth": ">= 1", "num_heads": ">= 1",
-        "mlp_ratio": "> 0", "drop_path": "[0, 1)", "window_size": ">= 1", "global_blocks": ">= 0", "feature_stride": ">= 0", "hidden_dim": ">= 2", "nheads": ">= 1",
+        "mlp_ratio": "> 0", "drop_path": "[0, 1)", "window_size": ">= 1", "global_blocks": ">= 0", "feature_stride": ">= 0",
+        "merge_levels": ">= 1", "hidden_dim": ">= 2", "nheads": ">= 1",
         "enc_layers": ">= 0", "dec_layers": ">= 1", "dim_feedforward": ">= 1", "dropout": "[0, 1)",
         "num_queries": ">= 1", "num_classes": ">= 1", "cost_class": ">= 0", "cost_bbox": ">= 0",
         "cost_giou": ">= 0", "eos_coef": ">= 0", "loss_ce": ">= 0", "loss_bbox": ">= 0", "loss_giou": ">= 0",
@@ -132,11 +143,26 @@ class DETRConfig:
 
     def __post_init__(self) -> None:
         errors = []
-        if self.init.strip() != "scratch":
+        init = self.init.strip()
+        if init.startswith("timm:"):
+            import timm
+
+            if self.backbone != "hierarchical":
+                errors.append(f"model.init={init}: a timm architecture by name needs model.backbone=hierarchical "
+                              "(a ViT backbone comes from a backbone folder or init=scratch)")
+            elif not timm.is_model(init[5:]):
+                errors.append(f"model.init={init}: {init[5:]!r} is not a timm architecture")
+        elif init != "scratch":
             try:
-                bb.find_backbone(self.init.strip())
+                bb.find_backbone(init)
             except ValueError as e:
                 errors.append(f"model.init={self.init}: {e}")
+        elif self.backbone == "hierarchical":
+            errors.append("model.backbone=hierarchical needs model.init=DIR (e.g. a SimMIM Swin export) or "
+                          "model.init=timm:NAME (e.g. timm:swin_tiny_patch4_window7_224, timm:mobilevit_s)")
+        if self.neck == "merge" and self.backbone != "hierarchical":
+            errors.append("model.neck=merge merges the stages of a hierarchical backbone: set "
+                          "model.backbone=hierarchical, or use neck=simple_fpn / project")
         if self.num_classes < 1:
             errors.append(f"model.num_classes={self.num_classes} must be >= 1")
         if self.nheads <= 0 or self.hidden_dim % self.nheads or self.hidden_dim % 2:
@@ -164,6 +190,8 @@ def build_backbone(cfg: DETRConfig, load: bool = True) -> tuple[nn.Module, dict[
     init = cfg.init.strip()
     if cfg.backbone == "vitdet":
         return build_vitdet(cfg, load)
+    if cfg.backbone == "hierarchical":
+        return build_hierarchical(cfg, load)
     if init == "scratch":
         meta = bb.scratch_vit_config(img_size=cfg.img_size or SCRATCH_IMG_SIZE, patch_size=cfg.patch_size,
                                      embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
@@ -183,6 +211,43 @@ def build_backbone(cfg: DETRConfig, load: bool = True) -> tuple[nn.Module, dict[
     meta = {k: v for k, v in source.items() if k in ("architecture", "embed_layer", "pos_embed",
                                                       "pretrained_cfg_overlay", "source")}
     meta["model_kwargs"] = bb.export_kwargs({**source.get("model_kwargs", {}), **overrides})
+    return model, meta
+
+
+def build_hierarchical(cfg: DETRConfig, load: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The hierarchical timm model `cfg.init` names (a backbone folder, weights loaded when `load`, relative position
+    tables resized to cfg.img_size's windows; or timm:NAME, random), no head, reading any image size (Swin:
+    `dynamic_img_size=True`, its masks built per padded batch; a CNN reads any size). Returns (model, backbone.json
+    of the built model)."""
+    init = cfg.init.strip()
+    overrides: dict[str, Any] = {"num_classes": 0, "dynamic_img_size": True}
+    if cfg.img_size:
+        overrides["img_size"] = cfg.img_size
+    if init.startswith("timm:"):
+        model, used = bb.create_timm(init[5:], drop_path_rate=cfg.drop_path, **overrides)
+        source: dict[str, Any] = {"architecture": init[5:]}
+        kwargs = used
+    else:
+        folder = bb.find_backbone(init)
+        source = bb.read_config(folder)
+        try:
+            model = bb.create_from_config(source, drop_path_rate=cfg.drop_path, **overrides)
+        except TypeError as e:
+            if "dynamic_img_size" not in str(e):
+                raise
+            overrides.pop("dynamic_img_size")   # a CNN (a finetune_cls MobileViT export) reads any size already
+            model = bb.create_from_config(source, drop_path_rate=cfg.drop_path, **overrides)
+        if load:
+            report = bb.load_weights(model, bb.read_weights(folder), source)
+            if report.resampled:
+                logger.info("backbone position tables resized %s -> %s", *report.resampled)
+        kwargs = {**source.get("model_kwargs", {}), **overrides}
+    if not getattr(model, "feature_info", None) or not hasattr(model, "forward_intermediates"):
+        raise ValueError(f"model.init={init}: {source['architecture']} has no stages to read (timm's feature_info "
+                         "and forward_intermediates); model.backbone=hierarchical takes a Swin, a MobileViT or "
+                         "another hierarchical timm model")
+    meta = {k: v for k, v in source.items() if k in ("architecture", "pretrained_cfg_overlay", "source")}
+    meta["model_kwargs"] = bb.export_kwargs(kwargs)
     return model, meta
 
 
@@ -236,7 +301,8 @@ def build_detr(cfg: DETRConfig, backbone: nn.Module) -> DETR:
     return DETR(backbone, cfg.num_classes, neck=cfg.neck, feature_stride=cfg.feature_stride,
                 hidden_dim=cfg.hidden_dim, nheads=cfg.nheads, enc_layers=cfg.enc_layers, dec_layers=cfg.dec_layers,
                 dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout, num_queries=cfg.num_queries,
-                pre_norm=cfg.pre_norm, aux_loss=cfg.aux_loss)
+                pre_norm=cfg.pre_norm, aux_loss=cfg.aux_loss, hierarchical=cfg.backbone == "hierarchical",
+                merge_levels=cfg.merge_levels)
 
 
 def detr_encoder_features(model: nn.Module, imgs: Tensor) -> Tensor:
@@ -328,9 +394,10 @@ class DETRTask(TaskHooks):
         self._flops: float | None = None
         total = sum(p.numel() for p in self.model.parameters())
         in_backbone = sum(p.numel() for p in self.model.backbone.parameters())
-        logger.info("DETR: %s backbone from %s (patch %d, %.2fM parameters), %s neck at stride %d, %d+%d x %d "
+        logger.info("DETR: %s backbone from %s (%s %d, %.2fM parameters), %s neck at stride %d, %d+%d x %d "
                     "transformer, %d queries, %d classes (%s); %.2fM parameters", self.backbone_meta["architecture"],
-                    cfg.init, self.model.patch_size, in_backbone / 1e6, cfg.neck, self.model.feature_stride,
+                    cfg.init, "last stage stride" if self.model.hierarchical else "patch", self.model.patch_size,
+                    in_backbone / 1e6, cfg.neck, self.model.feature_stride,
                     cfg.enc_layers, cfg.dec_layers, cfg.hidden_dim, cfg.num_queries, cfg.num_classes,
                     cfg.category_map, total / 1e6)
 

@@ -176,6 +176,7 @@ class Window:
     metrics: dict[str, float] = field(default_factory=dict)
     micro_batches: int = 0
     nonfinite_skipped: int = 0
+    images: int = 0  # images this rank trained on (multi-scale batches vary in size)
 
     def add_metrics(self, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
@@ -205,7 +206,8 @@ class Trainer:
                                 collate_fn=self.task.train_collate if train else self.task.eval_collate,
                                 allow_pipe=d.allow_pipe, prefetch_factor=d.prefetch_factor,
                                 pin_memory=None if d.pin_memory == "auto" else d.pin_memory,
-                                required=self.task.required_members)
+                                required=self.task.required_members,
+                                multiscale=d.multiscale if train else (), multiscale_base=d.multiscale_base)
         except DatasetInputError as e:  # an input to fix (malformed index.json, a missing local path): exit 2
             raise ConfigError(f"data.{'train' if train else 'val'}={url}: {e}") from None
         except OSError as e:
@@ -266,6 +268,11 @@ class Trainer:
             check_task(self.task)
         except TaskError as e:
             raise ConfigError(str(e)) from None
+        if cfg.data.multiscale:  # before the EMA copies the model: the task makes it read every training size
+            try:
+                self.task.on_multiscale(tuple(cfg.data.multiscale))
+            except ValueError as e:
+                raise ConfigError(f"data.multiscale={list(cfg.data.multiscale)}: {e}") from None
         # the EMA copies the model before DeepSpeed wraps (and under ZeRO-3 partitions) it
         self.ema = RuntimeEMA(self.task.model, cfg.optim.ema_decay, world.device) if cfg.optim.ema_decay > 0 else None
         distributed.seed_all(cfg.run.seed + world.rank)
@@ -419,6 +426,7 @@ class Trainer:
             wait0 = self.data.wait_s
             batch = next(self.data)
             window.wait_s += self.data.wait_s - wait0
+            window.images += len(batch["is_padding"]) if "is_padding" in batch else self.cfg.data.batch_size
             batch = to_device(batch, self.world.device, self.float_dtype)
             if self.fixed_batch is None:
                 self.fixed_batch = {k: v[:8].clone() if torch.is_tensor(v) else v[:8] if isinstance(v, list) else v
@@ -445,12 +453,13 @@ class Trainer:
         keys = sorted(window.metrics)
         n = max(1, window.micro_batches)
         step_time = window.step_time_s / max(1, window.steps)
+        images_per_step = window.images / max(1, window.steps)
         reduced = distributed.all_reduce_mean([window.metrics[k] / n for k in keys]
-                                              + [window.wait_s / max(window.step_time_s, 1e-9), step_time],
-                                              w.device)
+                                              + [window.wait_s / max(window.step_time_s, 1e-9), step_time,
+                                                 images_per_step], w.device)
         means = dict(zip(keys, reduced[:len(keys)]))
-        wait_frac, step_time = reduced[len(keys):]
-        per_rank = cfg.data.batch_size * cfg.engine.grad_accum / step_time
+        wait_frac, step_time, images_per_step = reduced[len(keys):]
+        per_rank = images_per_step / step_time
         values = {f"train/{k}": v for k, v in means.items()}
         if self.nonfinite_skipped:
             values["train/nonfinite_skipped"] = float(self.nonfinite_skipped)
