@@ -20,6 +20,9 @@ The names and what they hold are in :data:`REGISTRY`; ``NAME_val`` is always the
   200, boxes clipped, slivers dropped) of the two large YELL images for training; the two annotated 400x400 images
   of other sites, OSBS_029 (61 boxes) and SOAP_061 (37 boxes, "Alive" and "Dead" trees, both "tree" here), held
   out as their 200x200 quadrants (8 images in 8 shards, so 2 ranks x 2 workers can read them in epoch mode).
+* ``emoji`` / ``emoji_val``: 1-3 of 8 Noto colour emoji glyphs (Debian ``fonts-noto-color-emoji``), flipped, rotated
+  and scaled to 32-64 px, composited without overlap onto 128-px crops of the bundled photographs; each box is its
+  glyph's visible pixels, so boxes are exact. Validation: the held-out photographs, placements of its own.
 """
 from __future__ import annotations
 
