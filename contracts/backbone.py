@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -361,6 +361,22 @@ def vit_geometry_errors(img_size: int, patch_size: int, embed_dim: int, num_head
 OPTIONAL_KWARGS = ("img_size", "drop_path_rate", "drop_rate", "dynamic_img_size")
 
 
+def create_dropping_rejected(architecture: str, kwargs: Mapping[str, Any],
+                             droppable: Sequence[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """timm.create_model(architecture, pretrained=False, **kwargs), leaving out each key of `droppable` that the
+    constructor rejects (a CNN takes no image size or drop path). Returns (model, the kwargs it was built with)."""
+    kwargs = dict(kwargs)
+    while True:
+        try:
+            return timm.create_model(architecture, pretrained=False, **kwargs), kwargs
+        except TypeError as e:
+            rejected = [k for k in droppable if k in kwargs and f"'{k}'" in str(e)]
+            if not rejected:
+                raise
+            logger.info("%s takes no %s; built without it", architecture, rejected[0])
+            kwargs.pop(rejected[0])
+
+
 def create_from_config(meta: Mapping[str, Any], **overrides: Any) -> nn.Module:
     """The (randomly initialised) timm model `meta` describes, with `overrides` over its model_kwargs.
 
@@ -386,17 +402,11 @@ def create_from_config(meta: Mapping[str, Any], **overrides: Any) -> nn.Module:
         kwargs["embed_layer"] = partial(ConvStemEmbed, channels=tuple(embed["channels"]))
     if "pretrained_cfg_overlay" in meta:
         kwargs["pretrained_cfg_overlay"] = dict(meta["pretrained_cfg_overlay"])
-    while True:
-        try:
-            model = timm.create_model(meta["architecture"], pretrained=False, **kwargs)
-            break
-        except AssertionError as e:  # timm checks argument combinations with asserts (token pooling without a token)
-            raise ValueError(f"{meta['architecture']} with {kwargs}: {e}") from None
-        except TypeError as e:  # a CNN (ResNet, VT-ResNet) takes no image size or drop path: built without them
-            rejected = [k for k in OPTIONAL_KWARGS if k in overrides and k in kwargs and f"'{k}'" in str(e)]
-            if not rejected:
-                raise
-            kwargs.pop(rejected[0])
+    try:
+        model, _ = create_dropping_rejected(meta["architecture"], kwargs,
+                                            [k for k in OPTIONAL_KWARGS if k in overrides])
+    except AssertionError as e:  # timm checks argument combinations with asserts (token pooling without a token)
+        raise ValueError(f"{meta['architecture']} with {kwargs}: {e}") from None
     if meta.get("pos_embed") == "sincos":
         set_sincos_pos_embed(model)
     return model

@@ -13,19 +13,15 @@ pooling). DETR and IPT backbones use the same functions.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-import timm
 from torch import nn
 
 from contracts.backbone import (  # noqa: F401 - the contract's names, re-exported for finetune code
     CONFIG_NAME, GENERIC_VIT, LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME, NEW_MODULE_PREFIXES, OPTIONAL_KWARGS,
-    TRAINING_ONLY_KWARGS, WEIGHTS_NAME, ConvStemEmbed, LoadReport, create_from_config, export_kwargs, find_backbone, grid_size, is_beit,
-    load_resampled, load_weights, read_backbone, read_config, read_weights, resample_pos_embed,
-    resize_rel_pos_tables, set_sincos_pos_embed)
-
-logger = logging.getLogger(__name__)
+    TRAINING_ONLY_KWARGS, WEIGHTS_NAME, ConvStemEmbed, LoadReport, create_dropping_rejected, create_from_config,
+    export_kwargs, find_backbone, grid_size, is_beit, load_resampled, load_weights, read_backbone, read_config,
+    read_weights, resample_pos_embed, resize_rel_pos_tables, set_sincos_pos_embed)
 
 load_backbone = load_resampled  # (model, meta, LoadReport)
 
@@ -52,13 +48,4 @@ def create_timm(name: str, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
     """timm.create_model(name, pretrained=False, **kwargs), leaving out the OPTIONAL_KWARGS (`img_size`,
     `drop_path_rate`, `drop_rate`, `dynamic_img_size`) that an architecture's constructor does not take (CNNs, which
     read any image size anyway). Returns (model, the kwargs it was built with)."""
-    kwargs = dict(kwargs)
-    while True:
-        try:
-            return timm.create_model(name, pretrained=False, **kwargs), kwargs
-        except TypeError as e:
-            rejected = [k for k in OPTIONAL_KWARGS if k in kwargs and f"'{k}'" in str(e)]
-            if not rejected:
-                raise
-            logger.info("timm:%s takes no %s; built without it", name, rejected[0])
-            kwargs.pop(rejected[0])
+    return create_dropping_rejected(name, kwargs, OPTIONAL_KWARGS)

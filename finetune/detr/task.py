@@ -268,10 +268,9 @@ def build_vitdet(cfg: DETRConfig, load: bool = True) -> tuple[nn.Module, dict[st
                                        class_token=True, global_pool="token", num_classes=0)
         with torch.device("cpu"):
             plain = bb.create_from_config(source)
+        # random weights either way, so `load` changes nothing here
         model = vitdet_from_state(source, plain.state_dict(), img_size, cfg.window_size, blocks, cfg.rel_pos,
                                   drop_path_rate=cfg.drop_path, folder="the from-scratch ViT")
-        if not load:
-            model = vitdet_from_config(model.vitdet_kwargs)
     else:
         folder = bb.find_backbone(init)
         source = bb.read_config(folder)
