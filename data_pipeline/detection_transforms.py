@@ -128,6 +128,8 @@ class DetectionTrainTransform(_Normalised):
                  hflip: float = 0.5, crop_prob: float = 0.5, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
                  std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
         super().__init__(mean, std)
+        self.args = dict(scales=tuple(scales), max_size=max_size, crop_resize=tuple(crop_resize),
+                         crop_size=tuple(crop_size), hflip=hflip, crop_prob=crop_prob, mean=self.mean, std=self.std)
         multiscale = v2.RandomShortestSize(list(scales), max_size=max_size, antialias=True)
         steps: list[Any] = [v2.RandomHorizontalFlip(hflip)]
         if crop_prob > 0:
@@ -137,6 +139,12 @@ class DetectionTrainTransform(_Normalised):
         else:
             steps.append(multiscale)
         self.augment = v2.Compose(steps)
+
+    def at_size(self, size: int) -> "DetectionTrainTransform":
+        """The same augmentation with every image of a batch resized to one shorter side, `size` (data.multiscale:
+        batch sizes scaled to keep pixels per batch, as cvnets' variable-batch sampler does for detection, in place
+        of DETR's per-image choice among `scales`)."""
+        return DetectionTrainTransform(**{**self.args, "scales": (size,)})
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         image, target = read_target(sample)

@@ -780,7 +780,7 @@ def multiscale_of(map_fn: Callable[[dict], dict], batch_size: int, sizes: Sequen
         raise ValueError("multi-scale batches are for training streams; an evaluation stream keeps one size")
     if not callable(getattr(map_fn, "at_size", None)):
         raise ValueError(f"data.multiscale={list(sizes)}: this job's train transform ({type(map_fn).__name__}) "
-                         "cannot take an image size per batch (it has no at_size method); finetune_cls's does. "
+                         "cannot take an image size per batch (it has no at_size method). "
                          "Fix: data.multiscale=[] for this job")
     base = base or getattr(map_fn, "img_size", 0)
     if not base:

@@ -116,6 +116,11 @@ class MAETrainTransform(_SampleTransform):
         self._flip = T.RandomHorizontalFlip()
         self._normalize = _Normalize(mean, std)
 
+    def at_size(self, size: int) -> "MAETrainTransform":
+        """The same crop at `size` px (data.multiscale: a multi-scale stream maps a batch at `size` with it)."""
+        return MAETrainTransform(size, scale=self.scale, mean=self.mean, std=self.std, normalize=self.normalize,
+                                 interpolation=self.interpolation)
+
     def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
         crop = self._flip(self._crop(_rgb(sample["image"])))
         if not self.normalize:
@@ -259,6 +264,12 @@ class ThreeAugmentTransform(_SampleTransform):
         self._normalize = _Normalize(mean, std)
         self._erase = T.RandomErasing(p=re_prob, value="random") if re_prob > 0 else None
 
+    def at_size(self, size: int) -> "ThreeAugmentTransform":
+        """The same augmentation at `size` px (data.multiscale)."""
+        return ThreeAugmentTransform(size, scale=self.scale, color_jitter=self.color_jitter, hflip=self.hflip,
+                                     simple_random_crop=self.simple_random_crop, re_prob=self.re_prob,
+                                     mean=self.mean, std=self.std)
+
     def _one_of_three(self, image: Image.Image) -> Image.Image:
         choice = random.randrange(3)
         if choice == 0:
@@ -290,6 +301,14 @@ class RepeatedViews(_SampleTransform):
             raise ValueError(f"repeats={repeats} must be >= 1")
         self.transform = transform
         self.repeats = repeats
+
+    @property
+    def img_size(self) -> int | None:
+        return getattr(self.transform, "img_size", None)
+
+    def at_size(self, size: int) -> "RepeatedViews":
+        """The repeated views at `size` px (data.multiscale); only for a view transform that takes a size."""
+        return RepeatedViews(self.transform.at_size(size), self.repeats)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
         views = [self.transform(sample) for _ in range(self.repeats)]

@@ -52,6 +52,7 @@ from contracts.backbone import vit_geometry_errors
 from contracts.task import TaskHooks
 from pretrain.export import encoder_to_timm, timm_architecture, vit_config
 from pretrain.masking import MASK_TOKEN, RANDOM_PATCH, VISIBLE, BlockMaskingGenerator, PatchCorruption
+from pretrain.pos_embed import beit_positions_at, beit_read_any_size
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,8 @@ class BEiTTrainTransform:
     def __init__(self, cfg: BEiTConfig, tokenizer_size: int, mean: tuple, std: tuple) -> None:
         from data_pipeline.transforms import BEiTTwoViewTransform
 
+        self.cfg, self.tokenizer_size, self.norm = cfg, tokenizer_size, (tuple(mean), tuple(std))
+        self.img_size = cfg.img_size
         self.target = cfg.target
         self.patch_size = cfg.patch_size
         # the tokenizer view is only decoded for the dvae target; mean_color reads the patch view
@@ -182,6 +185,15 @@ class BEiTTrainTransform:
 
     def __repr__(self) -> str:
         return f"BEiTTrainTransform({self.views!r}, {self.mask!r}, target={self.target})"
+
+    def at_size(self, size: int) -> "BEiTTrainTransform":
+        """The same views and masking at `size` px (data.multiscale): the tokenizer view keeps its pixels per patch,
+        an explicit model.num_masked scales with the patch count. ValueError for a size the geometry refuses."""
+        cfg = self.cfg
+        grid = size // cfg.patch_size
+        num_masked = round(cfg.num_masked * grid ** 2 / cfg.grid ** 2) if cfg.num_masked else 0
+        at = replace(cfg, img_size=size, num_masked=num_masked)  # checks the geometry again
+        return BEiTTrainTransform(at, grid * (self.tokenizer_size // cfg.grid), *self.norm)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Tensor]:
         views = self.views(sample)
@@ -246,8 +258,9 @@ class BEiTForMaskedImageModeling(Beit):
     def reset_to_unilm_init(self) -> None:
         unilm_init(self)
 
-    def embed(self, images: Tensor, mask: Tensor) -> Tensor:
-        """images [N, 3, H, W], mask [N, L] codes (pretrain.masking) -> tokens [N, 1 + L, D] before the blocks.
+    def embed(self, images: Tensor, mask: Tensor, pos_embed: Tensor | None = None) -> Tensor:
+        """images [N, 3, H, W], mask [N, L] codes (pretrain.masking) -> tokens [N, 1 + L, D] before the blocks;
+        `pos_embed` [1, 1 + L, D]: the absolute positions at this grid (default: the stored table).
 
         MASK_TOKEN positions get the mask token; RANDOM_PATCH positions the embedding of a random patch of a random
         image of the batch (BERT's random word); VISIBLE and UNCHANGED keep their own.
@@ -262,14 +275,16 @@ class BEiTForMaskedImageModeling(Beit):
         w = (mask == MASK_TOKEN).unsqueeze(-1).to(x.dtype)
         x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = torch.cat((self.cls_token.expand(n, -1, -1), x), dim=1)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
+        pos_embed = self.pos_embed if pos_embed is None else pos_embed
+        if pos_embed is not None:
+            x = x + pos_embed
         return self.pos_drop(x)
 
     def forward_masked(self, images: Tensor, mask: Tensor) -> Tensor:
-        """images [N, 3, H, W], mask [N, L] -> final-norm tokens [N, 1 + L, D]."""
-        x = self.embed(images, mask)
-        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        """images [N, 3, H, W], mask [N, L] -> final-norm tokens [N, 1 + L, D]. Another square size than
+        model.img_size (multi-scale batches) gets its position tables from `beit_positions_at`."""
+        pos_embed, rel_pos_bias = beit_positions_at(self, images.shape[-1] // self.patch_embed.patch_size[0])
+        x = self.embed(images, mask, pos_embed)
         for blk in self.blocks:
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias, use_reentrant=False)
@@ -427,6 +442,19 @@ class BEiTTask(TaskHooks):
         tokenizer.eval().requires_grad_(False)
         return tokenizer
 
+    def on_multiscale(self, sizes: tuple[int, ...]) -> None:
+        """Multi-scale batches (data.multiscale): every size must give a geometry the masking takes (checked by
+        building its transform); the model then reads any grid (`beit_read_any_size`: absolute positions resampled,
+        the shared relative table resized per grid). Evaluation, the pictures and the export stay at
+        model.img_size."""
+        for size in sizes:
+            try:
+                self.train_transform.at_size(size)
+            except ValueError as e:
+                raise ValueError(f"{size} px: {e}") from None
+        beit_read_any_size(self.model)
+        logger.info("multi-scale batches at %s px: positions resampled per grid", list(sizes))
+
     # --- training ------------------------------------------------------------------------------------------------
 
     def param_groups(self) -> list[dict]:
@@ -453,9 +481,10 @@ class BEiTTask(TaskHooks):
         # and bf16 logits would flip near-ties)
         with torch.autocast(device_type=pixels.device.type, enabled=False):
             codes = self.tokenizer.get_codebook_indices(pixels)  # [N, g, g]
-        if codes.shape[-2:] != (self.cfg.grid, self.cfg.grid):
+        grid = round(batch["mask"].shape[1] ** 0.5)  # this batch's patch grid (data.multiscale: per batch)
+        if codes.shape[-2:] != (grid, grid):
             raise ValueError(f"the tokenizer gives a {tuple(codes.shape[-2:])} grid for {pixels.shape[-1]} px; "
-                             f"the ViT has {self.cfg.grid}x{self.cfg.grid} patches")
+                             f"the ViT has {grid}x{grid} patches")
         return codes.flatten(1).long()
 
     @property
@@ -522,7 +551,8 @@ class BEiTTask(TaskHooks):
         mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
         original = (images * std + mean).clamp(0, 1)
-        g, p = self.cfg.grid, self.cfg.patch_size
+        p = self.cfg.patch_size
+        g = original.shape[-1] // p  # the batch's grid (a training batch may be at a multi-scale size)
         shown = (mask != VISIBLE).float().view(-1, 1, g, g)
         shown = F.interpolate(shown, scale_factor=p, mode="nearest")
         masked = original * (1 - shown) + 0.5 * shown
@@ -542,7 +572,8 @@ class BEiTTask(TaskHooks):
         levels = 2 ** COLOR_BITS
         rgb = torch.stack([classes // (levels * levels), (classes // levels) % levels, classes % levels], dim=1)
         rgb = (rgb.float() + 0.5) / levels  # bin centres, [N, 3, L]
-        g, p = self.cfg.grid, self.cfg.patch_size
+        p = self.cfg.patch_size
+        g = original.shape[-1] // p
         painted = F.interpolate(rgb.view(-1, 3, g, g), scale_factor=p, mode="nearest")
         return original * (1 - shown) + painted * shown
 

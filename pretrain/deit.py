@@ -350,6 +350,19 @@ class DeiTTask(TaskHooks):
         """Check the train set against the heads: classification shards with num_classes classes."""
         self.class_names = check_classes(metadata, self.cfg.num_classes, "pretrain_deit") or self.class_names
 
+    def on_multiscale(self, sizes: tuple[int, ...]) -> None:
+        """Multi-scale batches (data.multiscale): the student is rebuilt with timm's dynamic_img_size (its position
+        table resampled to each batch's grid) and given the same weights; the teacher reads each batch as
+        `teacher_input` makes it (resized when it needs one size). Evaluation stays at model.img_size."""
+        p = self.cfg.patch_size
+        if any(s % p for s in sizes):
+            raise ValueError(f"sizes {[s for s in sizes if s % p]} are not multiples of model.patch_size={p}")
+        built = build_student(self.cfg, dynamic_img_size=True)
+        built.load_state_dict(self.model.state_dict())
+        self.model = built.train(self.model.training)
+        logger.info("multi-scale batches at %s px: the student reads any size (position table resampled)",
+                    list(sizes))
+
     def param_groups(self) -> list[dict]:
         """timm's weight-decay groups (no decay for 1-D tensors, biases, position table, class and dist tokens),
         as DeiT's `create_optimizer`; lr_scale = repeats, so the lr follows images, not samples (DeiT's rule)."""

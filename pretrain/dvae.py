@@ -501,6 +501,13 @@ class DVAETask(TaskHooks):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.step = int(state.get("step", 0))
 
+    def on_multiscale(self, sizes: tuple[int, ...]) -> None:
+        """Multi-scale batches (data.multiscale): the convolutional tokenizer reads any size that is a multiple of
+        its downsampling; nothing to rebuild."""
+        bad = [s for s in sizes if s % self.cfg.downsample]
+        if bad:
+            raise ValueError(f"sizes {bad} are not multiples of the tokenizer's downsampling {self.cfg.downsample}")
+
     def param_groups(self) -> list[dict]:
         """Conv weights decayed (DALL-E's AdamW, weight decay 1e-4 in its recipe), biases not."""
         decay, no_decay = [], []

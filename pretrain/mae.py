@@ -211,6 +211,23 @@ class MaskedAutoencoderViT(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def read_any_size(self) -> None:
+        """Let the model take any square input whose side is a multiple of the patch (data.multiscale): the patch
+        embedding stops asserting model.img_size, and `positions` gives each other grid its own sin-cos table."""
+        self.patch_embed.strict_img_size = False
+
+    def positions(self, table: Tensor, num_patches: int) -> Tensor:
+        """The fixed position table for a square grid of `num_patches`: table [1, 1 + L0, D] -> [1, 1 + L, D].
+
+        The stored table at model.img_size; at another size (multi-scale batches) MAE's sin-cos formula at that
+        grid, exact rather than interpolated, since the table is a fixed function of the grid."""
+        if num_patches + 1 == table.shape[1]:
+            return table
+        grid = round(num_patches ** 0.5)
+        if grid * grid != num_patches:
+            raise ValueError(f"MAE takes square images: {num_patches} patches are not a square grid")
+        return sincos_2d(table.shape[-1], grid, cls_token=True).unsqueeze(0).to(table)
+
     def _run_blocks(self, blocks: nn.ModuleList, x: Tensor) -> Tensor:
         """x: [N, T, D] -> [N, T, D] through `blocks`, recomputed in backward when checkpointing."""
         use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
@@ -236,9 +253,10 @@ class MaskedAutoencoderViT(nn.Module):
         """imgs: [N, 3, H, W] -> latent [N, 1 + len_keep, D] (class token first), mask [N, L], ids_restore [N, L]."""
         # a bf16 engine holds bf16 weights while the loader hands float32 images
         x = self.patch_embed(imgs.to(self.patch_embed.proj.weight.dtype))  # [N, L, D]
-        x = x + self.pos_embed[:, 1:, :]
+        pos_embed = self.positions(self.pos_embed, x.shape[1])  # [1, 1 + L, D]
+        x = x + pos_embed[:, 1:, :]
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # [N, len_keep, D]
-        cls_token = self.cls_token + self.pos_embed[:, :1, :]
+        cls_token = self.cls_token + pos_embed[:, :1, :]
         x = torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self._run_blocks(self.blocks, x)
         return self.norm(x), mask, ids_restore
@@ -250,7 +268,7 @@ class MaskedAutoencoderViT(nn.Module):
         mask_tokens = self.mask_token.expand(n, ids_restore.shape[1] + 1 - num_visible, -1)
         x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # [N, L, Dd], shuffled order, class token set aside
         x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, dim))  # back to patch order
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.positions(self.decoder_pos_embed, ids_restore.shape[1])
         x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:, :]  # drop the class token's prediction
@@ -294,6 +312,18 @@ class MAETask(TaskHooks):
                     *(n / 1e6 for n in self._param_counts()), self.model.num_patches,
                     num_visible(self.model.num_patches, cfg.mask_ratio))
 
+    def on_multiscale(self, sizes: tuple[int, ...]) -> None:
+        """Multi-scale batches (data.multiscale): every size whole patches with a patch left visible; the model
+        then reads them all (`read_any_size`: MAE's sin-cos positions at each grid). Evaluation, the pictures and
+        the export stay at model.img_size."""
+        p = self.cfg.patch_size
+        bad = [s for s in sizes if s % p or num_visible((s // p) ** 2, self.cfg.mask_ratio) < 1]
+        if bad:
+            raise ValueError(f"sizes {bad} are not multiples of model.patch_size={p} (or leave no patch visible at "
+                             f"model.mask_ratio={self.cfg.mask_ratio}); give multiples of {p}")
+        self.model.read_any_size()
+        logger.info("multi-scale batches at %s px: MAE's sin-cos positions at each grid", list(sizes))
+
     def _param_counts(self) -> tuple[int, int]:
         """(encoder, decoder) parameter counts; the decoder is everything `export` drops."""
         enc = dec = 0
@@ -329,9 +359,12 @@ class MAETask(TaskHooks):
         loss, _, _ = model(self.pixels(batch["image"]))
         return loss, {"loss": loss.detach().item()}
 
-    def _eval_noise(self, generator: torch.Generator, n: int, device: torch.device) -> Tensor:
-        """Fixed-seed masking noise: [n, L] drawn on the CPU (identical on every device), then moved."""
-        return torch.rand(n, self.model.num_patches, generator=generator).to(device)
+    def _eval_noise(self, generator: torch.Generator, imgs: Tensor) -> Tensor:
+        """Seeded per-patch noise [N, L] for `imgs` [N, 3, H, W], drawn on the CPU (identical on every device): the
+        same patches masked at every evaluation. L comes from the images: a training batch shown by images() may be
+        at a multi-scale size."""
+        patches = (imgs.shape[-2] // self.cfg.patch_size) * (imgs.shape[-1] // self.cfg.patch_size)
+        return torch.rand(imgs.shape[0], patches, generator=generator).to(imgs.device)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any) -> dict[str, float]:
@@ -346,7 +379,7 @@ class MAETask(TaskHooks):
         total = count = None
         for batch in loader:
             imgs = self.pixels(batch["image"])
-            _, pred, mask = model(imgs, noise=self._eval_noise(generator, imgs.shape[0], imgs.device))
+            _, pred, mask = model(imgs, noise=self._eval_noise(generator, imgs))
             loss = per_patch_loss(imgs, pred, self.cfg.patch_size, self.cfg.norm_pix_loss)  # [N, L]
             per_sample = (loss * mask).sum(dim=1) / mask.sum(dim=1)  # [N]
             keep = torch.ones_like(per_sample)
@@ -375,7 +408,7 @@ class MAETask(TaskHooks):
         imgs = self.pixels(batch["image"][:NUM_VIS_IMAGES])
         was_training = model.training
         model.eval()
-        noise = self._eval_noise(torch.Generator().manual_seed(EVAL_NOISE_SEED), imgs.shape[0], imgs.device)
+        noise = self._eval_noise(torch.Generator().manual_seed(EVAL_NOISE_SEED), imgs)
         _, pred, mask = model(imgs, noise=noise)
         model.train(was_training)
 

@@ -62,6 +62,7 @@ from data_pipeline.transforms import normalize_on_device
 from pretrain.beit import export_beit_encoder, unilm_init
 from pretrain.export import encoder_to_timm
 from pretrain.masking import SimMIMMaskGenerator
+from pretrain.pos_embed import beit_positions_at, beit_read_any_size
 
 logger = logging.getLogger(__name__)
 
@@ -221,11 +222,17 @@ class SimMIMTrainTransform:
 
         # SimMIM's T.RandomResizedCrop(img, scale=(0.67, 1), ratio=(3/4, 4/3)) resizes bilinearly (torchvision's
         # default); uint8 crops are normalised on the device (`SimMIMTask.pixels`)
+        self.cfg, self.img_size = cfg, cfg.img_size
         self.crop = MAETrainTransform(cfg.img_size, scale=cfg.crop_scale, normalize=False, interpolation="bilinear")
         self.mask = make_mask_generator(cfg)
 
     def __repr__(self) -> str:
         return f"SimMIMTrainTransform({self.crop!r}, {self.mask!r})"
+
+    def at_size(self, size: int) -> "SimMIMTrainTransform":
+        """The same crop and masking at `size` px (data.multiscale); ValueError for a size the geometry refuses
+        (the mask squares, the decoder's stride and the windows must fit it)."""
+        return SimMIMTrainTransform(replace(self.cfg, img_size=size))
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Tensor]:
         return {**self.crop(sample), "mask": self.mask().flatten()}
@@ -284,18 +291,20 @@ class _SimMIMForward:
         [N, 3, H, W] of every pixel)."""
         images = images.to(self.decoder[0].weight.dtype)  # a bf16 engine holds bf16 weights; float32 images arrive
         reconstruction = self.decoder(self.feature_map(images, mask))
-        cfg = self.cfg
-        loss = masked_l1(images, reconstruction, pixel_mask(mask, (cfg.grid, cfg.grid), cfg.patch_size))
+        grid = images.shape[-1] // self.cfg.patch_size  # this batch's (data.multiscale: per batch)
+        loss = masked_l1(images, reconstruction, pixel_mask(mask, (grid, grid), self.cfg.patch_size))
         return loss, reconstruction
 
 
 class SwinForSimMIM(_SimMIMForward, SwinTransformer):
     """timm's `SwinTransformer` (no head) + SimMIM's `mask_token` and `decoder`; every other key is timm's."""
 
-    def __init__(self, cfg: SimMIMConfig) -> None:
+    def __init__(self, cfg: SimMIMConfig, dynamic_img_size: bool = False) -> None:
+        # dynamic_img_size (multi-scale batches): timm computes the shifted-window masks per input size
         super().__init__(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                          depths=cfg.depths, num_heads=cfg.num_heads, window_size=cfg.window_size,
-                         mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path, num_classes=0)
+                         mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path, num_classes=0,
+                         dynamic_img_size=dynamic_img_size)
         self.cfg = cfg
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         trunc_normal_(self.mask_token, std=MASK_TOKEN_STD)
@@ -346,10 +355,11 @@ class ViTForSimMIM(_SimMIMForward, Beit):
         w = mask.unsqueeze(-1).to(x.dtype)
         x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)  # [N, 1 + L, D]
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
+        # the stored tables at model.img_size; resampled at another size (multi-scale batches)
+        pos_embed, rel_pos_bias = beit_positions_at(self, images.shape[-1] // self.cfg.patch_size)
+        if pos_embed is not None:
+            x = x + pos_embed
         x = self.pos_drop(x)
-        rel_pos_bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         use_checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if use_checkpoint:
@@ -360,7 +370,8 @@ class ViTForSimMIM(_SimMIMForward, Beit):
 
     def feature_map(self, images: Tensor, mask: Tensor) -> Tensor:
         """images [N, 3, H, W], mask [N, L] -> [N, D, H/p, W/p] (the patch tokens; the class token dropped)."""
-        return rearrange(self.encode(images, mask)[:, 1:], "n (h w) d -> n d h w", h=self.cfg.grid)
+        grid = images.shape[-2] // self.cfg.patch_size
+        return rearrange(self.encode(images, mask)[:, 1:], "n (h w) d -> n d h w", h=grid)
 
     def no_decay_names(self) -> set[str]:
         return {"pos_embed", "cls_token"}   # SimMIM's ViT `no_weight_decay` (its relative tables are decayed)
@@ -417,6 +428,24 @@ class SimMIMTask(TaskHooks):
         logger.info("SimMIM: %s, %.2fM encoder + %.2fM decoder parameters, %dx%d tokens, stride %d, %r", cfg.backbone,
                     encoder / 1e6, decoder / 1e6, cfg.grid, cfg.grid, cfg.encoder_stride, self.train_transform.mask)
 
+    def on_multiscale(self, sizes: tuple[int, ...]) -> None:
+        """Multi-scale batches (data.multiscale): every size must fit the geometry (checked by building its
+        transform); a Swin is rebuilt with timm's dynamic_img_size (window masks per size) and given the same
+        weights, the ViT reads any grid (`beit_read_any_size`). Evaluation, the pictures and the export stay at
+        model.img_size."""
+        for size in sizes:
+            try:
+                self.train_transform.at_size(size)
+            except ValueError as e:
+                raise ValueError(f"{size} px: {e}") from None
+        if self.cfg.backbone == "swin":
+            built = SwinForSimMIM(self.cfg, dynamic_img_size=True)
+            built.load_state_dict(self.model.state_dict())
+            self.model = built.train(self.model.training)
+        else:
+            beit_read_any_size(self.model)
+        logger.info("multi-scale batches at %s px: the %s reads every size", list(sizes), self.cfg.backbone)
+
     # --- training ------------------------------------------------------------------------------------------------
 
     def param_groups(self) -> list[dict]:
@@ -472,8 +501,8 @@ class SimMIMTask(TaskHooks):
         model.eval()
         _, reconstruction = model(images, mask)
         model.train(was_training)
-        cfg = self.cfg
-        masked = pixel_mask(mask, (cfg.grid, cfg.grid), cfg.patch_size)
+        grid = images.shape[-1] // self.cfg.patch_size  # a training batch may be at a multi-scale size
+        masked = pixel_mask(mask, (grid, grid), self.cfg.patch_size)
         mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
         original = images.float() * std + mean

@@ -273,6 +273,12 @@ class IPTTask(TaskHooks):
                     self.arch.enc_layers, self.arch.dec_layers, sum(p.numel() for p in self.model.parameters()) / 1e6,
                     sum(p.numel() for p in self.model.body.parameters()) / 1e6, source)
 
+    def on_multiscale(self, sizes: tuple[int, ...]) -> None:
+        """IPT trains its body on crops of one size (the paper's 48-px LR patches; evaluation tiles larger images into
+        them), so multi-scale batches do not apply: refused as a configuration error."""
+        raise ValueError(f"finetune_ipt trains on {self.arch.img_size}-px LR crops of one size (IPT's body and its "
+                         "tiled evaluation are built on it); multi-scale batches do not apply. Fix: data.multiscale=[]")
+
     def param_groups(self) -> list[dict]:
         """Decay on >= 2-D weights except the position and task tables; none on biases and norms."""
         skip = self.model.no_weight_decay()
