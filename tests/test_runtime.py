@@ -13,7 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from contracts.backbone import read_config
 from launch.pretrain_mae import main
-from launch.runtime import checkpoint, distributed, engine as engine_lib
+from pretrain.mae import MAEConfig
+from launch.runtime import checkpoint, config, distributed, engine as engine_lib
 
 # A MAE small enough for a CPU test: 32 px, 16 patches, 2 x 32 encoder, 1 x 32 decoder.
 TINY_MODEL = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
@@ -47,6 +48,24 @@ def test_lr_warmup_then_cosine_to_min_lr():
     lrs = [engine_lib.lr_at(s, **kw) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     assert engine_lib.lr_at(5, peak=1.0, total=10, warmup=0, min_lr=0.0) == pytest.approx(0.5)
+
+
+def test_multistep_schedule_from_epoch_milestones():
+    """optim.schedule=multistep (SimMIM's ViT-B recipe): warmup, then the peak times gamma at each milestone, the
+    milestones given in epochs and converted with the stream's epoch length; refused without milestones."""
+    kw = dict(peak=1.0, total=100, warmup=10, min_lr=0.0, milestones=(70, 90), gamma=0.1)
+    assert [engine_lib.lr_at(s, **kw) for s in (5, 10, 69, 70, 89, 90, 99)] == pytest.approx(
+        [0.5, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+    cfg, _ = config.parse_args("pretrain_mae", MAEConfig, ["data.train=s3://b/x", "optim.epochs=8", "optim.max_steps=0",
+                                                           "optim.schedule=multistep", "optim.milestones=[7]"])
+    derived = config.resolve(cfg, job="pretrain_mae", preset="tiny", run_dir="", world_size=1, batches_per_epoch=10,
+                             num_samples=None, device="cpu", precision="fp32")
+    assert derived.total_steps == 80 and derived.milestone_steps == (70,)
+    for bad in (["optim.schedule=multistep"], ["optim.milestones=[7]"],
+                ["optim.schedule=multistep", "optim.milestones=[7,3]"]):
+        with pytest.raises(config.ConfigError, match="milestones"):
+            config.parse_args("pretrain_mae", MAEConfig,
+                              ["data.train=s3://b/x", "optim.max_steps=0", "optim.epochs=8", *bad])
 
 
 def test_set_lr_honours_lr_scale():

@@ -83,6 +83,11 @@ class OptimConfig:
     base_lr: float = 1.5e-4             # per 256 images: lr = base_lr * global batch / 256 (MAE's blr)
     lr: float = 0.0                     # absolute peak lr; 0 = derive it from base_lr
     min_lr: float = 0.0                 # absolute lr at the end of the cosine
+    # after the warmup: "cosine" (half cycle from the peak to min_lr) or "multistep" (the peak times `gamma` at each
+    # of `milestones`, in epochs: SimMIM's ViT-B recipe divides the lr by 10 at epoch 700 of 800)
+    schedule: Literal["cosine", "multistep"] = "cosine"
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
     weight_decay: float = 0.05          # on the groups the task decays (a task group with weight_decay 0 stays 0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -104,7 +109,7 @@ class OptimConfig:
     LIMITS: ClassVar[dict[str, str]] = {
         "base_lr": ">= 0", "lr": ">= 0", "min_lr": ">= 0", "weight_decay": ">= 0", "betas": "[0, 1)", "eps": "> 0",
         "max_steps": ">= 0", "epochs": ">= 0", "warmup_steps": ">= 0", "warmup_epochs": ">= 0", "momentum": "[0, 1)",
-        "ema_decay": "[0, 1)"}
+        "ema_decay": "[0, 1)", "milestones": ">= 0", "gamma": "(0, 1]"}
 
 
 @dataclass(kw_only=True)
@@ -169,6 +174,7 @@ class Derived:
     batches_per_epoch: int | None    # micro-batches per rank per epoch; None when the stream has no epochs
     precision: str           # engine.precision with "auto" resolved
     device: str
+    milestone_steps: tuple[int, ...] = ()   # optim.milestones converted to optimizer steps (schedule=multistep)
 
 
 @dataclass(kw_only=True)
@@ -549,6 +555,14 @@ def check(cfg: JobConfig) -> None:
         if missing:
             where = "" if missing == url else f": {missing}"
             errors.append(f"data.{key}={url}{where} does not exist")
+    o = cfg.optim
+    if o.schedule == "multistep" and list(o.milestones) != sorted(set(o.milestones)):
+        errors.append(f"optim.milestones={list(o.milestones)} must be distinct epochs in increasing order")
+    if o.schedule == "multistep" and not o.milestones:
+        errors.append("optim.schedule=multistep needs optim.milestones=[EPOCH, ...] (the epochs where the lr is "
+                      "multiplied by optim.gamma)")
+    if o.schedule == "cosine" and o.milestones:
+        errors.append(f"optim.milestones={list(o.milestones)} go with optim.schedule=multistep (the cosine has none)")
     if cfg.optim.optimizer == "lars" and cfg.engine.zero_stage != 0:
         errors.append(f"optim.optimizer=lars needs engine.zero_stage=0 (LARS scales each tensor by its own norm; ZeRO "
                       f"{cfg.engine.zero_stage} flattens and partitions the parameter groups)")
@@ -739,9 +753,9 @@ def resolve(cfg: JobConfig, *, job: str, preset: str, run_dir: str, world_size: 
     micro_per_epoch = batches_per_epoch
     if micro_per_epoch is None and num_samples:
         micro_per_epoch = max(1, num_samples // (cfg.data.batch_size * world_size))
-    if (o.max_steps == 0 or (o.warmup_steps == 0 and o.warmup_epochs > 0)) and not micro_per_epoch:
-        raise ConfigError("optim.epochs/optim.warmup_epochs need the stream's epoch length, which it does not "
-                          "know; set optim.max_steps and optim.warmup_steps")
+    if (o.max_steps == 0 or (o.warmup_steps == 0 and o.warmup_epochs > 0) or o.milestones) and not micro_per_epoch:
+        raise ConfigError("optim.epochs/optim.warmup_epochs/optim.milestones need the stream's epoch length, which it "
+                          "does not know; set optim.max_steps and optim.warmup_steps (and no milestones)")
     steps_per_epoch = micro_per_epoch / e.grad_accum if micro_per_epoch else 0.0
     total = o.max_steps if o.max_steps > 0 else math.ceil(o.epochs * steps_per_epoch)
     warmup = o.warmup_steps if o.warmup_steps > 0 else round(o.warmup_epochs * steps_per_epoch)
@@ -753,7 +767,8 @@ def resolve(cfg: JobConfig, *, job: str, preset: str, run_dir: str, world_size: 
         warmup = total
     cfg.derived = Derived(job=job, preset=preset, run_dir=run_dir, world_size=world_size, global_batch=global_batch,
                           lr=lr, total_steps=total, warmup_steps=warmup, batches_per_epoch=batches_per_epoch,
-                          precision=precision, device=device)
+                          precision=precision, device=device,
+                          milestone_steps=tuple(round(m * steps_per_epoch) for m in o.milestones))
     return cfg.derived
 
 

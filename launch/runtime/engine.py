@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,10 +20,14 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-def lr_at(step: int, *, peak: float, total: int, warmup: int, min_lr: float) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear 0 -> peak over `warmup`, then cosine to min_lr."""
+def lr_at(step: int, *, peak: float, total: int, warmup: int, min_lr: float, milestones: Sequence[int] = (),
+          gamma: float = 0.1) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear 0 -> peak over `warmup`, then cosine to min_lr, or,
+    given `milestones` (steps), the peak times gamma ** (milestones passed): SimMIM's multistep schedule."""
     if step < warmup:
         return peak * step / warmup
+    if milestones:
+        return peak * gamma ** sum(step >= m for m in milestones)
     if total <= warmup:
         return peak
     progress = min(1.0, (step - warmup) / (total - warmup))

@@ -406,7 +406,7 @@ class Trainer:
     def lr_for(self, step: int) -> float:
         d = self.derived
         return engine_lib.lr_at(step, peak=d.lr, total=d.total_steps, warmup=d.warmup_steps,
-                                min_lr=self.cfg.optim.min_lr)
+                                min_lr=self.cfg.optim.min_lr, milestones=d.milestone_steps, gamma=self.cfg.optim.gamma)
 
     def train_step(self, window: Window, want_grad_norm: bool) -> tuple[float | None, bool]:
         """One optimizer step over grad_accum micro-batches -> (the local grad norm when DeepSpeed computes none,
