@@ -642,7 +642,7 @@ REGISTRY: dict[str, EmbeddedDataset] = {
         partial(_emoji_captions_source, "train"), shards=32),
     "emoji_captions_val": EmbeddedDataset(
         "image-text: one image of each of ~130 held-out glyphs (never in emoji_captions), cls = caption's class",
-        partial(_emoji_captions_source, "val"), shards=16, prefix="val"),
+        partial(_emoji_captions_source, "val"), shards=17, prefix="val"),  # 135 samples: 17 shards of 8
 }
 
 

@@ -184,13 +184,26 @@ def _short(url: str, folder: str) -> str:
     return url[len(folder):] if folder and url.startswith(folder) else url
 
 
+LIST_ITEMS_SHOWN = 12  # the text report shows this many items of a long metadata list (--json shows them all)
+
+
+def _abridged(value: Any) -> Any:
+    """Metadata with long lists (1,145 code points, thousands of skipped paths) cut to their first items and a
+    count of the rest, so the text report stays readable."""
+    if isinstance(value, dict):
+        return {k: _abridged(v) for k, v in value.items()}
+    if isinstance(value, list) and len(value) > LIST_ITEMS_SHOWN:
+        return [_abridged(v) for v in value[:LIST_ITEMS_SHOWN]] + [f"... {len(value) - LIST_ITEMS_SHOWN} more"]
+    return value
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable form of `inspect_dataset`'s report."""
     base = _shard_folder([shard["url"] for shard in report["shard_list"]])
     source = "samples counted by reading the shards (no index.json)" if report["counted"] else "from index.json"
     lines = [f"dataset   {report['url']}  ({source})",
              f"shards    {report['shards']}    samples {report['samples']}    bytes {_format_bytes(report['bytes'])}",
-             f"metadata  {json.dumps(report['metadata'], sort_keys=True)}"]
+             f"metadata  {json.dumps(_abridged(report['metadata']), sort_keys=True)}"]
     if report["metadata"].get("captions"):
         lines.append(f"captions  {format_caption_stats(report['metadata']['captions'])}  (index.json)")
     for shard in report["shard_list"]:
