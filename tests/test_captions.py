@@ -8,6 +8,7 @@ import json
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -93,6 +94,21 @@ def test_emoji_caption_sets_split_and_read_back(cache):
     again = [s for _, s in zip(range(12), embedded.source("emoji_captions").samples)]
     assert [(s.txt, s.image) for s in first] == [(s.txt, s.image) for s in again]
     assert not {s.txt for s in first} & val_captions and all(s.cls is None for s in first)
+    # the seen-glyph set: training captions, images that are in no training shard
+    seen = embedded.source("emoji_captions_seen_val")
+    assert seen.total == embedded.EMOJI_CAPTION_SEEN and set(seen.metadata["codepoints"]) <= set(train.metadata["codepoints"])
+    by_caption = {caption: ch for ch, (caption, _) in glyphs.items()}
+
+    def training_images(ch: str) -> list[bytes]:
+        return [embedded.encode_image(embedded.render_caption_image(glyphs[ch][1], np.random.default_rng(
+            [0, ord(ch), v, 0])), "jpg", quality=95)[0] for v in range(embedded.EMOJI_CAPTION_VARIANTS)]
+
+    assert first[0].image in training_images(by_caption[first[0].txt])  # how training images are made
+    for s in [s for _, s in zip(range(3), seen.samples)]:
+        ch = by_caption[s.txt]
+        assert seen.metadata["classes"][s.cls] == s.txt and not embedded.is_held_out(ch)
+        trained = training_images(ch)
+        assert s.image not in trained and len(set(trained)) == len(trained)
     names = {unicodedata.name(ch).lower() for ch in glyphs}
     assert all(s.txt in names or any(s.txt == n.removeprefix(w) for n in names for w in ("black ", "white "))
                for s in first)
