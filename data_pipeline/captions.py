@@ -150,13 +150,11 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not text.strip():
         raise SourceError(f"The table {path} is empty; it needs a header row (e.g. filepath,caption) and a row per "
                           "image.")
-    if path.suffix.lower() == ".tsv":
-        delimiter = "\t"
-    else:
-        try:
-            delimiter = csv.Sniffer().sniff(text[:8192], delimiters=",\t;|").delimiter
-        except csv.Error:
-            delimiter = ","
+    # the delimiter from the header line alone: captions hold commas and semicolons, column names do not
+    header = text.splitlines()[0]
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else max(",\t;|", key=header.count)
+    if header.count(delimiter) == 0:
+        delimiter = ","
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     return list(reader.fieldnames or []), list(reader)
 
@@ -224,9 +222,10 @@ def caption_table_source(table: Path, *, images: Path | None = None, path_column
 
 
 def _tar_urls(folder: str) -> tuple[Any, str, list[str]]:
+    """(filesystem, folder path on it, names of its .tar files in sorted order); any fsspec URL."""
     fs, root = fsspec.core.url_to_fs(folder)
     root = root.rstrip("/")
-    names = sorted(Path(p).name for p in fs.glob(f"{root}/*.tar"))
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.glob(f"{root}/*.tar"))
     return fs, root, names
 
 
@@ -238,24 +237,26 @@ def is_shard_folder(folder: Path) -> bool:
 def _shard_samples(url: str, on_skip: Any) -> Iterator[dict[str, Any]]:
     from data_pipeline.shards import ShardInfo, ShardReader  # imports webdataset (and torch): only when used
 
-    yield from ShardReader(open_retries=1, required=("image", "txt")).samples(ShardInfo(url, 0), on_skip)
+    yield from ShardReader(required=("image", "txt")).samples(ShardInfo(url, 0), on_skip)
 
 
 def tar_caption_source(folder: Path, *, resize: int | None = None) -> Source:
     """Rewrite captioned tar shards (img2dataset's webdataset layout): each sample's image and ``txt`` caption, in
     the shards' own order (their samples cannot be shuffled without reading them all into memory)."""
-    _, root, names = _tar_urls(str(folder))
+    fs, root, names = _tar_urls(str(folder))
     if not names:
         raise SourceError(f"The folder {folder} holds no .tar shards.")
 
     def samples() -> Iterator[Sample | Skipped]:
+        captioned = 0
         for name in names:
             bad: list[Skipped] = []
 
             def on_skip(reason: str, key: str | None, url: str, detail: str, count: int, name: str = name) -> None:
                 bad.append(Skipped(f"{name}/{key}" if key else f"{name} ({count} samples)", f"{reason}: {detail}"))
 
-            for raw in _shard_samples(f"{root}/{name}", on_skip):
+            for raw in _shard_samples(fs.unstrip_protocol(f"{root}/{name}"), on_skip):
+                captioned += 1
                 where = f"{name}/{raw['__key__']}"
                 image = next(v for k, v in raw.items() if k in _image_suffixes())
                 try:
@@ -266,6 +267,10 @@ def tar_caption_source(folder: Path, *, resize: int | None = None) -> Source:
                     continue
                 yield Sample(img.data, img.ext, txt=caption)
             yield from bad
+        if not captioned:
+            raise SourceError(f"No sample in the {len(names)} tar shards of {folder} has a caption (a .txt member "
+                              "beside its image). A folder of tars is read as image-text shards (img2dataset's); "
+                              "other shards need no rewriting: jobs read them as they are.")
 
     meta = {"kind": "captioned", "source": f"{folder.resolve()} ({len(names)} tar shards, rewritten in order)"}
     return Source(meta, samples(), total=None)
@@ -317,7 +322,7 @@ def index_caption_shards(folder: str) -> dict[str, Any]:
             count += 1 if key is not None else 0
             skipped.append(f"{name}/{key}: {reason}" if key else f"{name}: {reason} ({n} samples; {detail})")
 
-        for raw in _shard_samples(f"{root}/{name}", on_skip):
+        for raw in _shard_samples(fs.unstrip_protocol(f"{root}/{name}"), on_skip):
             count += 1
             try:
                 captions.add(read_caption(raw["txt"]))

@@ -164,12 +164,12 @@ def test_folder_of_pairs_and_tables_read_back(tmp_path, capsys):
     for i in range(3):
         (images / f"{i}.png").write_bytes(_png(10 + i))
     table = tmp_path / "table" / "captions.csv"
-    table.write_text('filepath,title,extra\nimages/0.png,"one, with a comma",x\nimages/1.png,two,y\n'
+    table.write_text('filepath,title,extra\nimages/0.png,"one, with a comma",x\nimages/1.png,two; with; semicolons,y\n'
                      f'{images / "2.png"},three (absolute path),z\nimages/missing.png,gone,w\nimages/0.png,,v\n')
     status, out, _ = _write([str(table), str(tmp_path / "out2")], capsys)
     assert status == 0 and "skipped 2" in out
     rows, stream = read_all(str(tmp_path / "out2"))
-    assert sorted(r["txt"] for r in rows) == ["one, with a comma", "three (absolute path)", "two"]
+    assert sorted(r["txt"] for r in rows) == ["one, with a comma", "three (absolute path)", "two; with; semicolons"]
     assert sorted(stream.index.metadata["skipped"]["paths"]) == [
         f"captions.csv row 5 ({images / 'missing.png'})", "captions.csv row 6 (images/0.png)"]
 
@@ -278,6 +278,22 @@ def test_img2dataset_shards_read_as_they_are(tmp_path, capsys):
     assert sorted(r["txt"] for r in rows) == sorted(expected.values()) and {r["size"] for r in rows} == {10}
 
 
+def test_index_only_on_an_fsspec_url(tmp_path, capsys):
+    import fsspec
+
+    expected = _img2dataset_folder(tmp_path / "local")
+    fs = fsspec.filesystem("memory")
+    for p in (tmp_path / "local").iterdir():
+        fs.pipe(f"/remote-laion/{p.name}", p.read_bytes())
+    try:
+        status, out, _ = _write(["memory://remote-laion", "--index-only"], capsys)
+        assert status == 0 and "indexed 6 samples in 2 shards" in out
+        rows, stream = read_all("memory://remote-laion")
+        assert not stream.index.counted and {r["key"]: r["txt"] for r in rows} == expected
+    finally:
+        fs.rm("/remote-laion", recursive=True)
+
+
 def test_index_only_bad_inputs(tmp_path, capsys):
     status, _, err = _write([str(tmp_path), "--index-only"], capsys)
     assert status == 2 and "no .tar shards" in err
@@ -285,6 +301,8 @@ def test_index_only_bad_inputs(tmp_path, capsys):
         tar.write({"__key__": "0", "png": _png(1), "cls": 3})
     status, _, err = _write([str(tmp_path), "--index-only"], capsys)
     assert status == 2 and "has a caption" in err and not (tmp_path / "index.json").exists()
+    status, _, err = _write([str(tmp_path), str(tmp_path / "out")], capsys)  # re-writing them: the same answer
+    assert status == 2 and "has a caption" in err and not (tmp_path / "out").exists()
     with pytest.raises(SystemExit) as exit_info:
         write_cli.main([str(tmp_path), str(tmp_path / "out"), "--index-only"])
     assert exit_info.value.code == 2 and "drop OUT_URL" in capsys.readouterr().err
