@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from torchvision.ops import box_convert
+from torchvision.transforms.v2 import functional as F
 
 from data_pipeline import masks
 from data_pipeline.detection_transforms import (DetectionEvalTransform, DetectionTrainTransform, PadCollate,
@@ -165,7 +166,7 @@ def _decoded(shards: Path, image_id: int) -> dict:
 
 def test_train_transform_keeps_masks_on_boxes_and_pixels(shards):
     """Flips, multi-scale resizes and random size crops: each mask is [H, W] of the output, bool, one per box; its
-    pixels are the white object's (the image moved with it) and its bounding box is the box within a pixel (crops
+    pixels are the white object's (the image moved with it) and its bounding box is the box within 2 pixels (crops
     recompute a cut object's box from its mask)."""
     sample = _decoded(shards, 1)
     transform = DetectionTrainTransform(scales=(40, 48, 56), max_size=100, crop_resize=(48, 64), crop_size=(24, 48),
@@ -180,11 +181,14 @@ def test_train_transform_keeps_masks_on_boxes_and_pixels(shards):
         assert t["masks"].dtype == torch.bool and t["masks"].shape == (len(t["boxes"]), h, w)
         assert len(t["category_ids"]) == len(t["boxes"])
         pixels = image * 0.5 + 0.5  # back to [0, 1]
-        xywh = box_convert(t["boxes"], "cxcywh", "xywh") * torch.tensor([w, h, w, h])
-        for mask, box in zip(t["masks"], xywh):
+        xyxy = box_convert(t["boxes"], "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
+        for mask, box in zip(t["masks"], xyxy):
             assert mask.any()
-            torch.testing.assert_close(mask_boxes(mask[None])[0], box, atol=1.01, rtol=0)
-            assert pixels[:, mask].mean() > 0.6  # resampling blurs edges: bright on average, not every pixel
+            # each edge within 2 px: a nearest resize moves it by up to half a pixel, the crop path's two resizes
+            # (the first then scaled up by the second) by more
+            torch.testing.assert_close(box_convert(mask_boxes(mask[None]), "xywh", "xyxy")[0], box, atol=2.0, rtol=0)
+            if mask.sum() >= 9:  # antialiasing blurs edges and dims the dot: bright on average, not every pixel
+                assert pixels[:, mask].mean() > 0.6
         # the masks together are the white pixels (a mask left unflipped or uncropped would miss them)
         union, white = t["masks"].any(0), pixels.mean(0) > 0.5
         assert (union & white).sum() / (union | white).sum() > 0.75
@@ -226,3 +230,30 @@ def test_read_target_rejects_masks_that_do_not_fit(shards):
     with pytest.raises(SkipSample) as err:
         read_target(cut)
     assert err.value.reason == "corrupt_mask" and "truncated" in err.value.detail
+
+
+def test_crop_gives_a_cut_object_the_box_of_its_mask(monkeypatch):
+    """A window whose corner cuts the corner of the disc's box: the disc's box becomes the box of its one remaining
+    pixel (the clipped box, 5 x 5, would be loose), a square inside the window keeps its box exactly, the triangle outside gets an
+    empty box (dropped by the sanitiser)."""
+    from torchvision import tv_tensors
+
+    from data_pipeline.detection_transforms import RandomSizeCrop
+
+    shapes = _shapes()
+    square = np.zeros((H, W), bool)
+    square[40:50, 85:92] = True
+    stack = np.stack([shapes["disc"], square, shapes["triangle"]])
+    boxes = torch.tensor([_bbox(m) for m in stack])
+    target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYWH", canvas_size=(H, W)),
+              "masks": tv_tensors.Mask(torch.from_numpy(stack.astype(np.uint8)))}
+    draws = iter([18, 36, 28, 78])  # width, height, top, left: the window x 78..96, y 28..64
+    monkeypatch.setattr(random, "randint", lambda a, b: next(draws))
+    image, out = RandomSizeCrop(10, 100)(Image.new("RGB", (W, H)), target)
+    assert image.size == (18, 36) and out["masks"].shape == (3, 36, 18)
+    disc, kept, gone = out["boxes"].tolist()
+    assert disc == _bbox(shapes["disc"][28:, 78:]) == [0.0, 0.0, 1.0, 1.0]
+    assert F.clamp_bounding_boxes(F.crop(target["boxes"], 28, 78, 36, 18))[0].tolist() == [0.0, 0.0, 5.0, 5.0]
+    assert kept == [7.0, 12.0, 7.0, 10.0]
+    assert gone[2] * gone[3] == 0
+    assert mask_boxes(out["masks"]).tolist()[:2] == [disc, kept]
