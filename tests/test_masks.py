@@ -234,8 +234,8 @@ def test_read_target_rejects_masks_that_do_not_fit(shards):
 
 def test_crop_gives_a_cut_object_the_box_of_its_mask(monkeypatch):
     """A window whose corner cuts the corner of the disc's box: the disc's box becomes the box of its one remaining
-    pixel (the clipped box, 5 x 5, would be loose), a square inside the window keeps its box exactly, the triangle outside gets an
-    empty box (dropped by the sanitiser)."""
+    pixel (the clipped box, 5 x 5, would be loose), a square inside the window keeps its box exactly, the triangle
+    outside gets an empty box (dropped by the sanitiser)."""
     from torchvision import tv_tensors
 
     from data_pipeline.detection_transforms import RandomSizeCrop
