@@ -257,3 +257,42 @@ def test_crop_gives_a_cut_object_the_box_of_its_mask(monkeypatch):
     assert kept == [7.0, 12.0, 7.0, 10.0]
     assert gone[2] * gone[3] == 0
     assert mask_boxes(out["masks"]).tolist()[:2] == [disc, kept]
+
+
+def test_inspect_verify_decodes_every_mask(tmp_path, capsys):
+    """inspect --verify: a truncated RLE, a mask of another size, an empty one, one far from its box and a missing
+    mask are reported by key as corrupt_mask; the good sample's masks are counted."""
+    from data_pipeline.inspect import main as inspect_main
+    from data_pipeline.shard_writer import Sample, encode_image, write_shards
+
+    shapes = _shapes()
+    png = encode_image(Image.new("RGB", (W, H)), "png")[0]
+    good = [masks.encode(shapes[k]) for k in ("disc", "ell")]
+    boxes = [_bbox(shapes[k]) for k in ("disc", "ell")]
+    empty = masks.encode(np.zeros((H, W), bool))
+    variants = {
+        "good": good,
+        "truncated": [good[0], {**good[1], "counts": good[1]["counts"][:-3]}],
+        "other_size": [good[0], masks.encode(np.ones((H // 2, W), bool))],
+        "empty": [empty, good[1]],
+        "off_box": [good[1], good[0]],  # each mask with the other's box
+        "missing": good[:1],
+    }
+    samples = [Sample(png, "png", json={"image_id": i, "width": W, "height": H, "boxes": boxes,
+                                        "category_ids": [1, 1], "segmentation": segmentation})
+               for i, segmentation in enumerate(variants.values())]
+    write_shards(samples, str(tmp_path / "set"), {"kind": "detection", "masks": True}, maxcount=3, progress=False)
+    assert inspect_main([str(tmp_path / "set"), "--verify", "--workers", "1", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)["verify"]
+    details = {int(entry["key"]): entry["detail"] for entry in report["bad"] if entry["reason"] == "corrupt_mask"}
+    expected = {1: "truncated", 2: "32x96 (h x w), the image 64x96", 3: "mask is empty", 4: "does not match the box",
+                5: "1 masks for 2 boxes"}
+    assert sorted(details) == sorted(expected) and report["by_reason"] == {"corrupt_mask": 5}
+    assert all(expected[k] in details[k] for k in expected), details
+    assert report["masks"]["samples"] == 6 and report["masks"]["boxes"] == 12
+    assert report["masks"]["masks"] == 2 + 1 + 1  # the good sample's two, and the good ones before a bad one
+    assert 0 < report["masks"]["mean_cover"] < 0.1
+    assert inspect_main([str(tmp_path / "set"), "--verify", "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "masks: 6 of 6 samples carry masks; 4 good masks for 12 boxes" in out
+    assert "BAD 000003  corrupt_mask" in out and "mask 0: mask is empty" in out
