@@ -30,11 +30,11 @@ The names and what they hold are in :data:`REGISTRY`; ``NAME_val`` is always the
   bundles (``stardist/data/images/img2d.tif``, 512x512 grey, and ``mask2d.tif``, its label map of 125 nuclei), cut
   into 16 tiles of 128 px (16 shards); one COCO RLE mask per nucleus, boxes from the masks, one category
   "nucleus". A nucleus the tile edges cut is kept in the tile with its largest part, and in any other where at
-  least 40% of it is (and 4 px each way); the slivers left over are unlabelled, so every nucleus is in some tile. Read with tifffile from the installed package's folder, without importing
-  stardist (which imports TensorFlow): ``pip install --no-deps stardist``. Licences: stardist is BSD-3-Clause
-  (its wheel's LICENSE.txt); the image and its annotation come from the 2018 Data Science Bowl stage-1 training
-  set, published by the Broad Institute as BBBC038v1 (Caicedo et al., Nature Methods 16, 1247-1253, 2019) under
-  CC0 1.0 as its page (bbbc.broadinstitute.org/BBBC038) states to our knowledge; check it before redistributing.
+  least 40% of it is (and 4 px each way); the slivers left over are unlabelled, so every nucleus is in some tile.
+  Read with tifffile from the installed package's folder, without importing stardist (which imports TensorFlow):
+  ``pip install --no-deps stardist``. Licences: stardist is BSD-3-Clause (its wheel's LICENSE.txt); the image and
+  its annotation come from the 2018 Data Science Bowl stage-1 training set, published by the Broad Institute as
+  BBBC038v1 (Caicedo et al., Nature Methods 16, 1247-1253, 2019; bbbc.broadinstitute.org/BBBC038) under CC0 1.0.
 """
 from __future__ import annotations
 
