@@ -138,6 +138,18 @@ def test_resize_scales_masks_with_the_image(coco_dir, tmp_path):
             assert (small & expected).sum() / (small | expected).sum() > 0.9, name
     assert masks.decode(t["segmentation"][3]).sum() == 1  # a pixel a quarter covered keeps its one pixel
 
+    # the embedded datasets' path (resize_samples, as `write embedded:NAME --resize`) scales them the same way
+    from data_pipeline.shard_writer import Sample, resize_samples
+
+    png = (coco_dir / "a.png").read_bytes()
+    segmentation = [masks.encode(m) for m in _shapes().values()]
+    boxes = [_bbox(m) for m in _shapes().values()]
+    (out,) = resize_samples([Sample(png, "png", json={"width": W, "height": H, "boxes": boxes, "area": [1.0] * 4,
+                                                      "segmentation": segmentation})], 32)
+    assert [r["size"] for r in out.json["segmentation"]] == [[32, 48]] * 4
+    # the same masks as the COCO path's (the triangle aside: there pycocotools rasterised the polygon, here PIL)
+    assert out.json["segmentation"][1:] == t["segmentation"][1:]
+
 
 def test_malformed_segmentations_skip_the_image(tmp_path):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "a.png")
