@@ -56,6 +56,23 @@ def _bbox(mask: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
 
 
+def test_rle_counts_are_read_and_checked():
+    """The vectorised reader of compressed counts gives the run lengths of random masks (counted here from the
+    pixels); truncated, out-of-alphabet and short strings are refused, which pycocotools would decode silently."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(1, 60, 2))
+        mask = rng.random((h, w)) < rng.random()
+        rle = masks.encode(mask)
+        assert masks._runs(rle["counts"].encode()).tolist() == _uncompressed(mask)["counts"]
+        assert (masks.decode(rle) == mask).all()
+    rle = masks.encode(_shapes()["disc"])
+    for counts, error in [(rle["counts"][:-4], "cover|truncated"), (rle["counts"] + "~", "alphabet"),
+                          (rle["counts"][:-1] + "o", "truncated")]:
+        with pytest.raises(masks.MaskError, match=error):
+            masks.decode({**rle, "counts": counts})
+
+
 @pytest.fixture(scope="module")
 def coco_dir(tmp_path_factory) -> Path:
     """A COCO json with the four instances of image 1 (polygon, compressed RLE with bytes-like str counts,
