@@ -382,9 +382,9 @@ class DETRTask(TaskHooks):
                                       loss_giou=cfg.loss_giou)
         self.train_transform: Callable[[dict], dict] = DetectionTrainTransform(
             cfg.scales, cfg.max_size, cfg.crop_resize, cfg.crop_size, hflip=cfg.hflip, crop_prob=cfg.crop_prob,
-            mean=self.mean, std=self.std)
+            mean=self.mean, std=self.std, masks=False)  # DETR predicts boxes: instance masks are not decoded
         self.eval_transform: Callable[[dict], dict] = DetectionEvalTransform(cfg.eval_size, cfg.max_size,
-                                                                             mean=self.mean, std=self.std)
+                                                                             mean=self.mean, std=self.std, masks=False)
         self.train_collate = self.eval_collate = PadCollate(self.model.size_divisibility)
         # the class of each category id: contiguous 1..K until the dataset names its categories (on_dataset)
         self.categories = [{"id": i + 1, "name": str(i + 1)} for i in range(cfg.num_classes)] \
