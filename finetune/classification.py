@@ -237,6 +237,10 @@ def build_model(cfg: ClassificationConfig, load: bool = True, dynamic: bool = Fa
     elif not probe and cfg.global_pool == "token":
         raise ValueError(f"model.global_pool=token: the backbone {init} ({source['architecture']}) has no class "
                          "token; it keeps its own pooling (model.global_pool=avg)")
+    if not probe and bb.not_positional(source):
+        # a backbone pretrained without positions (MP3): the finetune adds a learned table, which load_weights
+        # starts at zero; a probe reads the features as they were trained
+        overrides["pos_embed"] = "learn"
     model = bb.create_from_config(source, drop_path_rate=drop_path, **overrides, **extra)
     report = bb.load_weights(model, bb.read_weights(folder), source) if load else None
     if probe and report is not None and report.missing:
