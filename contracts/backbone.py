@@ -28,6 +28,8 @@ Transformers, `vitpretrain_vt_resnet18` / `vitpretrain_vt_resnet34`). Two projec
   `vitpretrain.requires`); every other export loads with plain timm.
 - `pos_embed` sincos: a fixed table stored in the weights like a learned one (so plain timm computes the same
   features); `load_resampled` rebuilds it exactly for a new grid and freezes it.
+A backbone trained without positions (MP3: timm's `pos_embed="none"` in model_args) loads as it is; built with
+`pos_embed="learn"` (what finetune_cls does), the loader adds its table zero-initialised and reports it as new.
 
 `load_resampled` loads a backbone into a model built for another image size, pooling or head: absolute position
 tables resampled with timm's `resample_abs_pos_embed` (bicubic, prefix tokens kept), relative position tables (Beit
