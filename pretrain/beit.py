@@ -179,8 +179,7 @@ def color_targets(pixels01: Tensor, patch_size: int, cells: int = 1) -> Tensor:
     cell's channel means quantised to 3 bits, as r*64+g*8+b; cells row-major inside the patch.
 
     ViT's masked patch prediction targets (arXiv 2010.11929, B.1.2): cells=1 "the 3-bit mean color, 512 colors in
-    total"; cells=4 "a 4x4 downsized version of the 16x16 patch with 3bit colors in parallel (i.e., 16 predictions
-    of 512 colors)".
+    total"; cells=4 the patch downsized to 4x4 in 3-bit colours, 16 predictions of 512 colours in parallel.
     """
     means = F.avg_pool2d(pixels01.unsqueeze(0), patch_size // cells).squeeze(0)  # [3, h*cells, w*cells]
     levels = 2 ** COLOR_BITS
