@@ -45,12 +45,13 @@ earlier run; --reuse instead skips every step whose identical command already su
 a failure, or calibration stage by stage).
 
 Presets:
-- cpu (default): 63 commands for 2 seeds, about 1 h 50 min on an idle 2-core CPU, the sum of each claim's own
+- cpu (default): 81 commands for 2 seeds, about 2 h 15 min on an idle 2-core CPU, the sum of each claim's own
   measured run (claims 1-5 as first written: 42 min at load ~1, of which the old DETR claim 6.5; vt 20 min and
   simmim 15 min with --seeds 2 at load 3-8, one thread per job; detr on the emoji set: the 1,500-step MAE ~6.5 min
-  and 9-12 min per 2,000-step arm); tiny models (img 32, patch
-  4, 128 x 4 for the classification ViT; a 48-96-192 Swin with 2-px patches for SimMIM). MAE, BEiT and SimMIM
-  pretraining repeat per seed; the dVAE tokenizer, the DeiT teacher, DETR's MAE backbone and IPT's multi-task pretraining run once (seed 0)
+  and 9-12 min per 2,000-step arm; mpp_mp3 42 min at load 3.6-9 for its 18 jobs, 1.5-5 min each, perhaps 25 min
+  idle); tiny models (img 32, patch
+  4, 128 x 4 for the classification ViT; a 48-96-192 Swin with 2-px patches for SimMIM). MAE, BEiT, SimMIM and
+  claim 8's pretraining repeat per seed; the dVAE tokenizer, the DeiT teacher, DETR's MAE backbone and IPT's multi-task pretraining run once (seed 0)
   and are shared by every seed, as the report says (their run-to-run spread is not in the stds).
 - gpu: ViT-S-sized models, Fashion-MNIST, longer budgets, every pretraining per seed. It has NOT been run: no GPU
   was available when it was written; its commands were only checked against every job's configuration parser.
@@ -156,7 +157,7 @@ QUIET = ("log.eval_every=0", "log.images_every=0", "ckpt.every=0", "ckpt.keep=1"
 
 CPU = QualityPreset(
     name="cpu",
-    note="2 CPU cores, about 1 h 50 min: tiny models (img 32, patch 4, 128 x 4; a small Swin) and budgets of minutes "
+    note="2 CPU cores, about 2 h 15 min: tiny models (img 32, patch 4, 128 x 4; a small Swin) and budgets of minutes "
          "per stage",
     cls_data="digits", photos_data="photos", det_data="emoji",
     # 8 x 8 = 64 tokens: enough for MAE's 75% masking and BEiT's block masks; 128 wide so a finetune epoch of the
