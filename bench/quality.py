@@ -21,6 +21,12 @@ The claims (issue 11):
          ResNet-18, both from scratch with the same recipe, image size and epochs (top-1 on the held-out split).
 7. simmim: SimMIM pretraining of a small Swin, then finetuning, against the same Swin finetuned from its
          initialisation (issue 21), pretraining repeated per seed.
+8. mpp_mp3: the rest of ViT-era self-supervision (issue 24): ViT's masked patch prediction with each of its three
+         targets (3-bit mean colour, 4x4 downsized patch in 3-bit colours, L2 on the pixels; pretrain_beit on a plain
+         ViT: no relative bias, learned absolute positions, no LayerScale) and MP3 position prediction
+         (pretrain_mp3), each finetuned, against the same plain ViT finetuned from scratch, all with claim 1's
+         geometry and finetuning budget and BEiT's pretraining budget; claim 1's and 2's finetuning rows are copied
+         into its table as references (never judged), from this invocation or the previous report.
 
 Every job is a subprocess of its launch script (`python launch/<job>.py key=value ...`); its stdout and stderr go to
 WORKDIR/logs/<step>.log, its run directory to WORKDIR/runs/<job>/<name>/ (`run.dir=`, `run.name=`), converted
@@ -39,12 +45,13 @@ earlier run; --reuse instead skips every step whose identical command already su
 a failure, or calibration stage by stage).
 
 Presets:
-- cpu (default): 63 commands for 2 seeds, about 1 h 50 min on an idle 2-core CPU, the sum of each claim's own
+- cpu (default): 81 commands for 2 seeds, about 2 h 15 min on an idle 2-core CPU, the sum of each claim's own
   measured run (claims 1-5 as first written: 42 min at load ~1, of which the old DETR claim 6.5; vt 20 min and
   simmim 15 min with --seeds 2 at load 3-8, one thread per job; detr on the emoji set: the 1,500-step MAE ~6.5 min
-  and 9-12 min per 2,000-step arm); tiny models (img 32, patch
-  4, 128 x 4 for the classification ViT; a 48-96-192 Swin with 2-px patches for SimMIM). MAE, BEiT and SimMIM
-  pretraining repeat per seed; the dVAE tokenizer, the DeiT teacher, DETR's MAE backbone and IPT's multi-task pretraining run once (seed 0)
+  and 9-12 min per 2,000-step arm; mpp_mp3 42 min at load 3.6-9 for its 18 jobs, 1.5-5 min each, perhaps 25 min
+  idle); tiny models (img 32, patch
+  4, 128 x 4 for the classification ViT; a 48-96-192 Swin with 2-px patches for SimMIM). MAE, BEiT, SimMIM and
+  claim 8's pretraining repeat per seed; the dVAE tokenizer, the DeiT teacher, DETR's MAE backbone and IPT's multi-task pretraining run once (seed 0)
   and are shared by every seed, as the report says (their run-to-run spread is not in the stds).
 - gpu: ViT-S-sized models, Fashion-MNIST, longer budgets, every pretraining per seed. It has NOT been run: no GPU
   was available when it was written; its commands were only checked against every job's configuration parser.
@@ -76,7 +83,7 @@ RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 RESULTS_DIR = ROOT / "bench" / "results"
 BEGIN_MARKER = "<!-- quality:begin -->"
 END_MARKER = "<!-- quality:end -->"
-CLAIMS = ("mae", "beit", "deit", "detr", "ipt", "vt", "simmim")
+CLAIMS = ("mae", "beit", "deit", "detr", "ipt", "vt", "simmim", "mpp_mp3")
 CLAIM_TITLES = {
     "mae": "1. MAE: pretrain -> finetune vs scratch; linear probe vs random features",
     "beit": "2. BEiT with the project's dVAE tokenizer",
@@ -85,6 +92,13 @@ CLAIM_TITLES = {
     "ipt": "5. IPT: restoration gain; multi-task pretrained body vs single-task scratch",
     "vt": "6. VT-ResNet-18 vs ResNet-18 from scratch, same budget",
     "simmim": "7. SimMIM on a Swin: pretrain -> finetune vs scratch",
+    "mpp_mp3": "8. ViT's masked patch prediction (three targets) and MP3 position prediction -> finetune vs scratch",
+}
+# Rows of other claims shown in a claim's table beside its own arms (copied, never judged): claim -> (source claim,
+# arm); taken from this invocation when it ran the source claim, else from the previous report of the preset.
+REFERENCE_ARMS: dict[str, tuple[tuple[str, str], ...]] = {
+    "mpp_mp3": (("mae", "MAE -> finetune"), ("mae", "scratch -> finetune"), ("beit", "BEiT -> finetune"),
+                ("beit", "BEiT init (no pretraining) -> finetune")),
 }
 # The plot's panels: one per claim, BEiT's tokenizer on its own (dB and % do not share an axis).
 PANEL_TITLES = {**CLAIM_TITLES, "beit tokenizer": "2b. BEiT's dVAE tokenizer: reconstruction on the held-out split"}
@@ -133,6 +147,9 @@ class QualityPreset:
     simmim_pretrain: tuple[str, ...] = ()  # pretrain_simmim (tiny preset) on the classification set's images
     simmim_init: tuple[str, ...] = ()     # pretrain_simmim run that trains nothing: the Swin at its initialisation
     simmim_finetune: tuple[str, ...] = ()  # finetune_cls (tiny preset): both Swin arms
+    # --- claim 8 (mpp_mp3): ViT's masked patch prediction targets and MP3, on claim 1's ViT (`vit`) ---
+    mpp_vit: tuple[str, ...] = ()         # pretrain_beit keys that make its ViT a plain one (with `beit_pretrain`)
+    mp3_pretrain: tuple[str, ...] = ()    # pretrain_mp3 (tiny preset) on the classification set's images
 
 
 # Quiet runs: no intermediate checkpoints, pictures or evaluations unless a stage asks for them.
@@ -140,7 +157,7 @@ QUIET = ("log.eval_every=0", "log.images_every=0", "ckpt.every=0", "ckpt.keep=1"
 
 CPU = QualityPreset(
     name="cpu",
-    note="2 CPU cores, about 1 h 50 min: tiny models (img 32, patch 4, 128 x 4; a small Swin) and budgets of minutes "
+    note="2 CPU cores, about 2 h 15 min: tiny models (img 32, patch 4, 128 x 4; a small Swin) and budgets of minutes "
          "per stage",
     cls_data="digits", photos_data="photos", det_data="emoji",
     # 8 x 8 = 64 tokens: enough for MAE's 75% masking and BEiT's block masks; 128 wide so a finetune epoch of the
@@ -188,7 +205,7 @@ CPU = QualityPreset(
     ipt_pretrain=QUIET + ("optim.max_steps=200", "log.every=50"),
     ipt_finetune=QUIET + ("optim.max_steps=50", "optim.warmup_steps=10", "log.every=25"),
     ipt_scratch=QUIET + ("optim.max_steps=50", "optim.warmup_steps=10", "log.every=25"),
-    seeded_pretraining=frozenset({"mae", "beit"}),
+    seeded_pretraining=frozenset({"mae", "beit", "mpp_mp3"}),
     # the tiny preset's 32 px (the DeiT teacher's ResNet-18 size) and the other finetuning claims' 5 epochs; no layer
     # decay (nothing is pretrained). At 32 px layer3's map is 2 x 2: the 16 tokens pool 4 pixels, and the VT modules'
     # cost (on 16 tokens whatever the image size) dominates: VT-ResNet-18 has fewer FLOPs than ResNet-18 only from
@@ -210,6 +227,13 @@ CPU = QualityPreset(
     # the tiny preset's 0.75 both arms were still near 45% and within each other's seed noise
     simmim_finetune=("model.img_size=32", "model.layer_decay=0.9", "optim.epochs=10", "ckpt.best_metric=",
                      "ckpt.every=0", "log.every=23", "log.eval_every_epoch=false"),
+    # the ViT paper's setting: a plain ViT (learned absolute positions, no relative bias, no LayerScale), exported
+    # with VisionTransformer keys, so it finetunes as exactly the scratch arm's architecture (init aside)
+    mpp_vit=("model.rel_pos_bias=none", "model.abs_pos_emb=true", "model.layer_scale=0"),
+    # BEiT's budget (300 steps at batch 32); lr 1e-3 absolute: val position accuracy 9.4% after 300 steps against
+    # 9.1% at 3e-4 (chance 1.6%; one calibration run each, seed 0)
+    mp3_pretrain=QUIET + ("data.batch_size=32", "optim.max_steps=300", "optim.warmup_steps=20", "optim.lr=1e-3",
+                          "log.every=50"),
 )
 
 GPU = QualityPreset(
@@ -263,6 +287,9 @@ GPU = QualityPreset(
     simmim_init=QUIET + ("optim.max_steps=1", "optim.lr=0", "optim.base_lr=0", "optim.warmup_steps=0", "data.val="),
     simmim_finetune=("model.img_size=32", "model.layer_decay=0.9", "data.batch_size=256", "data.num_workers=8",
                      "optim.epochs=10", "ckpt.best_metric=", "ckpt.every=0", "log.every=50"),
+    mpp_vit=("model.rel_pos_bias=none", "model.abs_pos_emb=true", "model.layer_scale=0"),
+    mp3_pretrain=QUIET + ("data.batch_size=256", "data.num_workers=8", "optim.epochs=100", "optim.warmup_epochs=5",
+                          "optim.base_lr=1e-3", "log.every=50"),
 )
 
 PRESETS: dict[str, QualityPreset] = {"cpu": CPU, "gpu": GPU}
@@ -393,7 +420,7 @@ class Planner:
         for claim in claims:
             base = {"mae": self.p.cls_data, "beit": self.p.cls_data, "deit": self.p.cls_data,
                     "detr": self.p.det_data, "ipt": self.p.photos_data, "vt": self.p.cls_data,
-                    "simmim": self.p.cls_data}[claim]
+                    "simmim": self.p.cls_data, "mpp_mp3": self.p.cls_data}[claim]
             names += [n for n in (base, base + "_val") if n not in names]
         for name in names:
             argv = [sys.executable, "-m", "data_pipeline.write", f"embedded:{name}", self.layout.shards(name),
@@ -559,6 +586,58 @@ class Planner:
         self.comparisons.append(Comparison("simmim", top1, ("SimMIM -> finetune",
                                                             "Swin init (no pretraining) -> finetune"),
                                            "finetune, top-1 (%)"))
+
+
+    def mpp_mp3(self) -> None:
+        p, cls = self.p, self.p.cls_data
+        top1, accuracy, mse = "top-1 (%)", "val pretext accuracy (%)", "val pretext MSE"
+        targets = (("mean_color", "mean-color", "ViT MPP: mean colour"),
+                   ("mean_color_4x4", "mean-color-4x4", "ViT MPP: 4x4 colours"),
+                   ("pixels_l2", "pixels-l2", "ViT MPP: pixels L2"))
+        for seed in self.seeds:   # every method pretrained per seed; each job's own export is what it finetunes
+            exports: list[tuple[str, str, str]] = []
+            for target, stage, arm in targets:
+                figure = (Read(arm, mse, "val/mse") if target == "pixels_l2"
+                          else Read(arm, accuracy, "val/mlm_accuracy", 100.0))
+                run = self.job("mpp_mp3", stage, "pretrain_beit", seed,
+                               [f"target={target}"] + _data(self.layout, cls) + list(p.vit) + list(p.mpp_vit)
+                               + list(p.beit_pretrain), [figure])
+                exports.append((stage, arm, run + "/export"))
+            run = self.job("mpp_mp3", "mp3", "pretrain_mp3", seed, _data(self.layout, cls) + list(p.vit)
+                           + list(p.mp3_pretrain),
+                           [Read("MP3", accuracy, "val/pos_accuracy", 100.0),
+                            Read("MP3", "val position chance 1/L (%)", "val/pos_chance", 100.0)])
+            exports.append(("mp3", "MP3", run + "/export"))
+            common = _data(self.layout, cls) + list(p.vit) + list(p.cls_scratch) + list(p.finetune)
+            for stage, arm, export in exports:
+                self.job("mpp_mp3", f"{stage}-finetune", "finetune_cls", seed, [f"model.init={export}"] + common,
+                         [Read(arm, top1, "val/top1")])
+            self.job("mpp_mp3", "scratch", "finetune_cls", seed, ["model.init=none"] + common,
+                     [Read("ViT from scratch", top1, "val/top1")])
+        self.comparisons += [Comparison("mpp_mp3", top1, (arm, "ViT from scratch"), label)
+                             for arm, label in (("ViT MPP: mean colour", "mean colour"),
+                                                ("ViT MPP: 4x4 colours", "4x4 colours"),
+                                                ("ViT MPP: pixels L2", "pixels L2"), ("MP3", "MP3"))]
+
+
+def add_references(report: dict[str, Any], previous: dict[str, Any]) -> None:
+    """Copy REFERENCE_ARMS' top-1 rows into their claim's table (this invocation's when it ran the source claim,
+    else the previous report's of the same preset), each labelled with its claim and date; never judged."""
+    for claim, refs in REFERENCE_ARMS.items():
+        if claim not in report["claims"]:
+            continue
+        for source, arm in refs:
+            if source in report["results"]:
+                results, date = report["results"][source], report["date"]
+            elif previous.get("preset") == report["preset"] and source in previous.get("results", {}):
+                results = previous["results"][source]
+                date = ((previous.get("runs") or {}).get(source) or previous)["date"]
+            else:
+                continue
+            figure = results["arms"].get(arm, {}).get("top-1 (%)")
+            if figure is not None:
+                label = f"reference, claim {CLAIMS.index(source) + 1} ({date[:10]}): {arm}"
+                report["results"][claim]["arms"][label] = {"top-1 (%)": figure}
 
 
 def build_plan(preset: QualityPreset, claims: Sequence[str], seeds: Sequence[int],
@@ -1034,8 +1113,10 @@ def main(argv: Sequence[str] | None = None,
     total = time.perf_counter() - t0 + sum(r.wall_s for r in results if r.reused)
     report = build_report(command, preset, args.claims, seeds, results, steps, comparisons, total, started, commit)
     previous_json = RESULTS_DIR / f"quality-{preset.name}.json"
-    if not args.no_write and previous_json.is_file():  # keep the claims this invocation did not run
-        report = merge_previous(report, json.loads(previous_json.read_text()))
+    previous = json.loads(previous_json.read_text()) if previous_json.is_file() else {}
+    add_references(report, previous)
+    if not args.no_write and previous:  # keep the claims this invocation did not run
+        report = merge_previous(report, previous)
         comparisons = build_plan(preset, report["claims"], seeds, layout)[1]
     out_json, out_png = args.workdir / "quality.json", args.workdir / "quality.png"
     out_json.write_text(json.dumps(report, indent=1) + "\n")

@@ -28,6 +28,8 @@ Transformers, `vitpretrain_vt_resnet18` / `vitpretrain_vt_resnet34`). Two projec
   `vitpretrain.requires`); every other export loads with plain timm.
 - `pos_embed` sincos: a fixed table stored in the weights like a learned one (so plain timm computes the same
   features); `load_resampled` rebuilds it exactly for a new grid and freezes it.
+A backbone trained without positions (MP3: timm's `pos_embed="none"` in model_args) loads as it is; built with
+`pos_embed="learn"` (what finetune_cls does), the loader adds its table zero-initialised and reports it as new.
 
 `load_resampled` loads a backbone into a model built for another image size, pooling or head: absolute position
 tables resampled with timm's `resample_abs_pos_embed` (bicubic, prefix tokens kept), relative position tables (Beit
@@ -513,8 +515,10 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], meta: Mappi
     """Load a backbone's weights into `model` (built for its own image size, pooling and head).
 
     The head is dropped unless `keep_head`; the learned position table is resampled to the model's grid (a frozen
-    sin-cos table is rebuilt instead); relative position tables are resized; missing keys may only be the head's
-    and a pooling norm's (see NEW_MODULE_PREFIXES); any other mismatch is a ValueError listing the keys.
+    sin-cos table is rebuilt instead); a backbone exported without one (`pos_embed="none"`, MP3) loaded into a model
+    with one gets it zero-initialised (reported as new in `missing`); relative position tables are resized; missing
+    keys may only be the head's and a pooling norm's (see NEW_MODULE_PREFIXES); any other mismatch is a ValueError
+    listing the keys.
     """
     state = dict(state_dict)
     dropped = [] if keep_head else sorted(k for k in state if k.startswith("head."))
@@ -522,7 +526,14 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], meta: Mappi
         del state[key]
     resampled = None
     pos = getattr(model, "pos_embed", None)
-    if "pos_embed" in state and isinstance(pos, Tensor):
+    added = []
+    if "pos_embed" not in state and isinstance(pos, Tensor) and not_positional(meta):
+        # a backbone trained without positions (MP3) given a table: it starts at zero, so the model's first forward
+        # is the backbone's, and the finetune learns positions from there
+        state["pos_embed"] = torch.zeros_like(pos)
+        added = ["pos_embed"]
+        logger.info("position table added, zero-initialised: the backbone was trained without one")
+    if "pos_embed" in state and isinstance(pos, Tensor) and not added:
         old = state["pos_embed"]
         state["pos_embed"] = resample_pos_embed(old, model, grid_size(meta))
         if old.shape != state["pos_embed"].shape:
@@ -543,10 +554,16 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], meta: Mappi
                          f"unexpected {bad_unexpected[:8]}")
     if meta.get("pos_embed") == "sincos" and isinstance(pos, Tensor):
         set_sincos_pos_embed(model)  # exact for the new grid, where a resampled table would be an approximation
+    missing = added + list(missing)
     if missing or unexpected or dropped:
         logger.info("backbone loaded; new: %s; not used: %s", ", ".join(missing) or "-",
                     ", ".join(list(unexpected) + dropped) or "-")
-    return LoadReport(list(missing), list(unexpected), dropped, resampled)
+    return LoadReport(missing, list(unexpected), dropped, resampled)
+
+
+def not_positional(meta: Mapping[str, Any]) -> bool:
+    """Whether the backbone has no absolute position table by design (timm's `pos_embed="none"`: MP3's exports)."""
+    return meta.get("model_kwargs", {}).get("pos_embed", "learn") in ("none", "")
 
 
 def load_resampled(folder: str | Path, **overrides: Any) -> tuple[nn.Module, dict[str, Any], LoadReport]:

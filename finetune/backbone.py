@@ -20,8 +20,8 @@ from torch import nn
 from contracts.backbone import (  # noqa: F401 - the contract's names, re-exported for finetune code
     CONFIG_NAME, GENERIC_VIT, LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME, NEW_MODULE_PREFIXES, OPTIONAL_KWARGS,
     TRAINING_ONLY_KWARGS, WEIGHTS_NAME, ConvStemEmbed, LoadReport, create_dropping_rejected, create_from_config,
-    export_kwargs, find_backbone, grid_size, is_beit, load_resampled, load_weights, read_backbone, read_config,
-    read_weights, resample_pos_embed, resize_rel_pos_tables, set_sincos_pos_embed)
+    export_kwargs, find_backbone, grid_size, is_beit, load_resampled, load_weights, not_positional, read_backbone,
+    read_config, read_weights, resample_pos_embed, resize_rel_pos_tables, set_sincos_pos_embed)
 
 load_backbone = load_resampled  # (model, meta, LoadReport)
 

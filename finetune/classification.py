@@ -14,6 +14,10 @@ the backbone's own pooling) through BatchNorm1d without affine parameters (eps 1
 (trunc-normal std 0.01); crop + flip only; plain cross-entropy. The export folds the BatchNorm into the head, so
 the result is a plain timm classifier.
 
+A backbone pretrained without positions (MP3's export, `pos_embed="none"`) is finetuned with a learned position
+table that starts at zero (`contracts.backbone.load_weights`): the first forward is the pretrained encoder's. The
+linear probe reads such a backbone as it is, without a table.
+
 The model comes from `model.init` (finetune/backbone.py): a backbone folder, `none` (a ViT from scratch: learned
 or sin-cos positions, class token or not, patchify or convolutional stem), or `timm:NAME` (any timm architecture,
 random weights). A windowed backbone (a SimMIM Swin export) takes `model.window_size`, its relative position tables
@@ -237,6 +241,10 @@ def build_model(cfg: ClassificationConfig, load: bool = True, dynamic: bool = Fa
     elif not probe and cfg.global_pool == "token":
         raise ValueError(f"model.global_pool=token: the backbone {init} ({source['architecture']}) has no class "
                          "token; it keeps its own pooling (model.global_pool=avg)")
+    if not probe and bb.not_positional(source):
+        # a backbone pretrained without positions (MP3): the finetune adds a learned table, which load_weights
+        # starts at zero; a probe reads the features as they were trained
+        overrides["pos_embed"] = "learn"
     model = bb.create_from_config(source, drop_path_rate=drop_path, **overrides, **extra)
     report = bb.load_weights(model, bb.read_weights(folder), source) if load else None
     if probe and report is not None and report.missing:

@@ -50,6 +50,12 @@ def _pretrain_simmim() -> Job:
     return Job(SimMIMConfig, SimMIMTask, SIMMIM_ARCHS, simmim_encoder_features)
 
 
+def _pretrain_mp3() -> Job:
+    from pretrain.mp3 import MP3_ARCHS, MP3Config, MP3Task, mp3_encoder_features
+
+    return Job(MP3Config, MP3Task, MP3_ARCHS, mp3_encoder_features, aliases={"context_ratio": "model.context_ratio"})
+
+
 def _train_dvae() -> Job:
     from pretrain.dvae import DVAEConfig, DVAETask
 
@@ -109,6 +115,7 @@ JOBS: Mapping[str, Job] = _Registry({
     "pretrain_mae": _pretrain_mae,
     "pretrain_beit": _pretrain_beit,
     "pretrain_simmim": _pretrain_simmim,
+    "pretrain_mp3": _pretrain_mp3,
     "train_dvae": _train_dvae,
     "pretrain_deit": _pretrain_deit,
     "finetune_cls": _finetune_cls,

@@ -1,20 +1,26 @@
 """BEiT: masked image modelling of visual tokens (Bao et al., "BEiT: BERT Pre-Training of Image Transformers",
-arXiv 2106.08254), with the project's own dVAE tokenizer (pretrain/dvae.py) or ViT's mean-colour target.
+arXiv 2106.08254), with the project's own dVAE tokenizer (pretrain/dvae.py) or one of the three targets of ViT's masked
+patch prediction (Dosovitskiy et al., arXiv 2010.11929, appendix B.1.2).
 
 The stages, following microsoft/unilm@768a3c8 beit/ (modeling_pretrain.py, datasets.py, run_beit_pretraining.py):
 
 1. Data workers: one RandomResizedCrop box (after colour jitter and a flip) gives two views, the patch view for the
    ViT and a view at the tokenizer's resolution (`data_pipeline.transforms.BEiTTwoViewTransform`), plus one mask per
    image: BEiT's blockwise masking (`pretrain.masking.BlockMaskingGenerator`, 75 of 196 patches at 224/16) or, for
-   `target=mean_color`, ViT's BERT-style corruption (`pretrain.masking.PatchCorruption`).
+   ViT's targets, its BERT-style corruption (`pretrain.masking.PatchCorruption`: 50% of the patches, 80% of those
+   replaced by the mask token, 10% by another patch, 10% unchanged).
 2. Targets: the frozen tokenizer (eval mode, no_grad, fp32, outside autocast; not part of the DeepSpeed-wrapped
    module, so it is never optimised, sharded or checkpointed) turns the tokenizer view into a [h, w] grid of code
-   indices; or the patch's mean colour quantised to 3 bits per channel (512 classes), computed in the worker from
-   the un-normalised pixels.
+   indices; or ViT's targets: `mean_color`, the patch's mean colour quantised to 3 bits per channel (512 classes);
+   `mean_color_4x4`, the patch average-pooled to 4x4 cells, each cell's 3-bit colour (16 predictions of 512 classes
+   per patch), both computed in the worker from the un-normalised pixels; `pixels_l2`, the patch's normalised
+   pixels (p*p*3 values, MAE's (p, q, c) order), regressed with the mean squared error (the paper's worst of the
+   three), taken from the model's input image on the device.
 3. The ViT is timm's `Beit` (q/v biases, relative position bias shared by all blocks or one per block, LayerScale,
    optional absolute positions; model.* switches): patch embeddings at masked positions are replaced by a learned
    `mask_token` (nothing is dropped, unlike MAE), then the class token, the blocks and the final norm; a linear LM
-   head on the masked positions only, cross-entropy against the targets; the masked-token accuracy is logged.
+   head on the masked positions only, cross-entropy against the targets (the masked-token accuracy is logged), or
+   the mean squared error of the predicted pixels (logged as `mse`).
 4. Recipe (presets): AdamW (0.9, 0.999), an absolute lr (optim.lr, not scaled by batch: 1.5e-3 at batch 2048),
    warmup then cosine to min lr 1e-5, weight decay 0.05 except biases, norms, gammas, cls token and absolute
    positions, drop path 0.1, gradient clipping 3.0.
@@ -31,6 +37,7 @@ only without relative position bias (the paper's vanilla-ViT setting). "auto" pi
 from __future__ import annotations
 
 import logging
+import math
 import random
 import zlib
 from dataclasses import dataclass, replace
@@ -40,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from einops import rearrange
 from torchvision.transforms.functional import pil_to_tensor
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
@@ -51,15 +59,20 @@ from torchvision.utils import make_grid
 from contracts.backbone import vit_geometry_errors
 from contracts.task import TaskHooks
 from pretrain.export import encoder_to_timm, timm_architecture, vit_config
+from pretrain.mae import patchify, unpatchify
 from pretrain.masking import MASK_TOKEN, RANDOM_PATCH, VISIBLE, BlockMaskingGenerator, PatchCorruption
 from pretrain.pos_embed import beit_positions_at, beit_read_any_size
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("dvae", "mean_color")
-# ViT's masked patch prediction: 3 bits per channel of the patch's mean colour -> 8^3 classes
+TARGETS = ("dvae", "mean_color", "mean_color_4x4", "pixels_l2")
+# ViT's masked patch prediction (BERT-style corruption): its three targets
+VIT_TARGETS = ("mean_color", "mean_color_4x4", "pixels_l2")
+# 3 bits per channel of a mean colour -> 8^3 classes
 COLOR_BITS = 3
 COLOR_CLASSES = (2 ** COLOR_BITS) ** 3
+# cells per patch side whose mean colours are predicted: 1 (the patch's) or 4 (the 4x4 downsized patch)
+COLOR_CELLS = {"mean_color": 1, "mean_color_4x4": 4}
 # unilm's init: trunc_normal_(std=0.02, a=-0.02, b=0.02)
 INIT_STD = 0.02
 # images shown by images()
@@ -75,14 +88,16 @@ class BEiTConfig:
     """The `model.*` section of the pretrain_beit job. Defaults are the "tiny" preset (CPU, minutes)."""
 
     tokenizer: str = ""               # folder with tokenizer.json + tokenizer.safetensors (launch/train_dvae.py)
-    target: str = "dvae"              # "dvae": the tokenizer's codes | "mean_color": ViT's 3-bit mean colour
+    target: str = "dvae"              # "dvae": the tokenizer's codes | ViT's: "mean_color" (3-bit mean colour),
+                                      # "mean_color_4x4" (4x4 cells' 3-bit colours), "pixels_l2" (pixels, MSE)
     img_size: int = 64
     patch_size: int = 8
     embed_dim: int = 192
     depth: int = 6
     num_heads: int = 3
     mlp_ratio: float = 4.0
-    vocab_size: int = 0               # LM head classes; 0 = the tokenizer's vocabulary (512 for mean_color)
+    vocab_size: int = 0               # LM head classes; 0 = the tokenizer's vocabulary (512 for the colours; none
+                                      # for pixels_l2, whose head gives p*p*3 values)
     rel_pos_bias: str = "shared"      # "shared" (one table for all blocks, BEiT's pretraining) | "layer" | "none"
     abs_pos_emb: bool = False         # learned absolute positions (BEiT's pretraining uses relative bias only)
     layer_scale: float = 0.1          # LayerScale gamma init (0.1 for B, 1e-5 for L); 0 = no LayerScale
@@ -91,7 +106,7 @@ class BEiTConfig:
     num_masked: int = 0
     min_mask_block: int = 0
     mask_min_aspect: float = 0.3
-    corrupt_ratio: float = 0.5        # mean_color: patches corrupted (80% mask token, 10% random patch, 10% kept)
+    corrupt_ratio: float = 0.5        # ViT's targets: patches corrupted (80% mask token, 10% random, 10% kept)
     # augmentation: BEiT's two-view crop
     crop_scale: tuple[float, float] = (0.08, 1.0)
     color_jitter: float = 0.4
@@ -121,13 +136,17 @@ class BEiTConfig:
                              "position information: set abs_pos_emb=true")
         errors = []
         errors += vit_geometry_errors(self.img_size, self.patch_size, self.embed_dim, self.num_heads)
+        cells = COLOR_CELLS.get(self.target, 1)
+        if self.patch_size > 0 and self.patch_size % cells:
+            errors.append(f"model.target={self.target} pools each patch to {cells}x{cells} cells: model.patch_size="
+                          f"{self.patch_size} must be a multiple of {cells}")
         if self.crop_scale[0] > self.crop_scale[1]:
             errors.append(f"model.crop_scale={list(self.crop_scale)} must be (min, max) with min <= max")
         if not errors and self.patch_size > 0:
             try:  # the masks this grid allows (the generator checks counts against the grid)
                 make_mask_generator(self)
             except ValueError as e:
-                keys = ("model.corrupt_ratio" if self.target == "mean_color"
+                keys = ("model.corrupt_ratio" if self.target in VIT_TARGETS
                         else "model.num_masked / min_mask_block / mask_min_aspect")
                 errors.append(f"{keys} for the {self.grid}x{self.grid} grid: {e}")
         if errors:
@@ -136,6 +155,14 @@ class BEiTConfig:
     @property
     def grid(self) -> int:
         return self.img_size // self.patch_size
+
+    @property
+    def head_outputs(self) -> int:
+        """The LM head's outputs per predicted patch: vocab_size classes for each of the target's cells (1 or 16),
+        or the patch's p*p*3 pixels (pixels_l2)."""
+        if self.target == "pixels_l2":
+            return self.patch_size * self.patch_size * 3
+        return COLOR_CELLS.get(self.target, 1) ** 2 * self.vocab_size
 
 
 # Named architectures as BEiTConfig overrides (BEiT-B/L with the paper's LayerScale inits).
@@ -148,15 +175,23 @@ BEIT_ARCHS: dict[str, dict[str, Any]] = {
 
 # --- data: the map functions run in the workers ------------------------------------------------------------------
 
-def mean_color_targets(pixels01: Tensor, patch_size: int) -> Tensor:
-    """pixels01: [3, H, W] in [0, 1] -> [L] int64: per patch, each channel's mean quantised to 3 bits, as r*64+g*8+b.
+def color_targets(pixels01: Tensor, patch_size: int, cells: int = 1) -> Tensor:
+    """pixels01: [3, H, W] in [0, 1] -> [L, cells * cells] int64: each patch average-pooled to cells x cells, each
+    cell's channel means quantised to 3 bits, as r*64+g*8+b; cells row-major inside the patch.
 
-    ViT's masked patch prediction target (arXiv 2010.11929, B.1.2: "the 3-bit mean color, 512 colors in total").
+    ViT's masked patch prediction targets (arXiv 2010.11929, B.1.2): cells=1 "the 3-bit mean color, 512 colors in
+    total"; cells=4 the patch downsized to 4x4 in 3-bit colours, 16 predictions of 512 colours in parallel.
     """
-    means = F.avg_pool2d(pixels01.unsqueeze(0), patch_size).squeeze(0)  # [3, h, w]
+    means = F.avg_pool2d(pixels01.unsqueeze(0), patch_size // cells).squeeze(0)  # [3, h*cells, w*cells]
     levels = 2 ** COLOR_BITS
-    bins = (means * levels).floor().clamp_(0, levels - 1).long().flatten(1)  # [3, L]
-    return bins[0] * levels * levels + bins[1] * levels + bins[2]
+    bins = (means * levels).floor().clamp_(0, levels - 1).long()
+    classes = bins[0] * levels * levels + bins[1] * levels + bins[2]  # [h*cells, w*cells]
+    return rearrange(classes, "(h c1) (w c2) -> (h w) (c1 c2)", c1=cells, c2=cells)
+
+
+def mean_color_targets(pixels01: Tensor, patch_size: int) -> Tensor:
+    """pixels01: [3, H, W] in [0, 1] -> [L] int64: each patch's 3-bit mean colour (`color_targets` with one cell)."""
+    return color_targets(pixels01, patch_size, cells=1)[:, 0]
 
 
 def _uint8(pixels01: Tensor) -> Tensor:
@@ -167,7 +202,8 @@ def _uint8(pixels01: Tensor) -> Tensor:
 
 class BEiTTrainTransform:
     """Sample -> {"image": [3, S, S] normalised, "mask": [L] int8, "tokenizer_image": [3, T, T] uint8 (dvae) or
-    "color_target": [L] int64 (mean_color)}. Picklable; masks drawn with the worker's `random` state."""
+    "color_target": [L] int64 (mean_color) or [L, 16] (mean_color_4x4); pixels_l2 needs nothing more}. Picklable;
+    masks drawn with the worker's `random` state."""
 
     def __init__(self, cfg: BEiTConfig, tokenizer_size: int, mean: tuple, std: tuple) -> None:
         from data_pipeline.transforms import BEiTTwoViewTransform
@@ -176,7 +212,7 @@ class BEiTTrainTransform:
         self.img_size = cfg.img_size
         self.target = cfg.target
         self.patch_size = cfg.patch_size
-        # the tokenizer view is only decoded for the dvae target; mean_color reads the patch view
+        # the tokenizer view is only decoded for the dvae target; ViT's targets read the patch view
         self.views = BEiTTwoViewTransform(cfg.img_size, tokenizer_size=tokenizer_size, scale=cfg.crop_scale,
                                           color_jitter=cfg.color_jitter, mean=mean, std=std)
         self.mask = make_mask_generator(cfg)
@@ -203,8 +239,9 @@ class BEiTTrainTransform:
         out = {"image": views["image"], "mask": mask.flatten().to(torch.int8)}
         if self.target == "dvae":
             out["tokenizer_image"] = _uint8(views["tokenizer_image"])
-        else:
-            out["color_target"] = mean_color_targets(views["image"] * self.std + self.mean, self.patch_size)
+        elif self.target in COLOR_CELLS:
+            cells = color_targets(views["image"] * self.std + self.mean, self.patch_size, COLOR_CELLS[self.target])
+            out["color_target"] = cells[:, 0] if self.target == "mean_color" else cells
         return out
 
 
@@ -230,7 +267,7 @@ class BEiTEvalTransform(BEiTTrainTransform):
 
 
 def make_mask_generator(cfg: BEiTConfig) -> Callable[..., Tensor]:
-    if cfg.target == "mean_color":
+    if cfg.target in VIT_TARGETS:
         return PatchCorruption(cfg.grid * cfg.grid, ratio=cfg.corrupt_ratio)
     return BlockMaskingGenerator((cfg.grid, cfg.grid), num_masked=cfg.num_masked or None,
                                  min_block=cfg.min_mask_block or None, min_aspect=cfg.mask_min_aspect)
@@ -243,6 +280,7 @@ class BEiTForMaskedImageModeling(Beit):
     pretraining keys, so `pretrain.reference_checkpoints` reads it like a published BEiT checkpoint."""
 
     def __init__(self, cfg: BEiTConfig, vocab_size: int) -> None:
+        """`vocab_size`: the LM head's outputs per patch (`BEiTConfig.head_outputs`)."""
         super().__init__(
             img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
             num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, drop_path_rate=cfg.drop_path,
@@ -293,8 +331,8 @@ class BEiTForMaskedImageModeling(Beit):
         return self.norm(x)
 
     def forward(self, images: Tensor, mask: Tensor) -> Tensor:
-        """images [N, 3, H, W], mask [N, L] int codes -> LM logits [M, vocab] at the M predicted (non-VISIBLE)
-        positions, in row-major (image, patch) order."""
+        """images [N, 3, H, W], mask [N, L] int codes -> LM head outputs [M, vocab] at the M predicted
+        (non-VISIBLE) positions, in row-major (image, patch) order."""
         x = self.forward_masked(images, mask)[:, 1:]
         return self.lm_head(x[mask != VISIBLE])
 
@@ -410,22 +448,26 @@ class BEiTTask(TaskHooks):
                 raise ValueError(f"model.vocab_size={cfg.vocab_size} but the tokenizer {cfg.tokenizer} has "
                                  f"{self.tokenizer.vocab_size} codes: leave model.vocab_size=0 to use its vocabulary")
             cfg.vocab_size = self.tokenizer.vocab_size  # resolved, so the saved config rebuilds the same LM head
-        elif cfg.target == "mean_color":
+        elif cfg.target in COLOR_CELLS:
             cfg.vocab_size = cfg.vocab_size or COLOR_CLASSES
             if cfg.vocab_size != COLOR_CLASSES:
-                raise ValueError(f"model.target=mean_color predicts {COLOR_CLASSES} colours; model.vocab_size="
+                raise ValueError(f"model.target={cfg.target} predicts {COLOR_CLASSES} colours; model.vocab_size="
+                                 f"{cfg.vocab_size} does not fit (leave it 0)")
+        elif cfg.target == "pixels_l2":
+            if cfg.vocab_size:
+                raise ValueError(f"model.target=pixels_l2 regresses pixels and has no classes; model.vocab_size="
                                  f"{cfg.vocab_size} does not fit (leave it 0)")
         elif not cfg.vocab_size:
             raise ValueError("model.vocab_size is unknown without the tokenizer (a saved config has it resolved)")
-        self.model = BEiTForMaskedImageModeling(cfg, cfg.vocab_size)
+        self.model = BEiTForMaskedImageModeling(cfg, cfg.head_outputs)
         self.mean, self.std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         self.tokenizer_size = cfg.grid * self.downsample
         self.train_transform = BEiTTrainTransform(cfg, self.tokenizer_size, self.mean, self.std)
         self.eval_transform = BEiTEvalTransform(cfg, self.tokenizer_size, self.mean, self.std)
         self._flops: float | None = None
-        logger.info("BEiT: %.2fM parameters, %dx%d patches, target %s (%d classes), %r%s",
+        logger.info("BEiT: %.2fM parameters, %dx%d patches, target %s (%d outputs per patch), %r%s",
                     sum(p.numel() for p in self.model.parameters()) / 1e6, cfg.grid, cfg.grid, cfg.target,
-                    cfg.vocab_size, self.train_transform.mask,
+                    cfg.head_outputs, self.train_transform.mask,
                     f", tokenizer view {self.tokenizer_size} px" if self.tokenizer is not None else "")
 
     @staticmethod
@@ -468,8 +510,11 @@ class BEiTTask(TaskHooks):
 
     @torch.no_grad()
     def targets(self, batch: dict[str, Tensor]) -> Tensor:
-        """-> [N, L] int64 class per patch: the tokenizer's codes of the tokenizer view, or the 3-bit mean colours."""
-        if self.cfg.target == "mean_color":
+        """-> [N, L] int64 class per patch (the tokenizer's codes of the tokenizer view, or the 3-bit mean colours),
+        [N, L, 16] (the 4x4 cells' colours) or [N, L, p*p*3] float32 (pixels_l2: the normalised input's patches)."""
+        if self.cfg.target == "pixels_l2":
+            return patchify(batch["image"].float(), self.cfg.patch_size)
+        if self.cfg.target in COLOR_CELLS:
             return batch["color_target"].long()
         if self.tokenizer is None:
             raise RuntimeError("this BEiTTask was built without its tokenizer (load_tokenizer=False)")
@@ -494,21 +539,43 @@ class BEiTTask(TaskHooks):
         return next(self.tokenizer.parameters()).device
 
     def _loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (mean loss, outputs, targets): logits [P, vocab] and labels [P] over the P = M x cells predictions of
+        the M predicted patches, or pixels_l2's predicted and true pixels [M, p*p*3]."""
         mask = batch["mask"].long()
-        labels = self.targets(batch)[mask != VISIBLE]  # [M]
-        logits = model(batch["image"], mask)           # [M, vocab]
-        loss = F.cross_entropy(logits.float(), labels)
-        return loss, logits, labels
+        targets = self.targets(batch)[mask != VISIBLE]  # [M] | [M, cells] | [M, p*p*3]
+        outputs = model(batch["image"], mask)           # [M, head_outputs]
+        if self.cfg.target == "pixels_l2":
+            return F.mse_loss(outputs.float(), targets), outputs, targets
+        logits = outputs.reshape(targets.numel(), -1)   # [M * cells, vocab]: the cells' heads side by side
+        labels = targets.reshape(-1)
+        return F.cross_entropy(logits.float(), labels), logits, labels
+
+    def _sums(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """[summed loss, summed correct (classes) or summed squared error (pixels), predictions] of a batch."""
+        if self.cfg.target == "pixels_l2":
+            squared = F.mse_loss(outputs.float(), targets, reduction="sum")
+            return torch.stack([squared, squared, torch.tensor(float(targets.numel()), device=targets.device)])
+        return torch.stack([F.cross_entropy(outputs.float(), targets, reduction="sum"),
+                            (outputs.argmax(-1) == targets).sum().float(),
+                            torch.tensor(float(targets.numel()), device=targets.device)])
+
+    @property
+    def _metric(self) -> str:
+        return "mse" if self.cfg.target == "pixels_l2" else "mlm_accuracy"
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        loss, logits, labels = self._loss(model, batch)
-        accuracy = (logits.detach().argmax(-1) == labels).float().mean()
-        return loss, {"mlm_accuracy": accuracy.item(), "masked_per_image": labels.numel() / batch["mask"].shape[0]}
+        loss, outputs, targets = self._loss(model, batch)
+        masked = int((batch["mask"] != VISIBLE).sum()) / batch["mask"].shape[0]
+        if self.cfg.target == "pixels_l2":
+            return loss, {"mse": loss.detach().item(), "masked_per_image": masked}
+        accuracy = (outputs.detach().argmax(-1) == targets).float().mean()
+        return loss, {"mlm_accuracy": accuracy.item(), "masked_per_image": masked}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any) -> dict[str, float]:
-        """Cross-entropy and accuracy over every predicted position of the non-padding val images (masks seeded by
-        the sample key, so evaluations are comparable), summed over ranks."""
+        """Cross-entropy and accuracy over every prediction at the predicted positions of the non-padding val images
+        (pixels_l2: the mean squared error per pixel value, as `loss` and `mse`); masks seeded by the sample key, so
+        evaluations are comparable; summed over ranks."""
         was_training = model.training
         model.eval()
         sums = None
@@ -519,10 +586,8 @@ class BEiTTask(TaskHooks):
             if not (mask != VISIBLE).any():
                 continue
             batch = {**batch, "mask": mask}
-            _, logits, labels = self._loss(model, batch)
-            batch_sums = torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum"),
-                                      (logits.argmax(-1) == labels).sum().float(),
-                                      torch.tensor(float(labels.numel()), device=labels.device)])
+            _, outputs, targets = self._loss(model, batch)
+            batch_sums = self._sums(outputs, targets)
             sums = batch_sums if sums is None else sums + batch_sums
         model.train(was_training)
         if sums is None:
@@ -531,23 +596,27 @@ class BEiTTask(TaskHooks):
             dist.all_reduce(sums)
         count = sums[2].item()
         return {"loss": sums[0].item() / count if count else float("nan"),
-                "mlm_accuracy": sums[1].item() / count if count else float("nan")}
+                self._metric: sums[1].item() / count if count else float("nan")}
 
     @torch.no_grad()
     def images(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Rows: the image | masked (grey) | what BEiT predicts at masked positions, shown through the target: the
-        tokenizer decodes the true codes with the predicted ones pasted in (dvae), or the predicted mean colours
-        painted over the masked patches (mean_color). Forward on every rank (ZeRO-3), pictures on rank 0."""
+        tokenizer decodes the true codes with the predicted ones pasted in (dvae), the predicted mean colours of the
+        patch or of its 4x4 cells painted over the masked patches, or the predicted pixels pasted there (pixels_l2).
+        Forward on every rank (ZeRO-3), pictures on rank 0."""
         batch = {k: v[:NUM_VIS_IMAGES] if torch.is_tensor(v) else v for k, v in batch.items()}
         images = batch["image"].float()
         mask = batch["mask"].long()
         was_training = model.training
         model.eval()
-        logits = model(batch["image"], mask)
+        outputs = model(batch["image"], mask).float()  # [M, head_outputs]
         model.train(was_training)
-        targets = self.targets(batch)
+        targets = self.targets(batch)  # [N, L] | [N, L, cells] | [N, L, p*p*3]
         predicted = targets.clone()
-        predicted[mask != VISIBLE] = logits.float().argmax(-1)
+        if self.cfg.target == "pixels_l2":
+            predicted[mask != VISIBLE] = outputs
+        else:  # [M, cells, vocab] -> the cells' classes, [M, cells] (or [M] with one prediction per patch)
+            predicted[mask != VISIBLE] = outputs.view(*predicted[mask != VISIBLE].shape, -1).argmax(-1)
         mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
         original = (images * std + mean).clamp(0, 1)
@@ -563,18 +632,26 @@ class BEiTTask(TaskHooks):
                 true = F.interpolate(decode(targets.view(-1, g, g)).float(), size=size, mode="bilinear")
                 pred = F.interpolate(decode(predicted.view(-1, g, g)).float(), size=size, mode="bilinear")
             rows = [original, masked, true.clamp(0, 1), pred.clamp(0, 1)]
+        elif self.cfg.target == "pixels_l2":
+            pixels = (unpatchify(predicted, p) * std + mean).clamp(0, 1)
+            rows = [original, masked, original * (1 - shown) + pixels * shown]
         else:
             rows = [original, masked, self._paint_colors(original, predicted, shown)]
         grid = make_grid(torch.cat(rows).cpu(), nrow=original.shape[0], padding=2, pad_value=1.0)
         return {"predictions": grid}
 
     def _paint_colors(self, original: Tensor, classes: Tensor, shown: Tensor) -> Tensor:
+        """original [N, 3, H, W], classes [N, L] or [N, L, cells^2] (3-bit colours), shown [N, 1, H, W] -> the
+        original with the classes' colours painted where `shown` is 1."""
         levels = 2 ** COLOR_BITS
+        classes = classes if classes.ndim == 3 else classes.unsqueeze(-1)
+        cells = math.isqrt(classes.shape[-1])
         rgb = torch.stack([classes // (levels * levels), (classes // levels) % levels, classes % levels], dim=1)
-        rgb = (rgb.float() + 0.5) / levels  # bin centres, [N, 3, L]
+        rgb = (rgb.float() + 0.5) / levels  # bin centres, [N, 3, L, cells^2]
         p = self.cfg.patch_size
-        g = original.shape[-1] // p
-        painted = F.interpolate(rgb.view(-1, 3, g, g), scale_factor=p, mode="nearest")
+        g = original.shape[-1] // p  # the batch's grid (a training batch may be at a multi-scale size)
+        rgb = rearrange(rgb, "n k (h w) (c1 c2) -> n k (h c1) (w c2)", h=g, c1=cells)
+        painted = F.interpolate(rgb, scale_factor=p // cells, mode="nearest")
         return original * (1 - shown) + painted * shown
 
     # --- export ------------------------------------------------------------------------------------------------
@@ -598,14 +675,14 @@ class BEiTTask(TaskHooks):
         if self._flops is None:
             cfg = replace(self.cfg, grad_checkpointing=False, drop_path=0.0)
             with torch.device("meta"):
-                model = BEiTForMaskedImageModeling(cfg, cfg.vocab_size)
+                model = BEiTForMaskedImageModeling(cfg, cfg.head_outputs)
                 images = torch.zeros(1, 3, cfg.img_size, cfg.img_size)
             with FlopCounterMode(display=False) as counter:
                 model.forward_features(images).sum().backward()
             flops = float(counter.get_total_flops())
             mask_gen = self.train_transform.mask
             predicted = getattr(mask_gen, "num_masked", None) or mask_gen.num_chosen
-            flops += 3 * 2 * predicted * cfg.embed_dim * cfg.vocab_size
+            flops += 3 * 2 * predicted * cfg.embed_dim * cfg.head_outputs
             if self.tokenizer is not None:
                 with torch.device("meta"):
                     tokenizer = type(self.tokenizer)(self.tokenizer.cfg)

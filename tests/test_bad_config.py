@@ -15,18 +15,20 @@ import pytest
 from finetune.classification import ClassificationConfig
 from finetune.detr.task import DETRConfig
 from finetune.ipt.task import IPTConfig
-from launch import finetune_cls, finetune_detr, finetune_ipt, pretrain_beit, pretrain_deit, pretrain_mae, train_dvae
+from launch import (finetune_cls, finetune_detr, finetune_ipt, pretrain_beit, pretrain_deit, pretrain_mae, pretrain_mp3,
+                    train_dvae)
 from launch.runtime import config, distributed
 from launch.runtime.config import ConfigError
 from pretrain.beit import BEiTConfig
 from pretrain.deit import DeiTConfig
 from pretrain.dvae import DVAEConfig
 from pretrain.mae import MAEConfig
+from pretrain.mp3 import MP3Config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"pretrain_mae": pretrain_mae, "pretrain_beit": pretrain_beit, "train_dvae": train_dvae,
            "pretrain_deit": pretrain_deit, "finetune_cls": finetune_cls, "finetune_detr": finetune_detr,
-           "finetune_ipt": finetune_ipt}
+           "finetune_ipt": finetune_ipt, "pretrain_mp3": pretrain_mp3}
 NO_TEACHER = "model.distill=none"   # DeiT's tiny preset wants a teacher; these cases are about other keys
 
 # (script, argv, what the message must name). {tmp} is a folder holding the files of `bad_files`.
@@ -55,6 +57,9 @@ CASES = [
     ("pretrain_beit", ["model.patch_size=0"], "model.patch_size"),
     ("pretrain_beit", ["model.img_size=60"], "model.img_size=60"),
     ("pretrain_beit", ["model.num_masked=1000"], "model.num_masked"),
+    ("pretrain_beit", ["target=mean_color_4x4", "model.img_size=36", "model.patch_size=6"], "model.patch_size=6"),
+    ("pretrain_mp3", ["context_ratio=0"], "model.context_ratio"),
+    ("pretrain_mp3", ["context_ratio=0.01"], "model.context_ratio=0.01"),
     ("train_dvae", ["model.img_size=60"], "model.img_size=60"),
     ("pretrain_deit", [NO_TEACHER, "model.patch_size=0"], "model.patch_size"),
     ("pretrain_deit", [NO_TEACHER, "model.img_size=30"], "model.img_size=30"),
@@ -141,7 +146,7 @@ def test_bad_config_in_a_real_process(script, argv, named, bad_files):
 
 # --- the declarations themselves --------------------------------------------------------------------------------
 
-TASK_CONFIGS = [MAEConfig, BEiTConfig, DVAEConfig, DeiTConfig, ClassificationConfig, DETRConfig, IPTConfig]
+TASK_CONFIGS = [MAEConfig, BEiTConfig, DVAEConfig, DeiTConfig, ClassificationConfig, DETRConfig, IPTConfig, MP3Config]
 
 
 @pytest.mark.parametrize("cls", TASK_CONFIGS + [config.RunConfig, config.OptimConfig, config.EngineConfig,

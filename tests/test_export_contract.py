@@ -21,6 +21,7 @@ JOB_ARGS = {
     "pretrain_mae": TINY_VIT + ["model.img_size=32", "model.decoder_embed_dim=32", "model.decoder_depth=1",
                                 "model.decoder_num_heads=2", "data.batch_size=4"],
     "pretrain_beit": TINY_VIT + ["model.img_size=32", "target=mean_color", "data.batch_size=4"],
+    "pretrain_mp3": TINY_VIT + ["model.img_size=32", "context_ratio=0.5", "data.batch_size=4"],
     "pretrain_deit": TINY_VIT + ["model.img_size=32", "distill=none", "data.batch_size=4"],
     "pretrain_simmim": ["model.img_size=32", "model.embed_dim=16", "model.depths=1,1", "model.num_heads=1,2",
                         "model.window_size=4", "model.mask_patch_size=8", "data.batch_size=4"],   # a Swin

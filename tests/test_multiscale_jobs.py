@@ -17,6 +17,7 @@ from pretrain.beit import BEiTConfig, BEiTTask
 from pretrain.deit import DeiTConfig, DeiTTask
 from pretrain.dvae import DVAEConfig, DVAETask
 from pretrain.mae import MAEConfig, MAETask
+from pretrain.mp3 import MP3Config, MP3Task
 from pretrain.pos_embed import shared_rel_pos_bias_at, sincos_2d
 from pretrain.simmim import SimMIMConfig, SimMIMTask
 
@@ -33,6 +34,8 @@ def tasks() -> dict:
     return {
         "mae": MAETask(MAEConfig(**VIT, depth=1, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)),
         "beit": BEiTTask(BEiTConfig(**VIT, depth=1, target="mean_color", drop_path=0.0)),
+        "beit_4x4": BEiTTask(BEiTConfig(**VIT, depth=1, target="mean_color_4x4", drop_path=0.0)),
+        "beit_l2": BEiTTask(BEiTConfig(**VIT, depth=1, target="pixels_l2", drop_path=0.0)),
         "simmim_swin": SimMIMTask(SimMIMConfig(backbone="swin", img_size=32, patch_size=2, embed_dim=16,
                                                depths=(1, 1), num_heads=(1, 2), window_size=4, mask_patch_size=8)),
         "simmim_vit": SimMIMTask(SimMIMConfig(backbone="vit", img_size=32, patch_size=8, embed_dim=32, depths=(1,),
@@ -45,7 +48,7 @@ def tasks() -> dict:
 
 
 # the sizes other than model.img_size = 32 each task trains at: whole mask squares, windows that tile every stage
-OTHER_SIZES = {"mae": (24, 48), "beit": (24, 48), "simmim_swin": (16, 64), "simmim_vit": (48, 64), "deit": (24, 48),
+OTHER_SIZES = {"mae": (24, 48), "beit": (24, 48), "beit_4x4": (24, 48), "beit_l2": (24, 48), "simmim_swin": (16, 64), "simmim_vit": (48, 64), "deit": (24, 48),
                "dvae": (24, 48)}
 
 
@@ -98,12 +101,14 @@ def test_position_tables_at_another_grid_are_the_fields_own():
     assert table.grad is not None and table.grad.abs().sum() > 0
 
 
-def test_per_block_relative_tables_and_bad_sizes_are_refused():
+def test_per_block_relative_tables_mp3_and_bad_sizes_are_refused():
     task = BEiTTask(BEiTConfig(**VIT, depth=1, target="mean_color", rel_pos_bias="layer"))
     with pytest.raises(ValueError, match="rel_pos_bias=layer"):
         task.on_multiscale((24, 32))
     with pytest.raises(ValueError, match="multiples of model.patch_size=8"):
         tasks()["mae"].on_multiscale((20, 32))
+    with pytest.raises(ValueError, match="pretrain_mp3 predicts each patch's position among the 16 positions"):
+        MP3Task(MP3Config(**VIT, depth=1)).on_multiscale((24, 32))
 
 
 def test_detr_batches_share_one_shorter_side():

@@ -330,3 +330,34 @@ def test_a_claim_rerun_keeps_the_others_in_the_results(tmp_path, monkeypatch, fa
     assert "mae-finetune-s0" in mae_part and f"{tmp_path / 'w2'}/" not in mae_part
     # a run of every claim replaces everything
     assert quality.merge_previous({**merged, "claims": ["mae", "deit"]}, merged)["claims"] == ["mae", "deit"]
+
+
+def test_mpp_mp3_chain_and_references(tmp_path, monkeypatch, fake_machine):
+    """Claim 8: per seed, pretrain_beit with each of ViT's targets on a plain ViT and pretrain_mp3, each job's own
+    export finetuned with the same arguments as the from-scratch arm (init and run name aside); claim 1's rows from
+    the same invocation are copied into the table as references, never judged."""
+    steps, comparisons = _plan(tmp_path, ["mpp_mp3"])
+    for seed in (0, 1):
+        scratch = steps[f"mpp_mp3.scratch-s{seed}"]
+        assert _arg(scratch, "model.init") == "none"
+        for stage, target in (("mean-color", "mean_color"), ("mean-color-4x4", "mean_color_4x4"),
+                              ("pixels-l2", "pixels_l2"), ("mp3", None)):
+            pretrain, finetune = steps[f"mpp_mp3.{stage}-s{seed}"], steps[f"mpp_mp3.{stage}-finetune-s{seed}"]
+            assert pretrain.argv[1] == ("launch/pretrain_mp3.py" if target is None else "launch/pretrain_beit.py")
+            if target:
+                assert _arg(pretrain, "target") == target and _arg(pretrain, "model.rel_pos_bias") == "none"
+            assert _arg(finetune, "model.init") == pretrain.run_dir + "/export"
+            strip = {"model.init", "run.name"}
+            assert ([a for a in finetune.argv if a.split("=")[0] not in strip]
+                    == [a for a in scratch.argv if a.split("=")[0] not in strip])
+    assert [c.arms[1] for c in comparisons] == ["ViT from scratch"] * 4
+    monkeypatch.setattr(quality, "RESULTS_DIR", tmp_path / "results")   # no previous report
+    assert quality.main(["--only", "mae,mpp_mp3", "--workdir", str(tmp_path / "w"), "--no-write"],
+                        runner=fake_runner) == 0
+    report = json.loads((tmp_path / "w" / "quality.json").read_text())
+    arms = report["results"]["mpp_mp3"]["arms"]
+    reference = [a for a in arms if a.startswith("reference, claim 1")]
+    assert len(reference) == 2 and not any("claim 2" in a for a in arms)
+    assert arms[reference[0]]["top-1 (%)"] == report["results"]["mae"]["arms"]["MAE -> finetune"]["top-1 (%)"]
+    assert arms["MP3"]["val position chance 1/L (%)"]["n"] == 2
+    assert len(report["results"]["mpp_mp3"]["verdicts"]) == 4
