@@ -80,6 +80,13 @@ def _finetune_detr() -> Job:
     return Job(DETRConfig, DETRTask, None, detr_encoder_features)
 
 
+def _finetune_sam() -> Job:
+    from finetune.sam.task import SAMConfig, SAMTask, sam_encoder_features
+
+    # the image encoder as a backbone (the whole SAM in segment-anything's layout: sam.safetensors + .json, extra)
+    return Job(SAMConfig, SAMTask, None, sam_encoder_features)
+
+
 def _finetune_ipt() -> Job:
     from finetune.ipt.task import IPTConfig, IPTTask
 
@@ -114,6 +121,7 @@ JOBS: Mapping[str, Job] = _Registry({
     "finetune_cls": _finetune_cls,
     "finetune_detr": _finetune_detr,
     "finetune_ipt": _finetune_ipt,
+    "finetune_sam": _finetune_sam,
 })
 
 
