@@ -14,8 +14,8 @@ util/misc.py `nested_tensor_from_tensor_list`) on torchvision's box-aware transf
            COCO evaluation.
 
 A detection sample's json is the writer's (docs/ARCHITECTURE.md): `image_id`, `width`, `height`, `boxes` (COCO xywh in
-pixels), `category_ids`, `iscrowd`, `area`. The transforms give `{"image": [3, H, W] normalised float32, "target":
-{...}}` with target:
+pixels), `category_ids`, `iscrowd`, `area`, and for mask sets `segmentation` (COCO RLE per box, data_pipeline.masks).
+The transforms give `{"image": [3, H, W] normalised float32, "target": {...}}` with target:
 
     boxes         float32 [N, 4]  (cx, cy, w, h) normalised by the transformed image's (W, H)  (DETR's targets)
     category_ids  int64 [N]       the dataset's category ids, as written (the task maps them to its classes)
@@ -25,6 +25,11 @@ pixels), `category_ids`, `iscrowd`, `area`. The transforms give `{"image": [3, H
     image_id      int64 []
     orig_size     int64 [2]       (h, w) of the stored image
     size          int64 [2]       (h, w) after the transform, before padding
+    masks         bool [N, H, W]  only when the json has `segmentation` (and `masks=True`): each box's instance
+                                  mask at the transformed size, moved by the same flips, resizes and crops as the
+                                  pixels (tv_tensors.Mask: nearest-neighbour resizes; SanitizeBoundingBoxes drops
+                                  the masks of the boxes it drops); never empty: an object a downscale shrank
+                                  below a pixel keeps the pixel at its box's centre
 
 `PadCollate` stacks such samples into `{"image": [B, 3, H, W], "mask": [B, H, W] bool (True = padding),
 "targets": [target, ...]}`, H and W the batch maxima rounded up to a multiple of `size_divisibility`.
@@ -43,9 +48,11 @@ from torchvision.ops import box_convert
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from data_pipeline import masks as mask_rle
 from data_pipeline.stream import SkipSample
 
-__all__ = ["RandomSizeCrop", "DetectionTrainTransform", "DetectionEvalTransform", "PadCollate", "read_target"]
+__all__ = ["RandomSizeCrop", "DetectionTrainTransform", "DetectionEvalTransform", "PadCollate", "read_target",
+           "mask_boxes"]
 
 # DETR's COCO recipe (datasets/coco.py): the multi-scale shorter sides, the cap on the longer side, the resize
 # before the random crop and the crop's side range.
@@ -55,10 +62,12 @@ DETR_CROP_RESIZE = (400, 500, 600)
 DETR_CROP_SIZE = (384, 600)
 
 
-def read_target(sample: dict[str, Any]) -> tuple[Image.Image, dict[str, Any]]:
-    """(RGB image, target with "boxes" as tv_tensors.BoundingBoxes in XYWH pixels) of a decoded detection sample.
+def read_target(sample: dict[str, Any], masks: bool = True) -> tuple[Image.Image, dict[str, Any]]:
+    """(RGB image, target with "boxes" as tv_tensors.BoundingBoxes in XYWH pixels) of a decoded detection sample;
+    with `masks` and a json with `segmentation`, also "masks": tv_tensors.Mask [N, H, W] uint8 (one per box).
 
-    Raises SkipSample("no_detection_json") for a sample without the writer's detection json.
+    Raises SkipSample("no_detection_json") for a sample without the writer's detection json, and
+    SkipSample("corrupt_mask") for a segmentation that does not decode to one (H, W) mask per box.
     """
     meta = sample.get("json")
     if not isinstance(meta, dict) or "boxes" not in meta:
@@ -75,6 +84,15 @@ def read_target(sample: dict[str, Any]) -> tuple[Image.Image, dict[str, Any]]:
         "image_id": torch.tensor(int(meta.get("image_id", -1)), dtype=torch.int64),
         "orig_size": torch.tensor([h, w], dtype=torch.int64),
     }
+    if masks and "segmentation" in meta:
+        rles = meta["segmentation"]
+        try:
+            if not isinstance(rles, list) or len(rles) != n:
+                raise mask_rle.MaskError(f"{len(rles) if isinstance(rles, list) else 'no list of'} masks for {n} boxes")
+            stack = mask_rle.decode_stack(rles, h, w)
+        except mask_rle.MaskError as e:
+            raise SkipSample("corrupt_mask", f"{sample.get('__key__', '?')}: {e}") from e
+        target["masks"] = tv_tensors.Mask(torch.from_numpy(stack))
     return image, target
 
 
@@ -84,9 +102,23 @@ def _per_box(inputs: Any) -> tuple[torch.Tensor, ...]:
     return tuple(target[k] for k in ("category_ids", "iscrowd", "area", "orig_boxes") if k in target)
 
 
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """[N, H, W] masks -> [N, 4] float32 COCO xywh of their pixels (x1 one past the last column); zeros if empty."""
+    pixels = masks.as_subclass(torch.Tensor).bool()
+    _, h, w = pixels.shape
+    cols, rows = pixels.any(1), pixels.any(2)  # [N, W], [N, H]: which columns and rows the mask touches
+    xs, ys = torch.arange(w), torch.arange(h)
+    x0, x1 = torch.where(cols, xs, w).amin(1), torch.where(cols, xs + 1, 0).amax(1)
+    y0, y1 = torch.where(rows, ys, h).amin(1), torch.where(rows, ys + 1, 0).amax(1)
+    xywh = torch.stack([x0, y0, x1 - x0, y1 - y0], 1).float()
+    return torch.where(cols.any(1, keepdim=True), xywh, torch.zeros_like(xywh))
+
+
 class RandomSizeCrop:
     """A random crop of width in [min_size, min(W, max_size)] and height in [min_size, min(H, max_size)], anywhere
-    in the image (DETR's RandomSizeCrop); boxes cropped with the pixels (clipped to the window)."""
+    in the image (DETR's RandomSizeCrop); boxes cropped with the pixels (clipped to the window). With masks, boxes
+    are recomputed from the cropped masks, as detectron2's DatasetMapper does with `recompute_boxes` (a box the
+    crop cuts is loose around what is left of its object); a box whose mask left the window is then dropped."""
 
     def __init__(self, min_size: int, max_size: int) -> None:
         self.min_size, self.max_size = min_size, max_size
@@ -98,14 +130,19 @@ class RandomSizeCrop:
         top, left = random.randint(0, h - ch), random.randint(0, w - cw)
         target = dict(target)
         target["boxes"] = F.clamp_bounding_boxes(F.crop(target["boxes"], top, left, ch, cw))
+        if "masks" in target:  # a box the crop cuts is loose around what is left of its object: the mask's box
+            target["masks"] = F.crop(target["masks"], top, left, ch, cw)
+            target["boxes"] = tv_tensors.wrap(mask_boxes(target["masks"]), like=target["boxes"])
         return F.crop(image, top, left, ch, cw), target
 
 
 class _Normalised:
-    """Shared tail of both transforms: clip and drop empty boxes, boxes to normalised cxcywh, pixels normalised."""
+    """Shared tail of both transforms: clip and drop empty boxes (and their masks), boxes to normalised cxcywh,
+    masks to bool, pixels normalised. `masks`: decode the json's segmentation (False: a box-only task skips the
+    work)."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean, self.std = tuple(mean), tuple(std)
+    def __init__(self, mean: Sequence[float], std: Sequence[float], masks: bool = True) -> None:
+        self.mean, self.std, self.masks = tuple(mean), tuple(std), masks
         self.sanitize = v2.SanitizeBoundingBoxes(min_size=1.0, min_area=1.0, labels_getter=_per_box)
 
     def finish(self, image: Image.Image, target: dict[str, Any], sanitize: bool = True) -> dict[str, Any]:
@@ -116,6 +153,12 @@ class _Normalised:
         xyxy = box_convert(target["boxes"].as_subclass(torch.Tensor), "xywh", "xyxy")
         boxes = box_convert(xyxy, "xyxy", "cxcywh") / torch.tensor([w, h, w, h], dtype=torch.float32)
         target = {**target, "boxes": boxes.float(), "size": torch.tensor([h, w], dtype=torch.int64)}
+        if "masks" in target:
+            target["masks"] = masks = target["masks"].as_subclass(torch.Tensor).bool()
+            empty = ~masks.flatten(1).any(1)
+            if empty.any():  # an object under a pixel wide, lost by a downscale (nearest), keeps its centre pixel
+                centre = (boxes[empty, :2] * torch.tensor([w, h])).long()
+                masks[empty.nonzero()[:, 0], centre[:, 1].clamp(0, h - 1), centre[:, 0].clamp(0, w - 1)] = True
         pixels = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
         return {"image": F.normalize(pixels, self.mean, self.std).contiguous(), "target": target}
 
@@ -126,8 +169,8 @@ class DetectionTrainTransform(_Normalised):
     def __init__(self, scales: Sequence[int] = DETR_SCALES, max_size: int = DETR_MAX_SIZE,
                  crop_resize: Sequence[int] = DETR_CROP_RESIZE, crop_size: tuple[int, int] = DETR_CROP_SIZE,
                  hflip: float = 0.5, crop_prob: float = 0.5, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                 std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
-        super().__init__(mean, std)
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, masks: bool = True) -> None:
+        super().__init__(mean, std, masks)
         multiscale = v2.RandomShortestSize(list(scales), max_size=max_size, antialias=True)
         steps: list[Any] = [v2.RandomHorizontalFlip(hflip)]
         if crop_prob > 0:
@@ -139,10 +182,12 @@ class DetectionTrainTransform(_Normalised):
         self.augment = v2.Compose(steps)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        image, target = read_target(sample)
+        image, target = read_target(sample, self.masks)
         keep = target["iscrowd"] == 0  # DETR trains without crowd regions
         target.update({k: target[k][keep] for k in ("category_ids", "iscrowd", "area")})
-        target["boxes"] = tv_tensors.wrap(target["boxes"][keep], like=target["boxes"])
+        for k in ("boxes", "masks"):
+            if k in target:
+                target[k] = tv_tensors.wrap(target[k][keep], like=target[k])
         image, target = self.augment(image, target)
         return self.finish(image, target)
 
@@ -152,12 +197,12 @@ class DetectionEvalTransform(_Normalised):
     xywh in `orig_boxes` for the COCO ground truth. Picklable map_fn for the stream."""
 
     def __init__(self, size: int = 800, max_size: int = DETR_MAX_SIZE, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                 std: Sequence[float] = IMAGENET_DEFAULT_STD) -> None:
-        super().__init__(mean, std)
+                 std: Sequence[float] = IMAGENET_DEFAULT_STD, masks: bool = True) -> None:
+        super().__init__(mean, std, masks)
         self.resize = v2.Resize(size, max_size=max_size, antialias=True)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        image, target = read_target(sample)
+        image, target = read_target(sample, self.masks)
         target["orig_boxes"] = target["boxes"].as_subclass(torch.Tensor).clone()
         image, target = self.resize(image, target)
         return self.finish(image, target, sanitize=False)  # the ground truth stays whole (COCO scores all of it)

@@ -28,6 +28,8 @@ import fsspec
 from PIL import Image
 from tqdm import tqdm
 
+from data_pipeline import masks
+
 if TYPE_CHECKING:
     import webdataset as wds
 
@@ -425,6 +427,12 @@ def coco_source(
     annotations are kept (they are negatives). An image whose real size differs from the size the
     annotations declare is skipped: its boxes would be in another coordinate frame.
 
+    When any annotation has a ``segmentation`` (polygons, uncompressed or compressed RLE), the metadata says
+    ``"masks": true`` and each image whose annotations all have one gets ``segmentation``: compressed RLEs aligned
+    with ``boxes``, in stored pixels (data_pipeline.masks; ``resize`` scales them with the image). An image with an
+    annotation whose segmentation is missing or covers no pixel keeps its boxes without ``segmentation``; one
+    whose segmentation is malformed or in another frame is skipped, with the reason.
+
     Args:
         coco: the parsed instances json (``images``, ``annotations``, ``categories``).
         read_bytes: file_name -> encoded image bytes (raises OSError if missing).
@@ -443,6 +451,7 @@ def coco_source(
                           "'annotations' and 'categories' lists.") from e
     if not images:
         raise SourceError(f"The COCO json {source} lists no images.")
+    has_masks = any(ann.get("segmentation") for anns in by_image.values() for ann in anns)
     random.Random(seed).shuffle(images)
 
     def samples() -> Iterator[Sample | Skipped]:
@@ -470,9 +479,19 @@ def coco_source(
                 "iscrowd": [int(a.get("iscrowd", 0)) for a in anns],
                 "area": [float(a.get("area", a["bbox"][2] * a["bbox"][3])) * sx * sy for a in anns],
             }
+            if has_masks:
+                try:
+                    rles = [masks.to_rle(a.get("segmentation"), h0, w0) for a in anns]
+                except masks.MaskError as e:
+                    yield Skipped(name, f"a segmentation of image {info['id']}: {e}")
+                    continue
+                if all(r is not None for r in rles):
+                    target["segmentation"] = [masks.resize(r, img.width, img.height) for r in rles]
             yield Sample(img.data, img.ext, json=target)
 
     meta = {"kind": "detection", "source": source, "categories": categories}
+    if has_masks:
+        meta["masks"] = True
     return Source(meta, samples(), total=len(images))
 
 
@@ -492,7 +511,8 @@ def coco_file_source(path: Path, images: Path | None, *, seed: int = 0, resize: 
 
 
 def resize_samples(samples: Iterable[Sample | Skipped], resize: int) -> Iterator[Sample | Skipped]:
-    """Downscale samples produced in memory (embedded datasets), rescaling detection json like the COCO path."""
+    """Downscale samples produced in memory (embedded datasets), rescaling detection json (boxes, areas, masks) like
+    the COCO path."""
     for s in samples:
         if isinstance(s, Skipped):
             yield s
@@ -504,4 +524,6 @@ def resize_samples(samples: Iterable[Sample | Skipped], resize: int) -> Iterator
             target = {**target, "width": img.width, "height": img.height,
                       "boxes": [[x * sx, y * sy, w * sx, h * sy] for x, y, w, h in target["boxes"]],
                       "area": [a * sx * sy for a in target["area"]]}
+            if "segmentation" in target:
+                target["segmentation"] = [masks.resize(r, img.width, img.height) for r in target["segmentation"]]
         yield Sample(img.data, img.ext, s.cls, target)
