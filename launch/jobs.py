@@ -81,10 +81,12 @@ def _finetune_detr() -> Job:
 
 
 def _finetune_sam() -> Job:
-    from finetune.sam.task import SAMConfig, SAMTask, sam_encoder_features
+    from finetune.sam.task import SAMConfig, SAMTask
 
-    # the image encoder as a backbone (the whole SAM in segment-anything's layout: sam.safetensors + .json, extra)
-    return Job(SAMConfig, SAMTask, None, sam_encoder_features)
+    # the image encoder as a backbone (the whole SAM in segment-anything's layout: sam.safetensors + .json, extra);
+    # no feature comparison: the exported timm SAM ViT's block norms have timm's eps 1e-5 where the model (as
+    # segment-anything) has 1e-6, a difference of order 1e-5 (tests/test_sam.py compares them at 1e-3)
+    return Job(SAMConfig, SAMTask, None, None)
 
 
 def _finetune_ipt() -> Job:

@@ -135,3 +135,104 @@ def test_encoder_starts_from_a_plain_vit_export(tmp_path):
     assert torch.equal(encoder.pos_embed[0].flatten(0, 1), vit.pos_embed[0, 1:])   # same grid: rows unchanged
     assert task.spec.global_attn_indexes == [0, 1] and task.spec.window_size == 2
     assert task.model(torch.zeros(2, 3, 64, 64)).shape == (2, 32, 4, 4)
+
+
+@pytest.fixture(scope="module")
+def mask_shards(tmp_path_factory) -> dict[str, str]:
+    """Train and val shards written by data_pipeline.write from a COCO json with polygon masks: 8 (4) noisy 64-px
+    images with 1-2 bright squares or diamonds each; 2 shards per split."""
+    from PIL import Image
+
+    from data_pipeline.write import main as write_main
+
+    root = tmp_path_factory.mktemp("masks")
+    urls = {}
+    for split, n in (("train", 8), ("val", 4)):
+        rng = np.random.default_rng(len(split))
+        folder = root / split
+        folder.mkdir()
+        coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "shape"}]}
+        for i in range(n):
+            pixels = rng.integers(0, 60, (64, 64, 3), dtype=np.uint8)
+            coco["images"].append({"id": i, "file_name": f"{i}.png", "width": 64, "height": 64})
+            for j in range(1 + i % 2):
+                s, x, y = 20, 4 + 36 * j, int(rng.integers(4, 40))
+                polygon = [x, y, x + s, y, x + s, y + s, x, y + s] if j == 0 else \
+                    [x + s / 2, y, x + s, y + s / 2, x + s / 2, y + s, x, y + s / 2]
+                yy, xx = np.mgrid[:64, :64]
+                inside = (abs(xx + 0.5 - x - s / 2) + abs(yy + 0.5 - y - s / 2) <= s / 2) if j else \
+                    ((xx >= x) & (xx < x + s) & (yy >= y) & (yy < y + s))
+                pixels[inside] = (255, 200, 0)
+                coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i, "area": s * s,
+                                            "bbox": [x, y, s, s], "category_id": 1, "iscrowd": 0,
+                                            "segmentation": [polygon]})
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+        (folder / "instances.json").write_text(json.dumps(coco))
+        assert write_main([str(folder / "instances.json"), str(root / split / "shards"), "--maxcount", str(n // 2),
+                           "--quiet"]) == 0
+        urls[split] = str(root / split / "shards")
+    return urls
+
+
+TINY_SAM = ["model.img_size=64", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.window_size=2",
+            "model.global_blocks=[1]", "model.prompt_dim=32", "model.decoder_mlp_dim=64", "model.decoder_heads=2",
+            "model.iou_head_hidden_dim=32", "model.correction_points=1", "model.mask_only_rounds=1",
+            "model.eval_points=2"]
+
+
+def test_job_trains_evaluates_draws_and_its_export_predicts_in_segment_anything(tmp_path, mask_shards):
+    import timm
+
+    from launch import finetune_sam
+
+    args = TINY_SAM + [f"data.train={mask_shards['train']}", f"data.val={mask_shards['val']}", "data.batch_size=2",
+                       "data.num_workers=0", "optim.max_steps=2", "optim.warmup_steps=1", "log.every=1",
+                       "log.eval_every=2", "log.images_every=2", f"run.dir={tmp_path}", "run.name=t"]
+    assert finetune_sam.main(args) == 0
+    run = tmp_path / "finetune_sam" / "t"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val/miou_1pt" in r][-1]
+    assert val["val/masks"] == 6 and 0 <= val["val/miou_box"] <= 1 and "val/miou_2pt" in val
+    assert val["val/miou_1pt_oracle"] >= val["val/miou_1pt"]
+    assert any("train/dice" in r and "train/iou_first" in r for r in records)
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+
+    # the export: segment-anything's Sam through SamPredictor gives the task model's masks on the same image
+    export = run / "export"
+    spec, state, meta = read_sam_folder(export)
+    assert meta["registry"] is None and spec.img_size == 64
+    sam = load_segment_anything(spec, state)
+    task = SAMTask(SAMConfig(init=str(export), img_size=0))
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    point, label = np.array([[30.0, 20.0]]), np.array([1])
+    masks, scores, low_res = predictor.predict(point_coords=point, point_labels=label, multimask_output=True)
+    pixels = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(task.mean)[:, None, None], torch.tensor(task.std)[:, None, None]
+    with torch.no_grad():
+        embedding = task.model((pixels - mean)[None] / std)
+        logits, iou = task.model(embedding=embedding, points=(torch.tensor([[[30.0, 20.0]]]), torch.tensor([[1]])),
+                                 multimask=True)
+    torch.testing.assert_close(torch.from_numpy(low_res), logits[0], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(torch.from_numpy(scores), iou[0], atol=1e-3, rtol=1e-3)
+    # ... and the encoder alone loads in plain timm
+    encoder = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.forward_features((pixels - mean)[None] / std), embedding,
+                                   atol=1e-3, rtol=1e-3)
+    assert set(load_file(str(export / "sam.safetensors"))) == set(sam.state_dict())
+
+
+@pytest.mark.parametrize("argv,named", [(["model.init=/nonexistent/mae"], "model.init=/nonexistent/mae"),
+                                        (["model.prompt_dim=20"], "model.prompt_dim=20"),
+                                        (["model.box_prob=2"], "model.box_prob")])
+def test_bad_config_exits_2_naming_the_key(argv, named, caplog):
+    import logging
+
+    from launch import finetune_sam
+
+    with caplog.at_level(logging.ERROR):
+        assert finetune_sam.main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and named in errors[0] and "Traceback" not in errors[0], errors

@@ -502,9 +502,3 @@ def draw_prompts(image: Tensor, gt: Tensor, pred: Tensor, coords: Tensor | None,
         canvas = draw_bounding_boxes(canvas, box.cpu().round(), colors=[BOX_COLOR], width=max(1, radius // 2))
     return canvas.float() / 255.0
 
-
-def sam_encoder_features(model: nn.Module, imgs: Tensor) -> Tensor:
-    """The image embeddings [N, C, S/p, S/p] (after the neck) for imgs [N, 3, S, S], equal to the exported timm
-    model's `forward_features(imgs)` (what launch/convert_checkpoint.py compares; the block norms' eps is timm SAM's
-    1e-5 there, 1e-6 here: a difference of order 1e-5)."""
-    return model.embed(imgs)
