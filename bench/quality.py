@@ -21,6 +21,9 @@ The claims (issue 11):
          ResNet-18, both from scratch with the same recipe, image size and epochs (top-1 on the held-out split).
 7. simmim: SimMIM pretraining of a small Swin, then finetuning, against the same Swin finetuned from its
          initialisation (issue 21), pretraining repeated per seed.
+8. sam:  SAM (finetune_sam) with an MAE-pretrained image encoder against the same encoder from scratch: mIoU from one
+         click and from the box on the emoji set's held-out instance masks (issue 23); the MAE backbone is claim 4's
+         recipe (and claim 4's own run when both are planned).
 
 Every job is a subprocess of its launch script (`python launch/<job>.py key=value ...`); its stdout and stderr go to
 WORKDIR/logs/<step>.log, its run directory to WORKDIR/runs/<job>/<name>/ (`run.dir=`, `run.name=`), converted
@@ -76,7 +79,7 @@ RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 RESULTS_DIR = ROOT / "bench" / "results"
 BEGIN_MARKER = "<!-- quality:begin -->"
 END_MARKER = "<!-- quality:end -->"
-CLAIMS = ("mae", "beit", "deit", "detr", "ipt", "vt", "simmim")
+CLAIMS = ("mae", "beit", "deit", "detr", "ipt", "vt", "simmim", "sam")
 CLAIM_TITLES = {
     "mae": "1. MAE: pretrain -> finetune vs scratch; linear probe vs random features",
     "beit": "2. BEiT with the project's dVAE tokenizer",
@@ -85,6 +88,7 @@ CLAIM_TITLES = {
     "ipt": "5. IPT: restoration gain; multi-task pretrained body vs single-task scratch",
     "vt": "6. VT-ResNet-18 vs ResNet-18 from scratch, same budget",
     "simmim": "7. SimMIM on a Swin: pretrain -> finetune vs scratch",
+    "sam": "8. SAM: MAE-pretrained image encoder vs scratch (emoji instance masks)",
 }
 # The plot's panels: one per claim, BEiT's tokenizer on its own (dB and % do not share an axis).
 PANEL_TITLES = {**CLAIM_TITLES, "beit tokenizer": "2b. BEiT's dVAE tokenizer: reconstruction on the held-out split"}
@@ -133,6 +137,9 @@ class QualityPreset:
     simmim_pretrain: tuple[str, ...] = ()  # pretrain_simmim (tiny preset) on the classification set's images
     simmim_init: tuple[str, ...] = ()     # pretrain_simmim run that trains nothing: the Swin at its initialisation
     simmim_finetune: tuple[str, ...] = ()  # finetune_cls (tiny preset): both Swin arms
+    # --- claim 8 (sam): finetune_sam (tiny preset: the emoji masks) on claim 4's MAE backbone recipe ---
+    sam: tuple[str, ...] = ()             # finetune_sam keys of both arms
+    sam_scratch: tuple[str, ...] = ()     # finetune_sam keys of the scratch arm (the backbone's geometry)
 
 
 # Quiet runs: no intermediate checkpoints, pictures or evaluations unless a stage asks for them.
@@ -210,6 +217,13 @@ CPU = QualityPreset(
     # the tiny preset's 0.75 both arms were still near 45% and within each other's seed noise
     simmim_finetune=("model.img_size=32", "model.layer_decay=0.9", "optim.epochs=10", "ckpt.best_metric=",
                      "ckpt.every=0", "log.every=23", "log.eval_every_epoch=false"),
+    # finetune_sam's tiny preset (the emoji masks at 128 px; its encoder geometry is the MAE backbone's: 4 x 192,
+    # windows of 4, blocks 1 and 3 global) for 300 steps of 8 images at lr 4e-4, 2 rounds per mask (the first prompt
+    # and one correction point) instead of the preset's 4, evaluated once at the end (1 click, box, 3 clicks)
+    sam=("optim.max_steps=300", "optim.warmup_steps=30", "optim.base_lr=1.28e-2", "model.correction_points=1",
+         "model.mask_only_rounds=0", "model.eval_points=3", "log.every=50", "log.eval_every=0",
+         "log.images_every=0", "ckpt.best_metric=", "ckpt.every=0"),
+    sam_scratch=("model.init=scratch",),
 )
 
 GPU = QualityPreset(
@@ -263,6 +277,11 @@ GPU = QualityPreset(
     simmim_init=QUIET + ("optim.max_steps=1", "optim.lr=0", "optim.base_lr=0", "optim.warmup_steps=0", "data.val="),
     simmim_finetune=("model.img_size=32", "model.layer_decay=0.9", "data.batch_size=256", "data.num_workers=8",
                      "optim.epochs=10", "ckpt.best_metric=", "ckpt.every=0", "log.every=50"),
+    # the detection backbone's 12 x 384 geometry with ViTDet's 4 global blocks, the paper's 11 rounds per mask
+    sam=("model.global_blocks=[2,5,8,11]", "data.batch_size=32", "data.num_workers=8", "optim.max_steps=5000",
+         "optim.warmup_steps=250", "model.correction_points=8", "model.mask_only_rounds=2", "model.eval_points=3",
+         "log.every=50", "log.eval_every=0", "log.images_every=0", "ckpt.best_metric=", "ckpt.every=0"),
+    sam_scratch=("model.init=scratch", "model.embed_dim=384", "model.depth=12", "model.num_heads=6"),
 )
 
 PRESETS: dict[str, QualityPreset] = {"cpu": CPU, "gpu": GPU}
@@ -356,6 +375,8 @@ class Planner:
 
     def __init__(self, preset: QualityPreset, layout: Layout, seeds: Sequence[int]) -> None:
         self.p, self.layout, self.seeds = preset, layout, list(seeds)
+        # claim 4's MAE backbones by seed, which claim 8 reuses when both are planned
+        self.mae_detection_backbones: dict[int | None, str] = {}
         self.steps: list[Step] = []
         self.comparisons: list[Comparison] = []
 
@@ -393,7 +414,7 @@ class Planner:
         for claim in claims:
             base = {"mae": self.p.cls_data, "beit": self.p.cls_data, "deit": self.p.cls_data,
                     "detr": self.p.det_data, "ipt": self.p.photos_data, "vt": self.p.cls_data,
-                    "simmim": self.p.cls_data}[claim]
+                    "simmim": self.p.cls_data, "sam": self.p.det_data}[claim]
             names += [n for n in (base, base + "_val") if n not in names]
         for name in names:
             argv = [sys.executable, "-m", "data_pipeline.write", f"embedded:{name}", self.layout.shards(name),
@@ -498,6 +519,27 @@ class Planner:
                           Read(arm, "AR@100 (%)", "val/mar100", 100.0)], base_preset=p.detr_preset)
         self.comparisons += [Comparison("detr", f, ("MAE backbone -> DETR", "scratch backbone -> DETR"), f)
                              for f in (ap, ap50)]
+        self.mae_detection_backbones = backbones
+
+    def sam(self) -> None:
+        p, det = self.p, self.p.det_data
+        backbones = dict(self.mae_detection_backbones)
+        if not backbones:   # claim 4's MAE pretraining on the detection images, unless claim 4 already runs it
+            for seed in self.pretrain_seeds("sam"):
+                run = self.job("sam", "pretrain", "pretrain_mae", seed, _data(self.layout, det) + list(p.detr_backbone),
+                               [Read("MAE pretraining (detection images)", "val masked-patch loss", "val/loss")])
+                backbones[seed] = self.convert("sam", "pretrain", seed, run)
+        figures = (("1-point mIoU (%)", "val/miou_1pt"), ("box mIoU (%)", "val/miou_box"))
+        for seed in self.seeds:
+            arms = (("pretrained", "MAE encoder -> SAM", [f"model.init={self.pick(backbones, seed)}"]),
+                    ("scratch", "scratch encoder -> SAM", list(p.sam_scratch)))
+            for stage, arm, init in arms:
+                reads = [Read(arm, f, key, 100.0) for f, key in figures]
+                reads += [Read(arm, "1-point oracle mIoU (%)", "val/miou_1pt_oracle", 100.0),
+                          Read(arm, "3-point mIoU (%)", "val/miou_3pt", 100.0)]
+                self.job("sam", stage, "finetune_sam", seed, init + _data(self.layout, det) + list(p.sam), reads)
+        self.comparisons += [Comparison("sam", f, ("MAE encoder -> SAM", "scratch encoder -> SAM"), f)
+                             for f, _ in figures]
 
     def ipt(self) -> None:
         p, photos = self.p, self.p.photos_data
