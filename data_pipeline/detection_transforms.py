@@ -116,9 +116,10 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
 
 class RandomSizeCrop:
     """A random crop of width in [min_size, min(W, max_size)] and height in [min_size, min(H, max_size)], anywhere
-    in the image (DETR's RandomSizeCrop); boxes cropped with the pixels (clipped to the window). With masks, boxes
-    are recomputed from the cropped masks, as detectron2's DatasetMapper does with `recompute_boxes` (a box the
-    crop cuts is loose around what is left of its object); a box whose mask left the window is then dropped."""
+    in the image (DETR's RandomSizeCrop); boxes cropped with the pixels (clipped to the window). With masks, a box
+    the crop cuts becomes the box of what is left of its mask (within the clipped box), as detectron2's DatasetMapper
+    does with `recompute_boxes`: the clipped box is loose around a cut object; one whose mask left the window is
+    then empty and dropped. Boxes the crop does not cut are kept as they are."""
 
     def __init__(self, min_size: int, max_size: int) -> None:
         self.min_size, self.max_size = min_size, max_size
@@ -129,10 +130,21 @@ class RandomSizeCrop:
         ch = random.randint(min(self.min_size, h), min(h, self.max_size))
         top, left = random.randint(0, h - ch), random.randint(0, w - cw)
         target = dict(target)
-        target["boxes"] = F.clamp_bounding_boxes(F.crop(target["boxes"], top, left, ch, cw))
-        if "masks" in target:  # a box the crop cuts is loose around what is left of its object: the mask's box
+        boxes = F.clamp_bounding_boxes(F.crop(target["boxes"], top, left, ch, cw))
+        if "masks" in target:
             target["masks"] = F.crop(target["masks"], top, left, ch, cw)
-            target["boxes"] = tv_tensors.wrap(mask_boxes(target["masks"]), like=target["boxes"])
+            # a box the crop cut is loose around what is left of its object: its mask's box, within the clipped box
+            moved = target["boxes"].as_subclass(torch.Tensor) - torch.tensor([left, top, 0.0, 0.0])
+            cut = (boxes.as_subclass(torch.Tensor) != moved).any(1)
+            if cut.any():
+                clipped = box_convert(boxes.as_subclass(torch.Tensor)[cut], "xywh", "xyxy")
+                tight = box_convert(mask_boxes(target["masks"][cut]), "xywh", "xyxy")
+                low = torch.maximum(tight[:, :2], clipped[:, :2])
+                high = torch.maximum(torch.minimum(tight[:, 2:], clipped[:, 2:]), low)  # mask gone: an empty box
+                fixed = boxes.as_subclass(torch.Tensor).clone()
+                fixed[cut] = box_convert(torch.cat([low, high], 1), "xyxy", "xywh")
+                boxes = tv_tensors.wrap(fixed, like=boxes)
+        target["boxes"] = boxes
         return F.crop(image, top, left, ch, cw), target
 
 

@@ -6,7 +6,8 @@ inside pip wheels or a Debian package (see shared/research/offline-datasets.md),
 error that names the install command. ``python -m data_pipeline.write embedded:NAME OUT_URL`` writes the same
 samples to any URL.
 
-The names and what they hold are in :data:`REGISTRY`; ``NAME_val`` is always the held-out split of ``NAME``.
+The names and what they hold are in :data:`REGISTRY`; ``NAME_val`` is always the held-out split of ``NAME``
+(``nuclei_val`` is held out only: there is no training split).
 
 * ``photos`` / ``photos_val``: 96x96 JPEG tiles (quality 95) cut at random positions and four scales from the
   natural photographs bundled with scikit-image, scikit-learn and matplotlib. Unlabelled; each tile's json
@@ -21,8 +22,19 @@ The names and what they hold are in :data:`REGISTRY`; ``NAME_val`` is always the
   of other sites, OSBS_029 (61 boxes) and SOAP_061 (37 boxes, "Alive" and "Dead" trees, both "tree" here), held
   out as their 200x200 quadrants (8 images in 8 shards, so 2 ranks x 2 workers can read them in epoch mode).
 * ``emoji`` / ``emoji_val``: 1-3 of 8 Noto colour emoji glyphs (Debian ``fonts-noto-color-emoji``), flipped, rotated
-  and scaled to 32-64 px, composited without overlap onto 128-px crops of the bundled photographs; each box is its
-  glyph's visible pixels, so boxes are exact. Validation: the held-out photographs, placements of its own.
+  and scaled to 32-64 px, composited without overlap onto 128-px crops of the bundled photographs; each box is the
+  extent of its glyph's visible pixels (alpha > 0) and its instance mask (COCO RLE, data_pipeline.masks) those
+  pixels, so boxes and masks are exact (the antialiased rim, alpha < 50%, is about 17% of a mask). Validation: the
+  held-out photographs, placements of its own. Version 2 added the masks; the images and boxes are version 1's.
+* ``nuclei_val``: a real held-out instance-segmentation set: the DSB 2018 fluorescence image that the stardist wheel
+  bundles (``stardist/data/images/img2d.tif``, 512x512 grey, and ``mask2d.tif``, its label map of 125 nuclei), cut
+  into 16 tiles of 128 px (16 shards); one COCO RLE mask per nucleus, boxes from the masks, one category
+  "nucleus". A nucleus the tile edges cut is kept in the tile with its largest part, and in any other where at
+  least 40% of it is (and 4 px each way); the slivers left over are unlabelled, so every nucleus is in some tile.
+  Read with tifffile from the installed package's folder, without importing stardist (which imports TensorFlow):
+  ``pip install --no-deps stardist``. Licences: stardist is BSD-3-Clause (its wheel's LICENSE.txt); the image and
+  its annotation come from the 2018 Data Science Bowl stage-1 training set, published by the Broad Institute as
+  BBBC038v1 (Caicedo et al., Nature Methods 16, 1247-1253, 2019; bbbc.broadinstitute.org/BBBC038) under CC0 1.0.
 """
 from __future__ import annotations
 
@@ -50,6 +62,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data_pipeline import masks
 from data_pipeline.shard_writer import (INDEX_NAME, Sample, Source, SourceError, coco_source, encode_image,
                                         write_shards)
 
@@ -444,10 +457,14 @@ def _emoji_source(split: str, seed: int) -> Source:
         file_name = f"emoji_{split}_{i:05d}.jpg"
         coco["images"].append({"id": i + 1, "file_name": file_name, "width": EMOJI_SIZE, "height": EMOJI_SIZE})
         for ch, sprite, x, y in objects:
+            # the mask: every pixel the glyph reaches (alpha > 0), whose extent the box is
+            mask = np.zeros((EMOJI_SIZE, EMOJI_SIZE), bool)
+            mask[y:y + sprite.height, x:x + sprite.width] = np.asarray(sprite.getchannel("A")) > 0
             coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1,
                                         "bbox": [float(x), float(y), float(sprite.width), float(sprite.height)],
                                         "category_id": class_id[ch], "iscrowd": 0,
-                                        "area": float(sprite.width * sprite.height)})
+                                        "area": float(sprite.width * sprite.height),
+                                        "segmentation": masks.encode(mask)})
         plans[file_name] = (name, (x0, y0, side), objects)
 
     def read(file_name: str) -> bytes:
@@ -461,6 +478,81 @@ def _emoji_source(split: str, seed: int) -> Source:
     src = coco_source(coco, read, seed=seed, source=f"Noto Color Emoji glyphs ({EMOJI_FONT}) composited onto "
                       f"{', '.join(names)}")
     src.metadata["num_boxes"] = len(coco["annotations"])
+    return src
+
+
+# ----------------------------------------------------------------------------------------------- nuclei
+
+NUCLEI_TILE = 128          # the 512x512 image cut into 16 tiles: several samples (and shards), objects at model size
+# a nucleus cut by a tile's edge is kept where its largest part is, and in any tile that holds this much of it and
+# where it spans this many pixels each way
+NUCLEI_MIN_KEPT_AREA = 0.4
+NUCLEI_MIN_SIDE = 4
+
+
+def stardist_images_dir() -> Path:
+    """stardist's bundled image folder, found without importing stardist (its __init__ imports TensorFlow)."""
+    spec = importlib.util.find_spec("stardist")
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError("The nuclei set reads the DSB 2018 image bundled in the stardist wheel, which is not "
+                          "installed: pip install --no-deps stardist")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "images"
+
+
+def _nuclei_source(seed: int) -> Source:
+    import tifffile
+
+    folder = stardist_images_dir()
+    try:
+        image, labels = tifffile.imread(folder / "img2d.tif"), tifffile.imread(folder / "mask2d.tif")
+    except OSError as e:
+        raise SourceError(f"Cannot read stardist's DSB 2018 image in {folder} ({e}); reinstall it: "
+                          "pip install --no-deps --force-reinstall stardist") from e
+    if image.ndim != 2 or image.shape != labels.shape:
+        raise SourceError(f"{folder}: img2d.tif {image.shape} and mask2d.tif {labels.shape} are not one 2-D image "
+                          "and its label map; this stardist version ships other data")
+    # 8-bit values in a uint16 file (0-235); a wider range is scaled, never clipped
+    peak = int(image.max())
+    grey = (image if peak <= 255 else image.astype(np.float64) * (255.0 / peak)).astype(np.uint8)
+    pixels = np.repeat(grey[..., None], 3, axis=2)
+    sizes = np.bincount(labels.ravel())
+    coco: dict[str, Any] = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "nucleus"}]}
+    tiles: dict[str, tuple[int, int]] = {}
+    h, w = labels.shape
+    # the tile that holds the largest part of each nucleus: that part is kept whatever its size
+    tile_ids = (np.arange(h)[:, None] // NUCLEI_TILE) * (-(-w // NUCLEI_TILE)) + np.arange(w)[None, :] // NUCLEI_TILE
+    parts = np.zeros((labels.max() + 1, tile_ids.max() + 1), np.int64)
+    np.add.at(parts, (labels.ravel(), tile_ids.ravel()), 1)
+    home = parts.argmax(1)
+    dropped = 0
+    for y0 in range(0, h, NUCLEI_TILE):
+        for x0 in range(0, w, NUCLEI_TILE):
+            tile = labels[y0:y0 + NUCLEI_TILE, x0:x0 + NUCLEI_TILE]
+            file_name = f"dsb2018_x{x0}_y{y0}.png"
+            image_id = len(coco["images"]) + 1
+            coco["images"].append({"id": image_id, "file_name": file_name, "width": tile.shape[1],
+                                   "height": tile.shape[0]})
+            tiles[file_name] = (x0, y0)
+            for label in np.unique(tile[tile > 0]):
+                mask = tile == label
+                ys, xs = np.nonzero(mask)
+                box = [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
+                sliver = mask.sum() < NUCLEI_MIN_KEPT_AREA * sizes[label] or min(box[2:]) < NUCLEI_MIN_SIDE
+                if sliver and home[label] != tile_ids[y0, x0]:
+                    dropped += 1  # a sliver of a nucleus whose larger part is in another tile
+                    continue
+                coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id, "bbox": box,
+                                            "category_id": 1, "iscrowd": 0, "area": float(mask.sum()),
+                                            "segmentation": masks.encode(mask)})
+
+    def read(file_name: str) -> bytes:
+        x0, y0 = tiles[file_name]
+        return encode_image(Image.fromarray(pixels[y0:y0 + NUCLEI_TILE, x0:x0 + NUCLEI_TILE]), "png")[0]  # lossless
+
+    src = coco_source(coco, read, seed=seed, source=f"stardist's DSB 2018 nuclei image ({folder}/img2d.tif, "
+                      f"mask2d.tif), {NUCLEI_TILE}px tiles")
+    src.metadata.update({"num_boxes": len(coco["annotations"]), "nuclei": int((sizes[1:] > 0).sum()),
+                         "dropped_slivers": dropped})
     return src
 
 
@@ -487,16 +579,20 @@ REGISTRY: dict[str, EmbeddedDataset] = {
         "Fashion-MNIST test (10,000)", partial(_fashion_source, "val"), shards=16, prefix="val"),
     "emoji": EmbeddedDataset(
         f"{EMOJI_TRAIN_IMAGES} {EMOJI_SIZE}px photos with 1-3 of {len(EMOJI_CLASSES)} emoji classes composited, exact "
-        "boxes; needs apt-get install fonts-noto-color-emoji", partial(_emoji_source, "train"), shards=16),
+        "boxes and masks; needs apt-get install fonts-noto-color-emoji", partial(_emoji_source, "train"), shards=16,
+        version=2),
     "emoji_val": EmbeddedDataset(
         f"{EMOJI_VAL_IMAGES} such images on the held-out photos ({', '.join(VAL_PHOTOS)}), other placements",
-        partial(_emoji_source, "val"), shards=16, prefix="val"),
+        partial(_emoji_source, "val"), shards=16, prefix="val", version=2),
     "trees": EmbeddedDataset(
         f"tree-crown boxes: {TREE_TILE}px tiles of 2 YELL aerial images; pip install --no-deps deepforest",
         partial(_trees_source, "train"), shards=16),
     "trees_val": EmbeddedDataset(
         f"tree-crown boxes: {TREE_VAL_TILE}px quadrants of deepforest's OSBS_029 and SOAP_061 (400px, 61 + 37 "
         "boxes), held out", partial(_trees_source, "val"), shards=8, prefix="val", version=2),
+    "nuclei_val": EmbeddedDataset(
+        f"DSB 2018 fluorescence nuclei with instance masks: {NUCLEI_TILE}px tiles of stardist's 512px image (125 "
+        "nuclei), held out only; pip install --no-deps stardist", _nuclei_source, shards=16, prefix="val"),
 }
 
 

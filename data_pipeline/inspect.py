@@ -7,8 +7,11 @@ Prints the shards, samples, bytes and index.json metadata, then the epoch-mode p
 workers: the shards, samples, batches and padding of each rank and worker, with a warning where they are
 unbalanced. `--keys` lists the sample keys each rank and worker reads (in tar order; training reorders them in
 its shuffle buffer). `--verify` reads and decodes every sample exactly as a job does and reports the bad ones by
-key and reason. `--json` prints the same report as JSON. The plan comes from `data_pipeline.shards.plan_epoch`,
-the function the training stream itself calls, so what this prints is what a job with the same settings reads.
+key and reason; in detection sets with instance masks it also decodes every mask (COCO RLE) and checks that it is
+the stored image's size, not empty and within a few pixels of its box (data_pipeline.masks.problem), and counts the
+samples, masks and boxes and the masks' mean share of their image. `--json` prints the same report as JSON. The
+plan comes from `data_pipeline.shards.plan_epoch`, the function the training stream itself calls, so what this
+prints is what a job with the same settings reads.
 
 Exit status: 0; 1 when the shards cannot be split for the job (epoch mode), --verify found bad samples, or the
 URL could not be read after the retries (network: it may work later); 2 for what the command or the dataset
@@ -27,6 +30,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from data_pipeline import masks
 from data_pipeline.shard_writer import SourceError
 from data_pipeline.shards import (REQUIRABLE, DatasetIndex, DatasetInputError, EpochPlan, ShardInfo, ShardReader,
                                   is_remote, load_index, plan_epoch, redact_credentials)
@@ -41,10 +45,37 @@ PADDING_FRACTION = 0.10  # warn when padding exceeds this fraction of the sample
 
 @dataclass
 class ShardScan:
-    """The keys of one shard in tar order (bad samples included), and the bad samples found."""
+    """The keys of one shard in tar order (bad samples included), the bad samples found, and the mask counts
+    (samples with a segmentation, masks, boxes in them, the sum of each mask's share of its image)."""
 
     keys: list[str] = field(default_factory=list)
     bad: list[dict[str, Any]] = field(default_factory=list)
+    mask_samples: int = 0
+    masks: int = 0
+    mask_boxes: int = 0
+    mask_cover: float = 0.0
+
+
+def mask_problem(sample: dict[str, Any], scan: ShardScan) -> str | None:
+    """Check a decoded detection sample's masks (counted into `scan`): what is wrong with the first bad one, or None."""
+    meta = sample.get("json")
+    if not isinstance(meta, dict) or "segmentation" not in meta:
+        return None
+    rles, boxes = meta["segmentation"], meta.get("boxes") or []
+    scan.mask_samples += 1
+    scan.mask_boxes += len(boxes)
+    if not isinstance(rles, list) or len(rles) != len(boxes):
+        return f"{len(rles) if isinstance(rles, list) else 'no list of'} masks for {len(boxes)} boxes"
+    width, height = sample["image"].size
+    if (meta.get("width"), meta.get("height")) != (width, height):
+        return f"the json says {meta.get('width')}x{meta.get('height')}, the image is {width}x{height}"
+    for i, (rle, box) in enumerate(zip(rles, boxes)):
+        problem = masks.problem(rle, width, height, box)
+        if problem is not None:
+            return f"mask {i}: {problem}"
+        scan.masks += 1
+        scan.mask_cover += masks.area(rle) / (width * height)
+    return None
 
 
 def scan_shard(shard: ShardInfo, reader: ShardReader, decode: bool) -> ShardScan:
@@ -60,10 +91,14 @@ def scan_shard(shard: ShardInfo, reader: ShardReader, decode: bool) -> ShardScan
         scan.keys.append(sample["__key__"])
         if decode:
             try:
-                decode_sample(sample)
+                problem = mask_problem(decode_sample(sample), scan)
             except SkipSample as skip:
                 scan.bad.append({"key": sample["__key__"], "url": shard.url, "reason": skip.reason,
                                  "detail": skip.detail, "count": 1})
+                continue
+            if problem is not None:  # the reason the detection transforms skip it under
+                scan.bad.append({"key": sample["__key__"], "url": shard.url, "reason": "corrupt_mask",
+                                 "detail": problem, "count": 1})
     return scan
 
 
@@ -115,7 +150,9 @@ def inspect_dataset(url: str | Sequence[str], *, world_size: int = 1, num_worker
 
     Keys: url, counted (no index.json: samples were counted), shards, samples, bytes, metadata, shard_list,
     plan (None when the shards cannot be split: see plan_error), plan_error, warnings, and with `verify`:
-    verify = {"checked", "bad": [{"key", "url", "reason", "detail", "count"}], "by_reason"}.
+    verify = {"checked", "bad": [{"key", "url", "reason", "detail", "count"}], "by_reason"} plus, for a set with
+    masks, "masks": {"samples" (with a segmentation), "masks" (good ones), "boxes" (in those samples),
+    "mean_cover" (a good mask's mean share of its image)}.
 
     Raises:
         DatasetInputError: the URL or the dataset must be fixed (data_pipeline.shards), SourceError: an embedded
@@ -151,6 +188,12 @@ def inspect_dataset(url: str | Sequence[str], *, world_size: int = 1, num_worker
             by_reason[entry["reason"]] = by_reason.get(entry["reason"], 0) + entry["count"]
         report["verify"] = {"checked": sum(len(scan.keys) for scan in scans.values()), "bad": bad,
                             "by_reason": by_reason}
+        mask_samples = sum(scan.mask_samples for scan in scans.values())
+        if mask_samples or index.metadata.get("masks"):
+            count = sum(scan.masks for scan in scans.values())
+            report["verify"]["masks"] = {
+                "samples": mask_samples, "masks": count, "boxes": sum(scan.mask_boxes for scan in scans.values()),
+                "mean_cover": sum(scan.mask_cover for scan in scans.values()) / max(1, count)}
     return report
 
 
@@ -207,6 +250,11 @@ def format_report(report: dict[str, Any]) -> str:
         bad_count = sum(verify["by_reason"].values())
         lines.append(f"verify: {verify['checked']} samples read, {bad_count} bad"
                      + (f" {json.dumps(verify['by_reason'], sort_keys=True)}" if bad_count else ""))
+        if "masks" in verify:
+            m = verify["masks"]
+            lines.append(f"masks: {m['samples']} of {verify['checked']} samples carry masks; {m['masks']} good masks "
+                         f"for {m['boxes']} boxes in them; a mask covers {100 * m['mean_cover']:.1f}% of its image "
+                         "on average")
         for entry in verify["bad"]:
             key = entry["key"] if entry["key"] is not None else f"({entry['count']} sample(s))"
             lines.append(f"  BAD {key}  {entry['reason']}  {_short(entry['url'], base)}  {entry['detail']}")

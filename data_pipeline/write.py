@@ -7,7 +7,9 @@ SOURCE is one of:
 
 * an ImageFolder directory: one sub-folder per class, classes numbered in sorted order (``cls`` member);
 * a COCO instances ``.json`` (images under ``--images DIR``, default: the json's folder): each sample carries
-  its boxes, category ids, image id and size in its ``json`` member (COCO xywh, pixels of the stored image);
+  its boxes, category ids, image id and size in its ``json`` member (COCO xywh, pixels of the stored image), and
+  when the annotations have ``segmentation`` (polygons or RLE), one compressed COCO RLE mask per box
+  (data_pipeline.masks; ``--resize`` scales masks with the image);
 * a folder of unlabelled images (no sub-folders, or any folder with ``--unlabelled``);
 * ``embedded:NAME``: one of the datasets built from data that ships inside packages (data_pipeline.embedded).
 

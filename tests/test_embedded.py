@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline import embedded
+from data_pipeline import embedded, masks
 from data_pipeline.write import SourceError, main
 
 
@@ -191,11 +191,16 @@ def test_emoji_detection_set(cache):
     assert all(n in meta["source"] for n in embedded.VAL_PHOTOS)
     assert not any(n in meta["source"] for n in embedded.photo_names("train"))
     per_image, classes = [], collections.Counter()
+    assert meta["masks"] is True and meta["embedded"]["version"] == 2
     for s in val:
         t = json.loads(s["json"])
         assert Image.open(io.BytesIO(s["jpg"])).size == (t["width"], t["height"]) == (embedded.EMOJI_SIZE,) * 2
         per_image.append(len(set(t["category_ids"])))
         classes.update(t["category_ids"])
+        # one exact mask per box: the glyph's pixels, whose extent is the box; no two overlap
+        stack = masks.decode_stack(t["segmentation"], t["height"], t["width"])
+        assert len(stack) == len(t["boxes"]) and (stack.sum(0) <= 1).all()
+        assert [masks.bbox(r) for r in t["segmentation"]] == t["boxes"]
     assert set(classes) == {c["id"] for c in meta["categories"]}  # every class is in the validation set
     assert np.mean([n >= 2 for n in per_image]) > 0.5              # most images hold several classes
     assert sum(classes.values()) == meta["num_boxes"]
@@ -205,3 +210,37 @@ def test_emoji_without_the_font_names_the_package(cache, monkeypatch):
     monkeypatch.setattr(embedded, "EMOJI_FONT", cache / "NotoColorEmoji.ttf")
     with pytest.raises(SourceError, match="apt-get install fonts-noto-color-emoji"):
         embedded.resolve("embedded:emoji_val")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("stardist") is None, reason="pip install --no-deps stardist")
+def test_nuclei_masks_are_the_label_map(cache):
+    """nuclei_val: 16 tiles of 128 px of stardist's DSB 2018 image; each tile's pixels are img2d.tif's and each of
+    its masks is exactly one label of mask2d.tif in that tile, with its box; every nucleus is in some tile."""
+    import tifffile
+
+    folder = embedded.stardist_images_dir()
+    image, labels = tifffile.imread(folder / "img2d.tif"), tifffile.imread(folder / "mask2d.tif")
+    index, val = _samples(Path(embedded.resolve("embedded:nuclei_val")))
+    meta = index["metadata"]
+    assert index["num_samples"] == len(index["shards"]) == 16
+    assert meta["categories"] == [{"id": 1, "name": "nucleus"}] and meta["masks"] is True and meta["nuclei"] == 125
+    found, boxes = set(), 0
+    for s in val:
+        t = json.loads(s["json"])
+        x0, y0 = (int(v[1:]) for v in t["file_name"].removesuffix(".png").split("_")[1:])
+        pixels = np.asarray(Image.open(io.BytesIO(s["png"])))
+        assert pixels.shape == (128, 128, 3) and (pixels[..., 0] == image[y0:y0 + 128, x0:x0 + 128]).all()
+        tile = labels[y0:y0 + 128, x0:x0 + 128]
+        for rle, box in zip(t["segmentation"], t["boxes"]):
+            mask = masks.decode(rle).astype(bool)
+            (label,) = np.unique(tile[mask])
+            assert label > 0 and (mask == (tile == label)).all() and masks.bbox(rle) == box
+            found.add(int(label))
+        boxes += len(t["boxes"])
+    assert boxes == meta["num_boxes"] and len(found) == 125
+
+
+def test_nuclei_without_stardist_names_the_install(cache, monkeypatch):
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SourceError, match="pip install --no-deps stardist"):
+        embedded.resolve("embedded:nuclei_val")
