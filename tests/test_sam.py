@@ -236,3 +236,22 @@ def test_bad_config_exits_2_naming_the_key(argv, named, caplog):
         assert finetune_sam.main(argv) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and named in errors[0] and "Traceback" not in errors[0], errors
+
+
+def test_bf16_model_trains_with_fp32_prompt_positions():
+    """DeepSpeed's bf16 casts every weight and buffer; segment-anything computes prompt positions in fp32."""
+    from torchvision.ops import masks_to_boxes
+
+    torch.manual_seed(0)
+    task = SAMTask(SAMConfig(img_size=64, embed_dim=32, depth=2, num_heads=2, window_size=2, prompt_dim=32,
+                             decoder_mlp_dim=64, decoder_heads=2, iou_head_hidden_dim=32, correction_points=1))
+    model = task.model.to(torch.bfloat16)
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[0, 10:30, 20:40] = masks[1, 40:60, 30:50] = True
+    batch = {"image": torch.randn(2, 3, 64, 64).bfloat16(),
+             "targets": [{"masks": masks, "boxes": masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0])}] * 2}
+    loss, metrics = task.training_step(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.mask_decoder.iou_token.weight.grad is not None
+    assert model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype == torch.float32
+    assert task.evaluate(model, [batch])["masks"] == 4

@@ -139,9 +139,18 @@ class SamModel(nn.Module):
         0 negative); boxes [P, 4] xyxy input pixels; mask_input [P, 1, 4g, 4g] logits of a previous round;
         M = 3 with multimask (the ambiguity-aware outputs), else 1.
         """
+        # mixed precision (DeepSpeed casts every weight and buffer): segment-anything computes the prompts' Fourier
+        # positions in fp32 (coordinates at 1024 px need more than bf16's 8 bits), so its random matrix stays fp32,
+        # and what the prompt encoder gives is cast to the embedding's dtype for the decoder
+        pe = self.prompt_encoder.pe_layer
+        if pe.positional_encoding_gaussian_matrix.dtype != torch.float32:
+            pe.positional_encoding_gaussian_matrix = pe.positional_encoding_gaussian_matrix.float()
+        if mask_input is not None:
+            mask_input = mask_input.to(self.prompt_encoder.mask_downscaling[0].weight.dtype)
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        return self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
-                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+        dtype = embedding.dtype
+        return self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe().to(dtype),
+                                 sparse_prompt_embeddings=sparse.to(dtype), dense_prompt_embeddings=dense.to(dtype),
                                  multimask_output=multimask)
 
     def forward(self, images: Tensor | None = None, **prompts: Any) -> Any:
