@@ -255,3 +255,18 @@ def test_bf16_model_trains_with_fp32_prompt_positions():
     assert torch.isfinite(loss) and model.mask_decoder.iou_token.weight.grad is not None
     assert model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.dtype == torch.float32
     assert task.evaluate(model, [batch])["masks"] == 4
+
+
+def test_presets_parse():
+    from launch.runtime import config
+
+    cfg, args = config.parse_args("finetune_sam", SAMConfig, [])
+    assert args.preset == "tiny" and cfg.data.train == "embedded:emoji" and cfg.model.img_size == 128
+    cfg, _ = config.parse_args("finetune_sam", SAMConfig, ["--preset", "vit_b16", "data.train=s3://b/masks/train"])
+    spec = SamSpec(img_size=cfg.model.img_size, embed_dim=cfg.model.embed_dim, depth=cfg.model.depth,
+                   num_heads=cfg.model.num_heads, window_size=cfg.model.window_size,
+                   global_attn_indexes=list(cfg.model.global_blocks), prompt_dim=cfg.model.prompt_dim,
+                   decoder_mlp_dim=cfg.model.decoder_mlp_dim, decoder_heads=cfg.model.decoder_heads,
+                   iou_head_hidden_dim=cfg.model.iou_head_hidden_dim)
+    assert spec.registry_key() == "vit_b"          # the paper's ViT-B: segment-anything's registry builds the export
+    assert 1 + cfg.model.correction_points + cfg.model.mask_only_rounds == 11

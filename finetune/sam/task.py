@@ -58,6 +58,7 @@ from finetune.vitdet import VITDET_ARCHITECTURE, vitdet_from_state
 
 logger = logging.getLogger(__name__)
 
+SCRATCH_IMG_SIZE = 1024       # model.img_size=0 with init=scratch: SAM's input side
 SAM_EXPORT = "sam"            # export/sam.safetensors + sam.json: the whole model, segment-anything's layout
 WEIGHT_DECAY = 0.1            # SAM App. A; marks decayed groups (the runtime sets optim.weight_decay on them)
 GT_COLOR, PRED_COLOR = (0, 200, 0), (230, 0, 0)
@@ -66,12 +67,15 @@ POS_COLOR, NEG_COLOR, BOX_COLOR = (0, 90, 255), (255, 220, 0), (255, 255, 255)
 
 @dataclass
 class SAMConfig:
-    """The `model.*` section of finetune_sam. Defaults: the tiny CPU preset (128-px images, a 4 x 192 ViT/16 with
-    4 x 4 windows, a 128-wide decoder); the vit_b16 preset holds the paper's ViT-B at 1024 px."""
+    """The `model.*` section of finetune_sam. Defaults: the tiny CPU preset's model (a 4 x 192 ViT/16 with 4 x 4
+    windows, a 128-wide decoder; the preset sets 128-px images); the vit_b16 preset holds the paper's ViT-B at
+    1024 px."""
 
     # a plain ViT export (backbone folder or run dir), "scratch", or a SAM folder (sam.json: the whole model)
     init: str = "scratch"
-    img_size: int = 128            # input side, px (longest side resized to it, then padded square); 0 = a SAM init's
+    # input side, px (longest side resized to it, then padded square); 0 = the init's own (a SAM folder's, a ViT
+    # export's pretraining size; scratch: SAM's 1024)
+    img_size: int = 0
     # --- a ViT from scratch (init=scratch) ---
     patch_size: int = 16
     embed_dim: int = 192
@@ -128,7 +132,8 @@ class SAMConfig:
             except ValueError as e:
                 errors.append(f"model.init={self.init}: {e} (or a SAM folder with sam.json)")
         if init == "scratch":
-            errors += vit_geometry_errors(self.img_size, self.patch_size, self.embed_dim, self.num_heads)
+            errors += vit_geometry_errors(self.img_size or SCRATCH_IMG_SIZE, self.patch_size, self.embed_dim,
+                                          self.num_heads)
         if self.prompt_dim % 8 or self.prompt_dim % self.decoder_heads:
             errors.append(f"model.prompt_dim={self.prompt_dim} must be a multiple of 8 (the decoder's upscaling "
                           f"widths prompt_dim/4, /8) and of model.decoder_heads={self.decoder_heads}")
@@ -250,8 +255,8 @@ class SAMTask(TaskHooks):
             self.mean = tuple(m / 255.0 for m in spec.pixel_mean)
             self.std = tuple(s / 255.0 for s in spec.pixel_std)
         else:
-            img_size = cfg.img_size or 1024
             source = bb.read_config(bb.find_backbone(cfg.init.strip())) if cfg.init.strip() != "scratch" else {}
+            img_size = cfg.img_size or source.get("model_kwargs", {}).get("img_size", SCRATCH_IMG_SIZE)
             overlay = source.get("pretrained_cfg_overlay", {})
             self.mean = tuple(overlay.get("mean", IMAGENET_DEFAULT_MEAN))
             self.std = tuple(overlay.get("std", IMAGENET_DEFAULT_STD))
