@@ -14,8 +14,8 @@ as it was trained; masks follow with nearest-neighbour resizing; each mask's box
 Training (finetune/sam/prompts.py): per image up to model.max_masks masks, all with the same kind of first prompt
 (a point with probability 1 - box_prob, else the noisy box), then model.correction_points points from the error
 region and model.mask_only_rounds rounds that add no point (one at the end, the others at random rounds, as the
-paper's 11 = 1 + 8 + 2), each round reading the previous round's low-res logits as its mask prompt (detached); the
-loss of every round, averaged. A single point predicts 3 masks (gradient through the best), every other round one.
+paper's 11 = 1 + 8 + 2), each round reading the previous round's low-res logits as its mask prompt (detached; after
+the 3-mask round those of the most confident mask, as at inference); the loss of every round, averaged. A single point predicts 3 masks (gradient through the best), every other round one.
 
 Evaluation at the model's input resolution (the padded square; metrics over every mask of the validation set):
 miou_1pt (one click at the object's centre, farthest from its boundary; SAM's most confident of its 3 masks),
