@@ -46,8 +46,8 @@ Presets:
   measured run (claims 1-5 as first written: 42 min at load ~1, of which the old DETR claim 6.5; vt 20 min and
   simmim 15 min with --seeds 2 at load 3-8, one thread per job; detr on the emoji set: the 1,500-step MAE ~6.5 min
   and 9-12 min per 2,000-step arm; sam alone (--only sam --seeds 2): 46 min at load 4-9, the MAE 13.5 of them and
-  4.5-11 min per 300-step arm, about 17 min idle as estimated from its steps' speed at load ~4, 0.9 s per step, and
-  the MAE's 6.5; with detr it reuses detr's MAE); tiny models (img 32, patch
+  4.5-11 min per 300-step arm (0.9 s per step at load ~4.7); idle, an estimated 18-20 min (not measured: the
+  machine was never idle), less with detr, whose MAE it reuses); tiny models (img 32, patch
   4, 128 x 4 for the classification ViT; a 48-96-192 Swin with 2-px patches for SimMIM). MAE, BEiT and SimMIM
   pretraining repeat per seed; the dVAE tokenizer, the DeiT teacher, DETR's MAE backbone and IPT's multi-task pretraining run once (seed 0)
   and are shared by every seed, as the report says (their run-to-run spread is not in the stds).
