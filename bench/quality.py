@@ -27,6 +27,9 @@ The claims (issue 11):
          (pretrain_mp3), each finetuned, against the same plain ViT finetuned from scratch, all with claim 1's
          geometry and finetuning budget and BEiT's pretraining budget; claim 1's and 2's finetuning rows are copied
          into its table as references (never judged), from this invocation or the previous report.
+9. sam:  SAM (finetune_sam) with an MAE-pretrained image encoder against the same encoder from scratch: mIoU from one
+         click and from the box on the emoji set's held-out instance masks (issue 23); the MAE backbone is claim 4's
+         recipe (and claim 4's own run when both are planned).
 
 Every job is a subprocess of its launch script (`python launch/<job>.py key=value ...`); its stdout and stderr go to
 WORKDIR/logs/<step>.log, its run directory to WORKDIR/runs/<job>/<name>/ (`run.dir=`, `run.name=`), converted
@@ -49,7 +52,9 @@ Presets:
   measured run (claims 1-5 as first written: 42 min at load ~1, of which the old DETR claim 6.5; vt 20 min and
   simmim 15 min with --seeds 2 at load 3-8, one thread per job; detr on the emoji set: the 1,500-step MAE ~6.5 min
   and 9-12 min per 2,000-step arm; mpp_mp3 42 min at load 3.6-9 for its 18 jobs, 1.5-5 min each, perhaps 25 min
-  idle); tiny models (img 32, patch
+  idle); sam alone (--only sam --seeds 2): 46 min at load 4-9, the MAE 13.5 of them and
+  4.5-11 min per 300-step arm, an estimated 18-20 min idle (not measured), less with detr, whose MAE it reuses);
+  tiny models (img 32, patch
   4, 128 x 4 for the classification ViT; a 48-96-192 Swin with 2-px patches for SimMIM). MAE, BEiT, SimMIM and
   claim 8's pretraining repeat per seed; the dVAE tokenizer, the DeiT teacher, DETR's MAE backbone and IPT's multi-task pretraining run once (seed 0)
   and are shared by every seed, as the report says (their run-to-run spread is not in the stds).
@@ -83,7 +88,7 @@ RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 RESULTS_DIR = ROOT / "bench" / "results"
 BEGIN_MARKER = "<!-- quality:begin -->"
 END_MARKER = "<!-- quality:end -->"
-CLAIMS = ("mae", "beit", "deit", "detr", "ipt", "vt", "simmim", "mpp_mp3")
+CLAIMS = ("mae", "beit", "deit", "detr", "ipt", "vt", "simmim", "mpp_mp3", "sam")
 CLAIM_TITLES = {
     "mae": "1. MAE: pretrain -> finetune vs scratch; linear probe vs random features",
     "beit": "2. BEiT with the project's dVAE tokenizer",
@@ -93,6 +98,7 @@ CLAIM_TITLES = {
     "vt": "6. VT-ResNet-18 vs ResNet-18 from scratch, same budget",
     "simmim": "7. SimMIM on a Swin: pretrain -> finetune vs scratch",
     "mpp_mp3": "8. ViT's masked patch prediction (three targets) and MP3 position prediction -> finetune vs scratch",
+    "sam": "9. SAM: MAE-pretrained image encoder vs scratch (emoji instance masks)",
 }
 # Rows of other claims shown in a claim's table beside its own arms (copied, never judged): claim -> (source claim,
 # arm); taken from this invocation when it ran the source claim, else from the previous report of the preset.
@@ -150,6 +156,9 @@ class QualityPreset:
     # --- claim 8 (mpp_mp3): ViT's masked patch prediction targets and MP3, on claim 1's ViT (`vit`) ---
     mpp_vit: tuple[str, ...] = ()         # pretrain_beit keys that make its ViT a plain one (with `beit_pretrain`)
     mp3_pretrain: tuple[str, ...] = ()    # pretrain_mp3 (tiny preset) on the classification set's images
+    # --- claim 9 (sam): finetune_sam (tiny preset: the emoji masks) on claim 4's MAE backbone recipe ---
+    sam: tuple[str, ...] = ()             # finetune_sam keys of both arms
+    sam_scratch: tuple[str, ...] = ()     # finetune_sam keys of the scratch arm (the backbone's geometry)
 
 
 # Quiet runs: no intermediate checkpoints, pictures or evaluations unless a stage asks for them.
@@ -234,6 +243,13 @@ CPU = QualityPreset(
     # 9.1% at 3e-4 (chance 1.6%; one calibration run each, seed 0)
     mp3_pretrain=QUIET + ("data.batch_size=32", "optim.max_steps=300", "optim.warmup_steps=20", "optim.lr=1e-3",
                           "log.every=50"),
+    # finetune_sam's tiny preset (the emoji masks at 128 px; its encoder geometry is the MAE backbone's: 4 x 192,
+    # windows of 4, blocks 1 and 3 global) for 300 steps of 8 images at lr 4e-4, 2 rounds per mask (the first prompt
+    # and one correction point) instead of the preset's 4, evaluated once at the end (1 click, box, 3 clicks)
+    sam=("optim.max_steps=300", "optim.warmup_steps=30", "optim.base_lr=1.28e-2", "model.correction_points=1",
+         "model.mask_only_rounds=0", "model.eval_points=3", "log.every=50", "log.eval_every=0",
+         "log.images_every=0", "ckpt.best_metric=", "ckpt.every=0"),
+    sam_scratch=("model.init=scratch",),
 )
 
 GPU = QualityPreset(
@@ -290,6 +306,11 @@ GPU = QualityPreset(
     mpp_vit=("model.rel_pos_bias=none", "model.abs_pos_emb=true", "model.layer_scale=0"),
     mp3_pretrain=QUIET + ("data.batch_size=256", "data.num_workers=8", "optim.epochs=100", "optim.warmup_epochs=5",
                           "optim.base_lr=1e-3", "log.every=50"),
+    # the detection backbone's 12 x 384 geometry with ViTDet's 4 global blocks, the paper's 11 rounds per mask
+    sam=("model.global_blocks=[2,5,8,11]", "data.batch_size=32", "data.num_workers=8", "optim.max_steps=5000",
+         "optim.warmup_steps=250", "model.correction_points=8", "model.mask_only_rounds=2", "model.eval_points=3",
+         "log.every=50", "log.eval_every=0", "log.images_every=0", "ckpt.best_metric=", "ckpt.every=0"),
+    sam_scratch=("model.init=scratch", "model.embed_dim=384", "model.depth=12", "model.num_heads=6"),
 )
 
 PRESETS: dict[str, QualityPreset] = {"cpu": CPU, "gpu": GPU}
@@ -383,6 +404,8 @@ class Planner:
 
     def __init__(self, preset: QualityPreset, layout: Layout, seeds: Sequence[int]) -> None:
         self.p, self.layout, self.seeds = preset, layout, list(seeds)
+        # claim 4's MAE backbones by seed, which claim 9 (sam) reuses when both are planned
+        self.mae_detection_backbones: dict[int | None, str] = {}
         self.steps: list[Step] = []
         self.comparisons: list[Comparison] = []
 
@@ -420,7 +443,8 @@ class Planner:
         for claim in claims:
             base = {"mae": self.p.cls_data, "beit": self.p.cls_data, "deit": self.p.cls_data,
                     "detr": self.p.det_data, "ipt": self.p.photos_data, "vt": self.p.cls_data,
-                    "simmim": self.p.cls_data, "mpp_mp3": self.p.cls_data}[claim]
+                    "simmim": self.p.cls_data, "mpp_mp3": self.p.cls_data,
+                    "sam": self.p.det_data}[claim]
             names += [n for n in (base, base + "_val") if n not in names]
         for name in names:
             argv = [sys.executable, "-m", "data_pipeline.write", f"embedded:{name}", self.layout.shards(name),
@@ -525,6 +549,27 @@ class Planner:
                           Read(arm, "AR@100 (%)", "val/mar100", 100.0)], base_preset=p.detr_preset)
         self.comparisons += [Comparison("detr", f, ("MAE backbone -> DETR", "scratch backbone -> DETR"), f)
                              for f in (ap, ap50)]
+        self.mae_detection_backbones = backbones
+
+    def sam(self) -> None:
+        p, det = self.p, self.p.det_data
+        backbones = dict(self.mae_detection_backbones)
+        if not backbones:   # claim 4's MAE pretraining on the detection images, unless claim 4 already runs it
+            for seed in self.pretrain_seeds("sam"):
+                run = self.job("sam", "pretrain", "pretrain_mae", seed, _data(self.layout, det) + list(p.detr_backbone),
+                               [Read("MAE pretraining (detection images)", "val masked-patch loss", "val/loss")])
+                backbones[seed] = self.convert("sam", "pretrain", seed, run)
+        figures = (("1-point mIoU (%)", "val/miou_1pt"), ("box mIoU (%)", "val/miou_box"))
+        for seed in self.seeds:
+            arms = (("pretrained", "MAE encoder -> SAM", [f"model.init={self.pick(backbones, seed)}"]),
+                    ("scratch", "scratch encoder -> SAM", list(p.sam_scratch)))
+            for stage, arm, init in arms:
+                reads = [Read(arm, f, key, 100.0) for f, key in figures]
+                reads += [Read(arm, "1-point oracle mIoU (%)", "val/miou_1pt_oracle", 100.0),
+                          Read(arm, "3-point mIoU (%)", "val/miou_3pt", 100.0)]
+                self.job("sam", stage, "finetune_sam", seed, init + _data(self.layout, det) + list(p.sam), reads)
+        self.comparisons += [Comparison("sam", f, ("MAE encoder -> SAM", "scratch encoder -> SAM"), f)
+                             for f, _ in figures]
 
     def ipt(self) -> None:
         p, photos = self.p, self.p.photos_data

@@ -102,14 +102,16 @@ VITDET_ARCHITECTURE = "samvit_base_patch16"
 def vitdet_from_config(model_kwargs: dict[str, Any], **overrides: Any) -> ViTDetBackbone:
     """A (randomly initialised) ViTDet backbone from the JSON model_kwargs `vitdet_from_backbone` records in
     `model.vitdet_kwargs` (and a finetune_detr export writes): timm's SAM ViT with timm ViT's LayerNorm eps 1e-6
-    (SAM's own default 1e-5) and no neck."""
+    (SAM's own default 1e-5) and no neck, unless model_kwargs' neck_chans > 0: then SAM's neck (1x1 conv, LayerNorm2d,
+    3x3 conv, LayerNorm2d to neck_chans channels: finetune/sam's image encoder)."""
     kwargs = {**model_kwargs, **overrides}
     if "init_values" in kwargs and not kwargs["init_values"]:
         kwargs["init_values"] = None
     kwargs["global_attn_indexes"] = tuple(kwargs.get("global_attn_indexes", ()))
     model = ViTDetBackbone(**kwargs, norm_layer=partial(nn.LayerNorm, eps=1e-6))  # timm's ViT and Beit norms
-    # neck_chans=0 still leaves a LayerNorm2d "neck" (a final norm for timm's classifier head): ViTDet has none
-    model.neck = nn.Identity()
+    if not kwargs.get("neck_chans"):
+        # neck_chans=0 still leaves a LayerNorm2d "neck" (a final norm for timm's classifier head): ViTDet has none
+        model.neck = nn.Identity()
     model.vitdet_kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()
                            if k not in ("drop_path_rate",)}
     return model
@@ -131,10 +133,11 @@ def vitdet_from_backbone(folder: str | Path, img_size: int | tuple[int, int], wi
 
 def vitdet_from_state(meta: dict[str, Any], state: dict[str, Tensor], img_size: int | tuple[int, int],
                       window_size: int = 14, global_blocks: Sequence[int] | None = None, rel_pos: bool = True,
-                      drop_path_rate: float = 0.0, folder: str = "the ViT") -> ViTDetBackbone:
+                      drop_path_rate: float = 0.0, folder: str = "the ViT", neck_chans: int = 0) -> ViTDetBackbone:
     """`vitdet_from_backbone` on a plain ViT already in memory: its backbone meta (config) and state dict. A
     from-scratch ViTDet is a random plain ViT converted this way, so it starts from the same initialisation as the
-    ViT that pretraining would have started from."""
+    ViT that pretraining would have started from. neck_chans > 0: SAM's neck to that many channels on top (new
+    weights: a plain ViT has none)."""
     state = strip_wrapper_prefixes(state)
     kwargs = meta["model_kwargs"]
     if meta.get("embed_layer"):
@@ -153,11 +156,11 @@ def vitdet_from_state(meta: dict[str, Any], state: dict[str, Tensor], img_size: 
         mlp_ratio=kwargs.get("mlp_ratio", 4.0), qkv_bias="blocks.0.attn.qkv.bias" in state
         or "blocks.0.attn.q_bias" in state, qk_norm=kwargs.get("qk_norm", False), init_values=init_values,
         pre_norm=kwargs.get("pre_norm", False), use_abs_pos="pos_embed" in state, use_rel_pos=rel_pos,
-        window_size=window_size, global_attn_indexes=list(global_blocks), neck_chans=0, num_classes=0,
+        window_size=window_size, global_attn_indexes=list(global_blocks), neck_chans=neck_chans, num_classes=0,
         global_pool=""), drop_path_rate=drop_path_rate)
     converted = convert_vit_state(state, meta, model)
     missing, unexpected = model.load_state_dict(converted, strict=False)
-    bad_missing = [k for k in missing if not k.endswith(("rel_pos_h", "rel_pos_w"))]
+    bad_missing = [k for k in missing if not k.endswith(("rel_pos_h", "rel_pos_w")) and not k.startswith("neck.")]
     if bad_missing or unexpected:
         raise ValueError(f"{folder}: the export does not fit ViTDet: missing {bad_missing[:8]}, "
                          f"unexpected {list(unexpected)[:8]}")

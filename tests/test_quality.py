@@ -361,3 +361,23 @@ def test_mpp_mp3_chain_and_references(tmp_path, monkeypatch, fake_machine):
     assert arms[reference[0]]["top-1 (%)"] == report["results"]["mae"]["arms"]["MAE -> finetune"]["top-1 (%)"]
     assert arms["MP3"]["val position chance 1/L (%)"]["n"] == 2
     assert len(report["results"]["mpp_mp3"]["verdicts"]) == 4
+
+
+def test_sam_chain_shares_claim_4s_backbone(tmp_path):
+    """Claim 9 alone pretrains claim 4's MAE backbone once; with claim 4 it reuses claim 4's; the two SAM arms differ
+    only in init and run name, and the comparisons are 1-point and box mIoU."""
+    steps, comparisons = _plan(tmp_path, ["sam"])
+    assert _arg(steps["sam.pretrain"], "optim.max_steps") == _arg(
+        _plan(tmp_path, ["detr"])[0]["detr.pretrain"], "optim.max_steps")
+    backbone = steps["sam.convert-pretrain"].argv[-1]
+    for seed in (0, 1):
+        mae, scratch = steps[f"sam.pretrained-s{seed}"], steps[f"sam.scratch-s{seed}"]
+        assert mae.argv[1] == "launch/finetune_sam.py" and _arg(mae, "model.init") == backbone
+        assert _arg(scratch, "model.init") == "scratch" and _arg(mae, "run.seed") == str(seed)
+        strip = {"model.init", "run.name"}
+        assert ([a for a in mae.argv if a.split("=")[0] not in strip]
+                == [a for a in scratch.argv if a.split("=")[0] not in strip])
+    assert [c.figure for c in comparisons] == ["1-point mIoU (%)", "box mIoU (%)"]
+    both, _ = _plan(tmp_path, ["detr", "sam"])
+    assert "sam.pretrain" not in both
+    assert _arg(both["sam.pretrained-s0"], "model.init") == both["detr.convert-pretrain"].argv[-1]
