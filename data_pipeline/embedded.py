@@ -23,11 +23,22 @@ The names and what they hold are in :data:`REGISTRY`; ``NAME_val`` is always the
 * ``emoji`` / ``emoji_val``: 1-3 of 8 Noto colour emoji glyphs (Debian ``fonts-noto-color-emoji``), flipped, rotated
   and scaled to 32-64 px, composited without overlap onto 128-px crops of the bundled photographs; each box is its
   glyph's visible pixels, so boxes are exact. Validation: the held-out photographs, placements of its own.
+* ``emoji_captions`` / ``emoji_captions_val`` (``kind: "captioned"``, image-text for FLIP/CLIP): every
+  single-codepoint glyph of U+2600-27BF and U+1F300-1FAFF that Noto Color Emoji draws (1,280), captioned with its
+  Unicode name in lower case ("koala", "dog face"; no template: prompts at evaluation are bare names too), drawn at
+  64 px: rotated up to 20 degrees, 60-100% of the side, anywhere in the frame, on a random flat or gradient
+  background (no flips: "leftwards" must stay true). About 10% of the glyphs, chosen by a hash of the code point,
+  are held out: ``emoji_captions_val`` has one image of each (~135), and ``cls`` with metadata ``classes`` (the
+  sorted held-out captions) makes it a zero-shot classification set too; ``emoji_captions`` has 8 images of every
+  other glyph (~9,160). Fashion-MNIST's metadata ``prompts`` gives each class its name and the emoji names of the
+  same garment, for zero-shot evaluation of a model trained on these captions.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
+import functools
 import gzip
 import importlib.util
 import json
@@ -216,6 +227,12 @@ def _digits_source(split: str, seed: int) -> Source:
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
+# Zero-shot prompts per class (index.json metadata "prompts"; a text model averages their embeddings, as CLIP's
+# prompt ensembles do): the class name in lower case, then the Unicode names of the emoji that show the same
+# garment, so a model trained on embedded:emoji_captions meets words it has read ("pullover" and "shirt" have none).
+FASHION_PROMPTS = [["t-shirt/top", "t-shirt"], ["trouser", "jeans"], ["pullover"], ["dress"], ["coat"],
+                   ["sandal", "womans sandal", "thong sandal"], ["shirt"], ["sneaker", "athletic shoe"],
+                   ["bag", "handbag", "purse"], ["ankle boot", "womans boots"]]
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -245,7 +262,7 @@ def _fashion_source(split: str, seed: int) -> Source:
             yield Sample(data, ext, cls=int(labels[i]))
 
     meta = {"kind": "classification", "source": f"Fashion-MNIST {stem} ({FASHION_DIR}, Debian dataset-fashion-mnist)",
-            "classes": FASHION_CLASSES}
+            "classes": FASHION_CLASSES, "prompts": FASHION_PROMPTS}
     return Source(meta, samples(), total=len(idx))
 
 
@@ -367,23 +384,35 @@ EMOJI_TRAIN_IMAGES = 3000
 EMOJI_VAL_IMAGES = 200
 
 
-def emoji_glyphs() -> dict[str, Image.Image]:
-    """Each class's glyph as an RGBA image cropped to its visible pixels (alpha > 0), at the font's native size."""
-    from PIL import ImageDraw, ImageFont
+def _emoji_font() -> Any:
+    from PIL import ImageFont
 
     if not EMOJI_FONT.exists():
-        raise SourceError(f"The emoji detection set draws the glyphs of Noto Color Emoji ({EMOJI_FONT} is missing). "
+        raise SourceError(f"The emoji datasets draw the glyphs of Noto Color Emoji ({EMOJI_FONT} is missing). "
                           "It ships in a Debian package: apt-get install fonts-noto-color-emoji")
-    font = ImageFont.truetype(str(EMOJI_FONT), EMOJI_FONT_SIZE)
+    return ImageFont.truetype(str(EMOJI_FONT), EMOJI_FONT_SIZE)
+
+
+def render_glyph(font: Any, ch: str) -> Image.Image | None:
+    """One glyph as an RGBA image cropped to its visible pixels (alpha > 0), or None if the font draws nothing."""
+    from PIL import ImageDraw
+
+    canvas = Image.new("RGBA", (EMOJI_FONT_SIZE + 40, EMOJI_FONT_SIZE + 40))
+    ImageDraw.Draw(canvas).text((0, 0), ch, font=font, embedded_color=True)
+    box = canvas.getchannel("A").getbbox()
+    return None if box is None else canvas.crop(box)
+
+
+def emoji_glyphs() -> dict[str, Image.Image]:
+    """Each class's glyph as an RGBA image cropped to its visible pixels (alpha > 0), at the font's native size."""
+    font = _emoji_font()
     glyphs = {}
     for ch in EMOJI_CLASSES:
-        canvas = Image.new("RGBA", (EMOJI_FONT_SIZE + 40, EMOJI_FONT_SIZE + 40))
-        ImageDraw.Draw(canvas).text((0, 0), ch, font=font, embedded_color=True)
-        box = canvas.getchannel("A").getbbox()
-        if box is None:
+        glyph = render_glyph(font, ch)
+        if glyph is None:
             raise SourceError(f"{EMOJI_FONT} draws nothing for U+{ord(ch):04X}: Pillow needs FreeType with PNG "
                               "support to render colour bitmap fonts")
-        glyphs[ch] = canvas.crop(box)
+        glyphs[ch] = glyph
     return glyphs
 
 
@@ -464,6 +493,115 @@ def _emoji_source(split: str, seed: int) -> Source:
     return src
 
 
+# ----------------------------------------------------------------------------------------------- emoji captions
+
+# Single-codepoint glyphs of these blocks (Miscellaneous Symbols and Dingbats; the emoji planes U+1F300-1FAFF):
+# with Noto Color Emoji 2.042 (Debian bookworm) 1,280 of them are drawn, each with a Unicode name.
+EMOJI_CAPTION_BLOCKS = ((0x2600, 0x27BF), (0x1F300, 0x1FAFF))
+EMOJI_CAPTION_SIZE = 64         # image side, px
+EMOJI_CAPTION_VARIANTS = 8      # images per training glyph (one per held-out glyph)
+EMOJI_CAPTION_SIDE = (0.6, 1.0)  # glyph's longer side as a fraction of the image side
+EMOJI_CAPTION_ROTATION = 20.0   # max |rotation|, degrees
+EMOJI_CAPTION_VAL_BUCKETS = 10  # a glyph is held out when crc32 of its code point falls in bucket 0: about 10%
+# In the two older blocks the text fonts' "BLACK"/"WHITE" mean filled/outlined, not the colour the emoji shows
+# ("BLACK SUN WITH RAYS" is a yellow sun), so the word is dropped there, unless that makes two captions equal.
+_STYLE_WORDS = ("BLACK ", "WHITE ")
+
+
+def emoji_caption(ch: str) -> str:
+    """The caption of a glyph: its Unicode name, lower case, with the text-font style word of U+2600-27BF dropped
+    ("white smiling face" -> "smiling face"; "koala", "dog face" stay as they are)."""
+    import unicodedata
+
+    name = unicodedata.name(ch)
+    if ord(ch) < 0x2800:
+        for word in _STYLE_WORDS:
+            name = name.removeprefix(word)
+    return name.lower()
+
+
+def is_held_out(ch: str) -> bool:
+    """Whether a glyph belongs to the held-out split: a hash of its code point, so the split is the same on every
+    machine and does not move when a font version adds glyphs."""
+    return zlib.crc32(f"U+{ord(ch):04X}".encode()) % EMOJI_CAPTION_VAL_BUCKETS == 0
+
+
+@functools.cache
+def caption_glyphs() -> dict[str, tuple[str, Image.Image]]:
+    """Every drawable single-codepoint glyph of EMOJI_CAPTION_BLOCKS with a Unicode name: char -> (caption, RGBA
+    glyph cropped to its visible pixels). Captions are unique (a stripped style word that would make two equal is
+    kept); rendered once per process (about 1.5 s)."""
+    import unicodedata
+
+    font = _emoji_font()
+    found: dict[str, Image.Image] = {}
+    for lo, hi in EMOJI_CAPTION_BLOCKS:
+        for cp in range(lo, hi + 1):
+            ch = chr(cp)
+            if not unicodedata.name(ch, ""):
+                continue
+            glyph = render_glyph(font, ch)
+            if glyph is not None:
+                found[ch] = glyph
+    if not found:
+        raise SourceError(f"{EMOJI_FONT} draws none of its emoji: Pillow needs FreeType with PNG support to render "
+                          "colour bitmap fonts")
+    captions = {ch: emoji_caption(ch) for ch in found}
+    counts = collections.Counter(captions.values())
+    return {ch: (captions[ch] if counts[captions[ch]] == 1 else unicodedata.name(ch).lower(), glyph)
+            for ch, glyph in found.items()}
+
+
+def render_caption_image(glyph: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A glyph rotated, scaled and placed at random on a random background (a flat colour or a vertical gradient
+    between two), EMOJI_CAPTION_SIZE square, RGB. No flips: names such as "leftwards ..." would become false."""
+    size = EMOJI_CAPTION_SIZE
+    top, bottom = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    if rng.random() < 0.5:
+        bottom = top
+    ramp = np.linspace(0.0, 1.0, size)[:, None, None]
+    background = np.broadcast_to((1 - ramp) * top + ramp * bottom, (size, size, 3))
+    image = Image.fromarray(background.round().astype(np.uint8)).convert("RGBA")
+    sprite = glyph.rotate(float(rng.uniform(-EMOJI_CAPTION_ROTATION, EMOJI_CAPTION_ROTATION)),
+                          Image.Resampling.BICUBIC, expand=True)
+    sprite = sprite.crop(sprite.getchannel("A").getbbox())
+    scale = float(rng.uniform(*EMOJI_CAPTION_SIDE)) * size / max(sprite.size)
+    sprite = sprite.resize((max(1, round(sprite.width * scale)), max(1, round(sprite.height * scale))),
+                           Image.Resampling.LANCZOS)
+    x, y = int(rng.integers(0, size - sprite.width + 1)), int(rng.integers(0, size - sprite.height + 1))
+    image.alpha_composite(sprite, (x, y))
+    return image.convert("RGB")
+
+
+def _emoji_captions_source(split: str, seed: int) -> Source:
+    glyphs = caption_glyphs()
+    held_out = split == "val"
+    chars = [ch for ch in glyphs if is_held_out(ch) == held_out]
+    variants = 1 if held_out else EMOJI_CAPTION_VARIANTS
+    # the held-out set is also a zero-shot classification set: one class per glyph, named by its caption
+    classes = sorted(glyphs[ch][0] for ch in chars) if held_out else None
+    order = [(ch, v) for ch in chars for v in range(variants)]
+    random.Random(seed).shuffle(order)  # pre-shuffle: a shard holds many glyphs
+
+    def samples() -> Iterator[Sample]:
+        for ch, v in order:
+            caption, glyph = glyphs[ch]
+            # one stream per (glyph, variant, split): adding a glyph moves no other image
+            rng = np.random.default_rng([seed, ord(ch), v, int(held_out)])
+            data, ext = encode_image(render_caption_image(glyph, rng), "jpg", quality=95)
+            yield Sample(data, ext, txt=caption, cls=classes.index(caption) if classes else None)
+
+    meta: dict[str, Any] = {
+        "kind": "captioned",
+        "source": f"Noto Color Emoji glyphs ({EMOJI_FONT}) captioned with their Unicode names; "
+                  f"{'held-out' if held_out else 'training'} glyphs ({len(chars)} of {len(glyphs)})",
+        "glyphs": len(chars), "images_per_glyph": variants,
+        "codepoints": [f"U+{ord(ch):04X}" for ch in chars]}
+    if classes:
+        meta["classes"] = classes
+    return Source(meta, samples(), total=len(order))
+
+
 # ----------------------------------------------------------------------------------------------- registry
 
 
@@ -482,9 +620,10 @@ REGISTRY: dict[str, EmbeddedDataset] = {
         "scikit-learn digits, the held-out 20% (360)", partial(_digits_source, "val"), shards=16, prefix="val"),
     "fashion_mnist": EmbeddedDataset(
         "Fashion-MNIST train (60,000), 28px, 10 classes; needs apt-get install dataset-fashion-mnist",
-        partial(_fashion_source, "train"), shards=32),
+        partial(_fashion_source, "train"), shards=32, version=2),
     "fashion_mnist_val": EmbeddedDataset(
-        "Fashion-MNIST test (10,000)", partial(_fashion_source, "val"), shards=16, prefix="val"),
+        "Fashion-MNIST test (10,000); metadata prompts: zero-shot prompts per class", partial(_fashion_source, "val"),
+        shards=16, prefix="val", version=2),
     "emoji": EmbeddedDataset(
         f"{EMOJI_TRAIN_IMAGES} {EMOJI_SIZE}px photos with 1-3 of {len(EMOJI_CLASSES)} emoji classes composited, exact "
         "boxes; needs apt-get install fonts-noto-color-emoji", partial(_emoji_source, "train"), shards=16),
@@ -497,6 +636,13 @@ REGISTRY: dict[str, EmbeddedDataset] = {
     "trees_val": EmbeddedDataset(
         f"tree-crown boxes: {TREE_VAL_TILE}px quadrants of deepforest's OSBS_029 and SOAP_061 (400px, 61 + 37 "
         "boxes), held out", partial(_trees_source, "val"), shards=8, prefix="val", version=2),
+    "emoji_captions": EmbeddedDataset(
+        f"image-text: {EMOJI_CAPTION_VARIANTS} {EMOJI_CAPTION_SIZE}px images of each of ~1,150 emoji glyphs, captioned "
+        "with their Unicode names; needs apt-get install fonts-noto-color-emoji",
+        partial(_emoji_captions_source, "train"), shards=32),
+    "emoji_captions_val": EmbeddedDataset(
+        "image-text: one image of each of ~130 held-out glyphs (never in emoji_captions), cls = caption's class",
+        partial(_emoji_captions_source, "val"), shards=16, prefix="val"),
 }
 
 

@@ -54,19 +54,21 @@ class UnreadableImage(Exception):
 
 @dataclass
 class Sample:
-    """One sample to write: encoded image bytes, their extension, and optional label and json.
+    """One sample to write: encoded image bytes, their extension, and optional label, json and caption.
 
     Attributes:
         image: encoded image bytes, stored as they are.
         ext: extension of the image member (``jpg``, ``png``, ``webp``…), the image's real format.
         cls: integer class label, stored as the ASCII ``cls`` member.
         json: JSON-serialisable dict, stored as the UTF-8 ``json`` member.
+        txt: caption (image-text sets, ``kind: "captioned"``), stored as the UTF-8 ``txt`` member.
     """
 
     image: bytes
     ext: str
     cls: int | None = None
     json: dict[str, Any] | None = None
+    txt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -205,13 +207,51 @@ def _tar_file_bytes(content: int) -> int:
 
 
 def sample_members(sample: Sample) -> dict[str, bytes]:
-    """The tar members of a sample (without ``__key__``): image, optional ``cls`` and ``json``."""
+    """The tar members of a sample (without ``__key__``): image, optional ``cls``, ``json`` and ``txt``."""
     members = {sample.ext: sample.image}
     if sample.cls is not None:
         members["cls"] = str(int(sample.cls)).encode("ascii")
     if sample.json is not None:
         members["json"] = json.dumps(sample.json, separators=(",", ":")).encode("utf-8")
+    if sample.txt is not None:
+        members["txt"] = sample.txt.encode("utf-8")
     return members
+
+
+class CaptionStats:
+    """Counts and lengths of captions, accumulated one at a time (index.json ``metadata.captions``, inspect).
+
+    ``summary()`` gives ``{"count", "unique", "chars": {"min", "mean", "max"}, "words": {"min", "mean", "max"}}``;
+    words are whitespace-separated. Unique captions are counted exactly up to ``UNIQUE_LIMIT`` distinct ones
+    (then the count says "at least"), so memory stays bounded on web-scale sets.
+    """
+
+    UNIQUE_LIMIT = 1_000_000
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._seen: set[str] = set()
+        self._chars: list[int] = [0, 0, 0]  # min, sum, max
+        self._words: list[int] = [0, 0, 0]
+
+    def add(self, caption: str) -> None:
+        chars, words = len(caption), len(caption.split())
+        for acc, n in ((self._chars, chars), (self._words, words)):
+            acc[0] = n if self.count == 0 else min(acc[0], n)
+            acc[1] += n
+            acc[2] = max(acc[2], n)
+        self.count += 1
+        if len(self._seen) < self.UNIQUE_LIMIT:
+            self._seen.add(caption)
+
+    def summary(self) -> dict[str, Any]:
+        def lengths(acc: list[int]) -> dict[str, float]:
+            return {"min": acc[0], "mean": round(acc[1] / max(1, self.count), 2), "max": acc[2]}
+
+        unique: int | str = len(self._seen)
+        if len(self._seen) >= self.UNIQUE_LIMIT:
+            unique = f">={self.UNIQUE_LIMIT}"
+        return {"count": self.count, "unique": unique, "chars": lengths(self._chars), "words": lengths(self._words)}
 
 
 @dataclass
@@ -287,6 +327,7 @@ def write_shards(
     skipped: list[Skipped] = []
     shard: _OpenShard | None = None
     written = 0
+    captions = CaptionStats()
 
     import webdataset as wds  # imported here: it imports torch (seconds), which the command's errors need not wait for
 
@@ -309,6 +350,8 @@ def write_shards(
                 bar.set_postfix(skipped=len(skipped), refresh=False)
                 continue
             members = sample_members(item)
+            if item.txt is not None:
+                captions.add(item.txt)
             size = _tar_bytes(len(v) for v in members.values())
             if shard is not None and (shard.samples >= maxcount
                                       or _tar_file_bytes(shard.content + size) > maxsize):
@@ -331,6 +374,8 @@ def write_shards(
         reason = f"all {len(skipped)} files were unreadable" if skipped else "it holds no images"
         raise SourceError(f"Nothing to write from {metadata.get('source', 'the source')}: {reason}.")
     metadata = {**metadata, "skipped": {"count": len(skipped), "paths": [s.path for s in skipped]}}
+    if captions.count:
+        metadata["captions"] = captions.summary()
     index = {
         "format": "webdataset",
         "version": 1,
@@ -504,4 +549,4 @@ def resize_samples(samples: Iterable[Sample | Skipped], resize: int) -> Iterator
             target = {**target, "width": img.width, "height": img.height,
                       "boxes": [[x * sx, y * sy, w * sx, h * sy] for x, y, w, h in target["boxes"]],
                       "area": [a * sx * sy for a in target["area"]]}
-        yield Sample(img.data, img.ext, s.cls, target)
+        yield Sample(img.data, img.ext, s.cls, target, s.txt)
