@@ -99,7 +99,8 @@ class FLIPConfig:
     local_loss: bool = True          # each rank's rows against all ranks' columns (open_clip's --local-loss)
     gather_with_grad: bool = True    # gradients through the all-gather (open_clip's --gather-with-grad)
     crop_scale: tuple[float, float] = (0.5, 1.0)         # RandomResizedCrop area range (FLIP: 0.5-1)
-    zero_shot_templates: Literal["simple", "openai", "name"] = "simple"   # prompts for data.zero_shot's class names
+    # prompts for data.zero_shot's class names (a set whose metadata holds "prompts", a list per class, uses those)
+    zero_shot_templates: Literal["simple", "openai", "name"] = "simple"
     # weights to start from: an open_clip folder this job exported (export/open_clip) or a pretrain_flip run
     # directory; the unmasked tuning stage starts so. "" = random initialisation
     init: str = ""
@@ -148,6 +149,9 @@ def open_clip_model_cfg(cfg: FLIPConfig, patch_dropout: float | None = None) -> 
     """open_clip's `model_cfg` (what CLIP(**model_cfg) and open_clip_config.json take) for this geometry."""
     return {
         "embed_dim": cfg.embed_dim,
+        # a [1] logit scale, not a 0-dim one: DeepSpeed broadcasts every parameter as bytes (a view a 0-dim tensor
+        # refuses)
+        "nonscalar_logit_scale": True,
         "vision_cfg": {"image_size": cfg.img_size, "patch_size": cfg.patch_size, "width": cfg.width,
                        "layers": cfg.depth, "head_width": cfg.width // cfg.num_heads, "mlp_ratio": cfg.mlp_ratio,
                        "patch_dropout": cfg.mask_ratio if patch_dropout is None else patch_dropout,
@@ -321,9 +325,10 @@ class FLIPTask(TaskHooks):
         """uint8 [N, 3, H, W] (training crops) -> normalised float on their device; floating images pass through."""
         return normalize_on_device(images, self.mean, self.std)
 
-    def logit_scale(self, model: nn.Module) -> Tensor:
-        """exp(s) clamped at max_logit_scale: the scale every loss and evaluation uses (scalar, float32)."""
-        return _unwrap(model).logit_scale.float().exp().clamp(max=self.cfg.max_logit_scale)
+    def logit_scale(self, scale: Tensor) -> Tensor:
+        """The model's exp(s) (its forward's third output, so ZeRO-3 gathers s) clamped at max_logit_scale: the scale
+        every loss and evaluation uses. [1] -> scalar float32."""
+        return scale.float().clamp(max=self.cfg.max_logit_scale).reshape(())
 
     def loss_fn(self) -> ClipLoss:
         """open_clip's ClipLoss for this process group (built on first use: the world exists by then)."""
@@ -334,8 +339,8 @@ class FLIPTask(TaskHooks):
         return self._loss
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        image_features, text_features, _ = model(self.pixels(batch["image"]), batch["text"])
-        scale = self.logit_scale(model)
+        image_features, text_features, raw_scale = model(self.pixels(batch["image"]), batch["text"])
+        scale = self.logit_scale(raw_scale)
         loss = self.loss_fn()(image_features.float(), text_features.float(), scale)
         return loss, {"temperature": 1.0 / scale.item(), "logit_scale": scale.item()}
 
@@ -347,8 +352,9 @@ class FLIPTask(TaskHooks):
         was_training = model.training
         model.eval()
         images, texts, labels = [], [], []
+        scale = None
         for batch in loader:
-            img_f, txt_f, _ = model(batch["image"], batch["text"] if with_text else None)
+            img_f, txt_f, scale = model(batch["image"], batch["text"] if with_text else None)
             keep = ~batch["is_padding"].bool() if "is_padding" in batch else torch.ones(len(img_f), dtype=torch.bool)
             keep = keep.to(img_f.device)
             images.append(img_f.float()[keep])
@@ -359,7 +365,9 @@ class FLIPTask(TaskHooks):
         model.train(was_training)
         device = next(_unwrap(model).parameters()).device
         empty = torch.zeros(0, self.cfg.embed_dim, device=device)
-        out = {"image": _gather_rows(torch.cat(images) if images else empty)}
+        # a rank without batches has no scale of its own; it is the same parameter everywhere
+        out = {"image": _gather_rows(torch.cat(images) if images else empty),
+               "scale": self.logit_scale(scale) if scale is not None else torch.tensor(float("nan"))}
         if with_text:
             out["text"] = _gather_rows(torch.cat(texts) if texts else empty)
         if labels or not with_text:
@@ -375,7 +383,7 @@ class FLIPTask(TaskHooks):
         if n == 0:
             return {"val_loss": float("nan")}
         sim = emb["image"] @ emb["text"].T                                           # [N, N], cosine similarities
-        scale = self.logit_scale(model).to(sim.device)
+        scale = emb["scale"].to(sim.device)
         target = torch.arange(n, device=sim.device)
         loss = (F.cross_entropy(scale * sim, target) + F.cross_entropy(scale * sim.T, target)) / 2
         out = {"val_loss": loss.item(), "temperature": 1.0 / scale.item(), "pairs": float(n)}
@@ -383,27 +391,44 @@ class FLIPTask(TaskHooks):
             out.update({f"{name}_r{k}": v for k, v in recall_at_k(s).items()})
         return out
 
-    def evaluate_zero_shot(self, model: nn.Module, loader: Any, metadata: dict[str, Any]) -> dict[str, float]:
-        """Zero-shot top-1 (and top-5 with 5+ classes) on a labelled set: each class's text embedding is the mean of
-        its prompts' (cfg.zero_shot_templates over metadata["classes"]), the prediction the most similar class."""
+    def zero_shot_weights(self, model: nn.Module, metadata: dict[str, Any]) -> Tensor:
+        """The zero-shot classifier [D, classes]: each class's normalised mean text embedding over its prompts, by
+        open_clip's `build_zero_shot_classifier`. Prompts: metadata["prompts"] (a list per class, the set's own)
+        when present, else cfg.zero_shot_templates over metadata["classes"]."""
         classes = [str(c) for c in metadata.get("classes") or []]
         if not classes:
             raise ValueError("data.zero_shot: its index.json metadata names no classes (metadata.classes); write it "
                              "with python -m data_pipeline.write from a labelled source")
-        was_training = model.training
-        model.eval()
+        prompts = metadata.get("prompts")
         device = next(_unwrap(model).parameters()).device
         encoder = SimpleNamespace(encode_text=lambda tokens, normalize=True: model(None, tokens)[1].float())
-        weights = build_zero_shot_classifier(encoder, self.eval_transform.tokenize, classes,
-                                             TEMPLATES[self.cfg.zero_shot_templates], num_classes_per_batch=10,
-                                             device=device)                      # [D, classes]
+        if prompts:
+            if len(prompts) != len(classes):
+                raise ValueError(f"data.zero_shot: metadata.prompts has {len(prompts)} lists for {len(classes)} classes")
+            # one class at a time: the classes' prompt lists differ in length
+            return torch.cat([build_zero_shot_classifier(encoder, self.eval_transform.tokenize, [str(c)],
+                                                         [str(p) for p in ps], num_classes_per_batch=None,
+                                                         device=device)
+                              for c, ps in zip(classes, prompts)], dim=1)
+        return build_zero_shot_classifier(encoder, self.eval_transform.tokenize, classes,
+                                          TEMPLATES[self.cfg.zero_shot_templates], num_classes_per_batch=10,
+                                          device=device)
+
+    def evaluate_zero_shot(self, model: nn.Module, loader: Any, metadata: dict[str, Any]) -> dict[str, float]:
+        """Zero-shot top-1 (and top-5 with 5+ classes) on a labelled set: the prediction is the class whose text
+        embedding (`zero_shot_weights`) is the most similar to the image's. Collective."""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            weights = self.zero_shot_weights(model, metadata)                   # [D, classes]
         model.train(was_training)
+        classes = weights.shape[1]
         emb = self._embed(model, loader, with_text=False)
         if len(emb["image"]) == 0:
             return {"zero_shot_top1": float("nan")}
         logits = emb["image"] @ weights
         out = {"zero_shot_top1": (logits.argmax(1) == emb["label"]).float().mean().item()}
-        if len(classes) >= 5:
+        if classes >= 5:
             top5 = logits.topk(5, dim=1).indices
             out["zero_shot_top5"] = (top5 == emb["label"][:, None]).any(1).float().mean().item()
         return out
