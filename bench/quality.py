@@ -21,6 +21,10 @@ The claims (issue 11):
          ResNet-18, both from scratch with the same recipe, image size and epochs (top-1 on the held-out split).
 7. simmim: SimMIM pretraining of a small Swin, then finetuning, against the same Swin finetuned from its
          initialisation (issue 21), pretraining repeated per seed.
+8. flip: FLIP (mask 0.5) against CLIP (mask 0, the same model and recipe) at equal training wall time on the emoji
+         captions (issue 22): retrieval R@1 on the held-out glyphs' names, zero-shot top-1 on Fashion-MNIST. Equal
+         wall time is set by step counts: CLIP's, and FLIP's scaled by the step-time ratio bench/flip_speed.py
+         measured at this geometry on this CPU (the preset's `flip_steps`); each run's own step time is reported.
 
 Every job is a subprocess of its launch script (`python launch/<job>.py key=value ...`); its stdout and stderr go to
 WORKDIR/logs/<step>.log, its run directory to WORKDIR/runs/<job>/<name>/ (`run.dir=`, `run.name=`), converted
@@ -76,7 +80,7 @@ RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 RESULTS_DIR = ROOT / "bench" / "results"
 BEGIN_MARKER = "<!-- quality:begin -->"
 END_MARKER = "<!-- quality:end -->"
-CLAIMS = ("mae", "beit", "deit", "detr", "ipt", "vt", "simmim")
+CLAIMS = ("mae", "beit", "deit", "detr", "ipt", "vt", "simmim", "flip")
 CLAIM_TITLES = {
     "mae": "1. MAE: pretrain -> finetune vs scratch; linear probe vs random features",
     "beit": "2. BEiT with the project's dVAE tokenizer",
@@ -85,6 +89,7 @@ CLAIM_TITLES = {
     "ipt": "5. IPT: restoration gain; multi-task pretrained body vs single-task scratch",
     "vt": "6. VT-ResNet-18 vs ResNet-18 from scratch, same budget",
     "simmim": "7. SimMIM on a Swin: pretrain -> finetune vs scratch",
+    "flip": "8. FLIP (mask 0.5) vs CLIP (mask 0) at equal wall time",
 }
 # The plot's panels: one per claim, BEiT's tokenizer on its own (dB and % do not share an axis).
 PANEL_TITLES = {**CLAIM_TITLES, "beit tokenizer": "2b. BEiT's dVAE tokenizer: reconstruction on the held-out split"}
@@ -133,7 +138,14 @@ class QualityPreset:
     simmim_pretrain: tuple[str, ...] = ()  # pretrain_simmim (tiny preset) on the classification set's images
     simmim_init: tuple[str, ...] = ()     # pretrain_simmim run that trains nothing: the Swin at its initialisation
     simmim_finetune: tuple[str, ...] = ()  # finetune_cls (tiny preset): both Swin arms
+    # --- claim 8 (flip): pretrain_flip (tiny preset) on the emoji captions, both arms per seed ---
+    flip: tuple[str, ...] = ()            # keys of both arms (geometry, batch, lr, evaluation)
+    flip_steps: tuple[int, int] = (0, 0)  # (CLIP at mask 0, FLIP at mask 0.5): equal wall time at the measured ratio
 
+
+# Claim 8's step counts on the CPU: CLIP's, and FLIP's at the same wall time. The ratio is the one
+# bench/flip_speed.py measured at the claim's geometry (bench/RESULTS.md, FLIP speed).
+FLIP_CPU_STEPS = (200, 300)
 
 # Quiet runs: no intermediate checkpoints, pictures or evaluations unless a stage asks for them.
 QUIET = ("log.eval_every=0", "log.images_every=0", "ckpt.every=0", "ckpt.keep=1")
@@ -210,6 +222,12 @@ CPU = QualityPreset(
     # the tiny preset's 0.75 both arms were still near 45% and within each other's seed noise
     simmim_finetune=("model.img_size=32", "model.layer_decay=0.9", "optim.epochs=10", "ckpt.best_metric=",
                      "ckpt.every=0", "log.every=23", "log.eval_every_epoch=false"),
+    # the glyphs at 32 px, patch 4 (64 patches, 32 visible at mask 0.5), a 4 x 128 image tower and a 2 x 128 text
+    # tower, 16 tokens, batch 128; evaluated once, at the end
+    flip=QUIET + ("model.img_size=32", "model.patch_size=4", "model.width=128", "model.depth=4", "model.num_heads=4",
+                  "model.text_width=128", "model.text_depth=2", "model.text_heads=2", "model.embed_dim=128",
+                  "data.batch_size=128", "optim.warmup_steps=20", "log.every=25"),
+    flip_steps=FLIP_CPU_STEPS,
 )
 
 GPU = QualityPreset(
@@ -263,6 +281,9 @@ GPU = QualityPreset(
     simmim_init=QUIET + ("optim.max_steps=1", "optim.lr=0", "optim.base_lr=0", "optim.warmup_steps=0", "data.val="),
     simmim_finetune=("model.img_size=32", "model.layer_decay=0.9", "data.batch_size=256", "data.num_workers=8",
                      "optim.epochs=10", "ckpt.best_metric=", "ckpt.every=0", "log.every=50"),
+    # the tiny preset's model at 64 px, batch 512; the step ratio is a guess until bench/flip_speed.py runs there
+    flip=QUIET + ("data.batch_size=512", "data.num_workers=8", "optim.warmup_steps=100", "log.every=50"),
+    flip_steps=(3000, 5000),
 )
 
 PRESETS: dict[str, QualityPreset] = {"cpu": CPU, "gpu": GPU}
@@ -391,6 +412,9 @@ class Planner:
     def shards(self, claims: Sequence[str]) -> None:
         names: list[str] = []
         for claim in claims:
+            if claim == "flip":   # captioned pairs, their held-out glyphs, and a labelled set for zero-shot
+                names += [n for n in ("emoji_captions", "emoji_captions_val", "fashion_mnist_val") if n not in names]
+                continue
             base = {"mae": self.p.cls_data, "beit": self.p.cls_data, "deit": self.p.cls_data,
                     "detr": self.p.det_data, "ipt": self.p.photos_data, "vt": self.p.cls_data,
                     "simmim": self.p.cls_data}[claim]
@@ -559,6 +583,26 @@ class Planner:
         self.comparisons.append(Comparison("simmim", top1, ("SimMIM -> finetune",
                                                             "Swin init (no pretraining) -> finetune"),
                                            "finetune, top-1 (%)"))
+
+
+    def flip(self) -> None:
+        p = self.p
+        data = [f"data.train={self.layout.shards('emoji_captions')}",
+                f"data.val={self.layout.shards('emoji_captions_val')}",
+                f"data.zero_shot={self.layout.shards('fashion_mnist_val')}"]
+        figures = (("image->text R@1 (%)", "val/i2t_r1"), ("text->image R@1 (%)", "val/t2i_r1"),
+                   ("image->text R@5 (%)", "val/i2t_r5"), ("zero-shot top-1 (%)", "val/zero_shot_top1"))
+        clip_steps, flip_steps = p.flip_steps
+        for seed in self.seeds:   # the two arms differ only in the mask ratio and their step counts
+            for stage, arm, mask, steps in (("flip", "FLIP mask 0.5", 0.5, flip_steps),
+                                            ("clip", "CLIP mask 0", 0.0, clip_steps)):
+                reads = [Read(arm, figure, key, 100.0) for figure, key in figures]
+                reads.append(Read(arm, "step time (s)", "perf/step_time_s"))
+                self.job("flip", stage, "pretrain_flip", seed, data + list(p.flip)
+                         + [f"model.mask_ratio={mask}", f"optim.max_steps={steps}"], reads)
+        for figure, _ in figures:
+            self.comparisons.append(Comparison("flip", figure, ("FLIP mask 0.5", "CLIP mask 0"),
+                                               figure.replace(" (%)", ""), plot=True))
 
 
 def build_plan(preset: QualityPreset, claims: Sequence[str], seeds: Sequence[int],
