@@ -321,9 +321,12 @@ class FLIPTask(TaskHooks):
             (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
         return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.2}]
 
-    def pixels(self, images: Tensor) -> Tensor:
-        """uint8 [N, 3, H, W] (training crops) -> normalised float on their device; floating images pass through."""
-        return normalize_on_device(images, self.mean, self.std)
+    def pixels(self, images: Tensor, model: nn.Module | None = None) -> Tensor:
+        """uint8 [N, 3, H, W] (training crops) -> normalised float on their device; floating images pass through.
+        With `model`, in its weights' dtype: open_clip's towers do not cast their input (a bf16 engine holds bf16
+        weights while the crops are normalised in float32)."""
+        images = normalize_on_device(images, self.mean, self.std)
+        return images if model is None else images.to(_unwrap(model).visual.conv1.weight.dtype)
 
     def logit_scale(self, scale: Tensor) -> Tensor:
         """The model's exp(s) (its forward's third output, so ZeRO-3 gathers s) clamped at max_logit_scale: the scale
@@ -339,7 +342,7 @@ class FLIPTask(TaskHooks):
         return self._loss
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        image_features, text_features, raw_scale = model(self.pixels(batch["image"]), batch["text"])
+        image_features, text_features, raw_scale = model(self.pixels(batch["image"], model), batch["text"])
         scale = self.logit_scale(raw_scale)
         loss = self.loss_fn()(image_features.float(), text_features.float(), scale)
         return loss, {"temperature": 1.0 / scale.item(), "logit_scale": scale.item()}
@@ -354,7 +357,7 @@ class FLIPTask(TaskHooks):
         images, texts, labels = [], [], []
         scale = None
         for batch in loader:
-            img_f, txt_f, scale = model(batch["image"], batch["text"] if with_text else None)
+            img_f, txt_f, scale = model(self.pixels(batch["image"], model), batch["text"] if with_text else None)
             keep = ~batch["is_padding"].bool() if "is_padding" in batch else torch.ones(len(img_f), dtype=torch.bool)
             keep = keep.to(img_f.device)
             images.append(img_f.float()[keep])
@@ -440,7 +443,7 @@ class FLIPTask(TaskHooks):
         if "text" not in batch:
             return {}
         n = min(NUM_VIS_PAIRS, len(batch["image"]))
-        images, text = self.pixels(batch["image"][:n]), batch["text"][:n]
+        images, text = self.pixels(batch["image"][:n], model), batch["text"][:n]
         was_training = model.training
         model.eval()
         img_f, txt_f, _ = model(images, text)

@@ -53,7 +53,11 @@ def test_masking_in_training_only_and_the_loss():
     no_decay, decay = task.param_groups()
     assert any(p is model.logit_scale for p in no_decay["params"]) and decay["weight_decay"] == 0.2
     assert not any(p is model.visual.positional_embedding for g in (no_decay, decay) for p in g["params"])  # sin-cos
-    assert isinstance(FLIPTask(FLIPConfig(**TINY, mask_ratio=0.0)).model.visual.patch_dropout, torch.nn.Identity)
+    unmasked = FLIPTask(FLIPConfig(**TINY, mask_ratio=0.0))
+    assert isinstance(unmasked.model.visual.patch_dropout, torch.nn.Identity)
+    # a bf16 engine's weights: the normalised float32 crops are cast to them
+    bf16 = unmasked.model.to(torch.bfloat16)
+    assert torch.isfinite(unmasked.training_step(bf16, {"image": imgs, "text": text})[0])
 
 
 def test_recall_at_k():
