@@ -166,6 +166,12 @@ def test_job_end_to_end_then_unmasked_tuning(tmp_path):
         "vitpretrain"]["mask_ratio"] == 0.0
     # another geometry cannot start from it: one paragraph, exit 2
     assert pretrain_flip.main([*common, "run.name=bad", f"init={run}", "model.embed_dim=8"]) == 2
+    # a job that does not classify zero-shot refuses data.zero_shot
+    from launch import pretrain_mae
+    assert pretrain_mae.main([f"data.train={train}", f"data.zero_shot={zero_shot}", "data.num_workers=0",
+                              "model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=1",
+                              "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_depth=1",
+                              "model.decoder_num_heads=2", f"run.dir={tmp_path / 'runs'}"]) == 2
 
 
 def test_bad_inputs_exit_2(tmp_path, capsys):
