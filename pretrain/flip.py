@@ -52,8 +52,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from contracts.backbone import (OPEN_CLIP_CONFIG, OPEN_CLIP_FORMAT, OPEN_CLIP_WEIGHTS, strip_wrapper_prefixes,
-                                vit_geometry_errors)
+from contracts.backbone import (OPEN_CLIP_CONFIG, OPEN_CLIP_FORMAT, OPEN_CLIP_WEIGHTS, create_from_config,
+                                strip_wrapper_prefixes, vit_geometry_errors)
 from contracts.task import TaskHooks
 from data_pipeline.transforms import EvalTransform, MAETrainTransform, normalize_on_device
 from pretrain.export import vit_config
@@ -264,14 +264,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def clip_visual_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """open_clip's image tower (`visual.*` keys) -> timm VisionTransformer keys, by timm's own converter (the one
-    its `checkpoint_filter_fn` applies to OpenAI / open_clip checkpoints: conv1 -> patch_embed.proj, in_proj -> qkv,
-    ln_post -> norm, proj -> head)."""
-    from timm.models.vision_transformer import _convert_openai_clip
+def clip_visual_to_timm(state_dict: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Tensor]:
+    """open_clip's image tower (`visual.*` keys; the text tower's are left out) -> the keys of the timm model `meta`
+    describes, by timm's own `checkpoint_filter_fn`, which converts OpenAI / open_clip checkpoints (conv1 ->
+    patch_embed.proj, in_proj -> qkv, ln_post -> norm, proj -> head). The model it checks shapes against is built
+    on the meta device (no memory)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
 
-    state = {k: v for k, v in strip_wrapper_prefixes(state_dict).items() if k.startswith("visual.")}
-    return {k: v.detach().float().cpu().contiguous() for k, v in _convert_openai_clip(state, None).items()}
+    with torch.device("meta"):
+        model = create_from_config(meta)
+    state = {k: v.detach().float().cpu() for k, v in strip_wrapper_prefixes(state_dict).items()}
+    return {k: v.contiguous() for k, v in checkpoint_filter_fn(state, model).items()}
 
 
 def flip_encoder_features(model: nn.Module, imgs: Tensor) -> Tensor:
@@ -471,14 +474,13 @@ class FLIPTask(TaskHooks):
         """The image tower as a timm VisionTransformer (the backbone contract). Its forward is the CLIP image
         embedding before L2 normalisation (the projection is its head); forward_features are the tower's tokens."""
         cfg = self.cfg
-        tensors = clip_visual_to_timm(self._clip_state(state_dict))
         meta = vit_config(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
                           num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, source="flip", mean=self.mean, std=self.std,
                           global_pool="avg" if cfg.pool == "avg" else "token", pre_norm=True, num_classes=cfg.embed_dim,
                           **({"fc_norm": False} if cfg.pool == "avg" else {}))
         meta["architecture"] = TIMM_CLIP_VIT
         meta["mask_ratio"] = cfg.mask_ratio
-        return tensors, meta
+        return clip_visual_to_timm(self._clip_state(state_dict), meta), meta
 
     def extra_exports(self, state_dict: dict[str, Tensor]) -> dict[str, tuple[dict[str, Tensor], dict]]:
         """The dual encoder as open_clip's folder: export/open_clip/open_clip_config.json + open_clip_model.safetensors.
