@@ -30,7 +30,9 @@ The names and what they hold are in :data:`REGISTRY`; ``NAME_val`` is always the
   background (no flips: "leftwards" must stay true). About 10% of the glyphs, chosen by a hash of the code point,
   are held out: ``emoji_captions_val`` has one image of each (~135), and ``cls`` with metadata ``classes`` (the
   sorted held-out captions) makes it a zero-shot classification set too; ``emoji_captions`` has 8 images of every
-  other glyph (~9,160). Fashion-MNIST's metadata ``prompts`` gives each class its name and the emoji names of the
+  other glyph (~9,160). ``emoji_captions_seen_val``: one new image of each of 256 training glyphs, so retrieval
+  on captions the model was trained on (the quick sign of learning) is measured apart from generalisation to unseen
+  names (a quarter of the held-out captions share no word with training). Fashion-MNIST's metadata ``prompts`` gives each class its name and the emoji names of the
   same garment, for zero-shot evaluation of a model trained on these captions.
 """
 from __future__ import annotations
@@ -502,6 +504,7 @@ EMOJI_CAPTION_SIZE = 64         # image side, px
 EMOJI_CAPTION_VARIANTS = 8      # images per training glyph (one per held-out glyph)
 EMOJI_CAPTION_SIDE = (0.6, 1.0)  # glyph's longer side as a fraction of the image side
 EMOJI_CAPTION_ROTATION = 20.0   # max |rotation|, degrees
+EMOJI_CAPTION_SEEN = 256       # glyphs of emoji_captions_seen_val
 EMOJI_CAPTION_VAL_BUCKETS = 10  # a glyph is held out when crc32 of its code point falls in bucket 0: about 10%
 # In the two older blocks the text fonts' "BLACK"/"WHITE" mean filled/outlined, not the colour the emoji shows
 # ("BLACK SUN WITH RAYS" is a yellow sun), so the word is dropped there, unless that makes two captions equal.
@@ -574,27 +577,36 @@ def render_caption_image(glyph: Image.Image, rng: np.random.Generator) -> Image.
 
 
 def _emoji_captions_source(split: str, seed: int) -> Source:
+    """split: "train" (EMOJI_CAPTION_VARIANTS images of every glyph not held out), "val" (one image of each held-out
+    glyph) or "seen" (one new image of each of EMOJI_CAPTION_SEEN training glyphs: their captions were trained on,
+    this rendering never was)."""
     glyphs = caption_glyphs()
     held_out = split == "val"
     chars = [ch for ch in glyphs if is_held_out(ch) == held_out]
-    variants = 1 if held_out else EMOJI_CAPTION_VARIANTS
-    # the held-out set is also a zero-shot classification set: one class per glyph, named by its caption
-    classes = sorted(glyphs[ch][0] for ch in chars) if held_out else None
+    if split == "seen":  # a fixed subset, by a hash of its own, so the set stays small and the same everywhere
+        chars = sorted(chars, key=lambda ch: zlib.crc32(f"seen-U+{ord(ch):04X}".encode()))[:EMOJI_CAPTION_SEEN]
+    variants = EMOJI_CAPTION_VARIANTS if split == "train" else 1
+    tag = ("train", "val", "seen").index(split)
+    # the evaluation sets are also zero-shot classification sets: one class per glyph, named by its caption
+    classes = sorted(glyphs[ch][0] for ch in chars) if split != "train" else None
     order = [(ch, v) for ch in chars for v in range(variants)]
     random.Random(seed).shuffle(order)  # pre-shuffle: a shard holds many glyphs
 
     def samples() -> Iterator[Sample]:
         for ch, v in order:
             caption, glyph = glyphs[ch]
-            # one stream per (glyph, variant, split): adding a glyph moves no other image
-            rng = np.random.default_rng([seed, ord(ch), v, int(held_out)])
+            # one stream per (glyph, variant, split): adding a glyph moves no other image, and no evaluation image
+            # is a training image
+            rng = np.random.default_rng([seed, ord(ch), v, tag])
             data, ext = encode_image(render_caption_image(glyph, rng), "jpg", quality=95)
             yield Sample(data, ext, txt=caption, cls=classes.index(caption) if classes else None)
 
+    what = {"train": "training glyphs", "val": "held-out glyphs (never in training)",
+            "seen": "training glyphs drawn anew (their captions are trained on, these images are not)"}[split]
     meta: dict[str, Any] = {
         "kind": "captioned",
-        "source": f"Noto Color Emoji glyphs ({EMOJI_FONT}) captioned with their Unicode names; "
-                  f"{'held-out' if held_out else 'training'} glyphs ({len(chars)} of {len(glyphs)})",
+        "source": f"Noto Color Emoji glyphs ({EMOJI_FONT}) captioned with their Unicode names; {what}, {len(chars)} "
+                  f"of {len(glyphs)}",
         "glyphs": len(chars), "images_per_glyph": variants,
         "codepoints": [f"U+{ord(ch):04X}" for ch in chars]}
     if classes:
@@ -642,7 +654,10 @@ REGISTRY: dict[str, EmbeddedDataset] = {
         partial(_emoji_captions_source, "train"), shards=32),
     "emoji_captions_val": EmbeddedDataset(
         "image-text: one image of each of ~130 held-out glyphs (never in emoji_captions), cls = caption's class",
-        partial(_emoji_captions_source, "val"), shards=16, prefix="val"),
+        partial(_emoji_captions_source, "val"), shards=17, prefix="val", version=2),  # 135: 17 shards of 8
+    "emoji_captions_seen_val": EmbeddedDataset(
+        f"image-text: a new image of each of {EMOJI_CAPTION_SEEN} training glyphs (captions seen in training, images "
+        "not), cls = caption's class", partial(_emoji_captions_source, "seen"), shards=16, prefix="val"),
 }
 
 

@@ -7,7 +7,8 @@ Prints the shards, samples, bytes and index.json metadata, then the epoch-mode p
 workers: the shards, samples, batches and padding of each rank and worker, with a warning where they are
 unbalanced. `--keys` lists the sample keys each rank and worker reads (in tar order; training reorders them in
 its shuffle buffer). `--verify` reads and decodes every sample exactly as a job does and reports the bad ones by
-key and reason. `--json` prints the same report as JSON. The plan comes from `data_pipeline.shards.plan_epoch`,
+key and reason, and for image-text shards the count and lengths of the captions it read (index.json's
+`metadata.captions`, written by data_pipeline.write, is shown for every captioned set). `--json` prints the same report as JSON. The plan comes from `data_pipeline.shards.plan_epoch`,
 the function the training stream itself calls, so what this prints is what a job with the same settings reads.
 
 Exit status: 0; 1 when the shards cannot be split for the job (epoch mode), --verify found bad samples, or the
@@ -27,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_pipeline.shard_writer import SourceError
+from data_pipeline.shard_writer import CaptionStats, SourceError, format_caption_stats
 from data_pipeline.shards import (REQUIRABLE, DatasetIndex, DatasetInputError, EpochPlan, ShardInfo, ShardReader,
                                   is_remote, load_index, plan_epoch, redact_credentials)
 from data_pipeline.stream import SkipSample, decode_sample
@@ -45,6 +46,7 @@ class ShardScan:
 
     keys: list[str] = field(default_factory=list)
     bad: list[dict[str, Any]] = field(default_factory=list)
+    captions: CaptionStats = field(default_factory=CaptionStats)
 
 
 def scan_shard(shard: ShardInfo, reader: ShardReader, decode: bool) -> ShardScan:
@@ -60,7 +62,9 @@ def scan_shard(shard: ShardInfo, reader: ShardReader, decode: bool) -> ShardScan
         scan.keys.append(sample["__key__"])
         if decode:
             try:
-                decode_sample(sample)
+                decoded = decode_sample(sample)
+                if "txt" in decoded:
+                    scan.captions.add(decoded["txt"])
             except SkipSample as skip:
                 scan.bad.append({"key": sample["__key__"], "url": shard.url, "reason": skip.reason,
                                  "detail": skip.detail, "count": 1})
@@ -151,6 +155,11 @@ def inspect_dataset(url: str | Sequence[str], *, world_size: int = 1, num_worker
             by_reason[entry["reason"]] = by_reason.get(entry["reason"], 0) + entry["count"]
         report["verify"] = {"checked": sum(len(scan.keys) for scan in scans.values()), "bad": bad,
                             "by_reason": by_reason}
+        captions = CaptionStats()
+        for scan in scans.values():
+            captions.merge(scan.captions)
+        if captions.count:
+            report["verify"]["captions"] = captions.summary()
     return report
 
 
@@ -175,13 +184,28 @@ def _short(url: str, folder: str) -> str:
     return url[len(folder):] if folder and url.startswith(folder) else url
 
 
+LIST_ITEMS_SHOWN = 12  # the text report shows this many items of a long metadata list (--json shows them all)
+
+
+def _abridged(value: Any) -> Any:
+    """Metadata with long lists (1,145 code points, thousands of skipped paths) cut to their first items and a
+    count of the rest, so the text report stays readable."""
+    if isinstance(value, dict):
+        return {k: _abridged(v) for k, v in value.items()}
+    if isinstance(value, list) and len(value) > LIST_ITEMS_SHOWN:
+        return [_abridged(v) for v in value[:LIST_ITEMS_SHOWN]] + [f"... {len(value) - LIST_ITEMS_SHOWN} more"]
+    return value
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable form of `inspect_dataset`'s report."""
     base = _shard_folder([shard["url"] for shard in report["shard_list"]])
     source = "samples counted by reading the shards (no index.json)" if report["counted"] else "from index.json"
     lines = [f"dataset   {report['url']}  ({source})",
              f"shards    {report['shards']}    samples {report['samples']}    bytes {_format_bytes(report['bytes'])}",
-             f"metadata  {json.dumps(report['metadata'], sort_keys=True)}"]
+             f"metadata  {json.dumps(_abridged(report['metadata']), sort_keys=True)}"]
+    if report["metadata"].get("captions"):
+        lines.append(f"captions  {format_caption_stats(report['metadata']['captions'])}  (index.json)")
     for shard in report["shard_list"]:
         lines.append(f"  {_short(shard['url'], base)}: {shard['samples']} samples, {_format_bytes(shard['bytes'])}")
     plan = report["plan"]
@@ -207,6 +231,8 @@ def format_report(report: dict[str, Any]) -> str:
         bad_count = sum(verify["by_reason"].values())
         lines.append(f"verify: {verify['checked']} samples read, {bad_count} bad"
                      + (f" {json.dumps(verify['by_reason'], sort_keys=True)}" if bad_count else ""))
+        if "captions" in verify:
+            lines.append(f"  captions read: {format_caption_stats(verify['captions'])}")
         for entry in verify["bad"]:
             key = entry["key"] if entry["key"] is not None else f"({entry['count']} sample(s))"
             lines.append(f"  BAD {key}  {entry['reason']}  {_short(entry['url'], base)}  {entry['detail']}")

@@ -244,6 +244,17 @@ class CaptionStats:
         if len(self._seen) < self.UNIQUE_LIMIT:
             self._seen.add(caption)
 
+    def merge(self, other: CaptionStats) -> None:
+        """Add another accumulator's captions (e.g. one per shard) to this one."""
+        if other.count == 0:
+            return
+        for mine, theirs in ((self._chars, other._chars), (self._words, other._words)):
+            mine[0] = theirs[0] if self.count == 0 else min(mine[0], theirs[0])
+            mine[1] += theirs[1]
+            mine[2] = max(mine[2], theirs[2])
+        self.count += other.count
+        self._seen |= set(list(other._seen)[:max(0, self.UNIQUE_LIMIT - len(self._seen))])
+
     def summary(self) -> dict[str, Any]:
         def lengths(acc: list[int]) -> dict[str, float]:
             return {"min": acc[0], "mean": round(acc[1] / max(1, self.count), 2), "max": acc[2]}
@@ -252,6 +263,13 @@ class CaptionStats:
         if len(self._seen) >= self.UNIQUE_LIMIT:
             unique = f">={self.UNIQUE_LIMIT}"
         return {"count": self.count, "unique": unique, "chars": lengths(self._chars), "words": lengths(self._words)}
+
+
+def format_caption_stats(stats: dict[str, Any]) -> str:
+    """:meth:`CaptionStats.summary` (index.json ``metadata.captions``) in one line, for the CLIs."""
+    chars, words = stats["chars"], stats["words"]
+    return (f"{stats['count']} ({stats['unique']} unique); characters {chars['min']}-{chars['max']}, mean "
+            f"{chars['mean']}; words {words['min']}-{words['max']}, mean {words['mean']}")
 
 
 @dataclass

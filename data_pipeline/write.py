@@ -2,6 +2,8 @@
 
     python -m data_pipeline.write SOURCE OUT_URL [--maxcount N] [--maxsize BYTES] [--seed S]
                                   [--resize SHORT_SIDE] [--prefix train] [--images DIR] [--unlabelled]
+                                  [--path-column COL] [--caption-column COL]
+    python -m data_pipeline.write --index-only SHARD_DIR
 
 SOURCE is one of:
 
@@ -9,7 +11,16 @@ SOURCE is one of:
 * a COCO instances ``.json`` (images under ``--images DIR``, default: the json's folder): each sample carries
   its boxes, category ids, image id and size in its ``json`` member (COCO xywh, pixels of the stored image);
 * a folder of unlabelled images (no sub-folders, or any folder with ``--unlabelled``);
+* image-text (``kind: "captioned"``, the caption in each sample's ``txt`` member; data_pipeline.captions): a folder
+  where images have a same-stem ``.txt`` caption beside them (searched recursively, before the two readings
+  above); a ``.csv`` / ``.tsv`` / ``.parquet`` table of (path, caption) rows (``--path-column``,
+  ``--caption-column``; paths relative to the table's folder or ``--images``; parquet needs pyarrow); a folder of
+  captioned ``.tar`` shards (img2dataset's output), re-written in order;
 * ``embedded:NAME``: one of the datasets built from data that ships inside packages (data_pipeline.embedded).
+
+``--index-only SHARD_DIR`` writes no shards: it reads captioned tar shards where they are (img2dataset's
+``--output_format webdataset`` folder: ``00000.tar`` with ``.jpg`` + ``.txt`` + ``.json`` members) and writes an
+``index.json`` beside them (sample counts, caption statistics), so jobs stream the tars as they are.
 
 The samples, sources and the writer itself live in data_pipeline.shard_writer (layout, pre-shuffling, exact shard
 sizes); this module recognises SOURCE and is the command. Exit status: 0 written; 2 for what the command or its
@@ -29,11 +40,11 @@ from pathlib import Path
 
 import fsspec
 
-from data_pipeline import embedded
+from data_pipeline import captions, embedded
 from data_pipeline.shard_writer import (  # noqa: F401 - the names callers import from data_pipeline.write
     DEFAULT_MAXCOUNT, DEFAULT_MAXSIZE, INDEX_NAME, LoadedImage, Sample, Skipped, Source, SourceError, UnreadableImage,
-    WriteResult, coco_file_source, coco_source, encode_image, imagefolder_source, load_image, resize_samples,
-    unlabelled_source, write_shards)
+    WriteResult, coco_file_source, coco_source, encode_image, format_caption_stats, imagefolder_source, load_image,
+    resize_samples, unlabelled_source, write_shards)
 from data_pipeline.shard_writer import _is_hidden
 
 log = logging.getLogger(__name__)
@@ -50,8 +61,11 @@ def open_source(
     seed: int = 0,
     resize: int | None = None,
     unlabelled: bool = False,
+    path_column: str | None = None,
+    caption_column: str | None = None,
 ) -> Source:
-    """Recognise SOURCE (embedded name, COCO json, ImageFolder, folder of images) and open it.
+    """Recognise SOURCE (embedded name, COCO json, caption table, folder of image + caption pairs, folder of
+    captioned tar shards, ImageFolder, folder of images) and open it.
 
     Raises:
         SourceError: missing, unreadable, empty or unrecognised source (the message names it and the fix).
@@ -67,15 +81,25 @@ def open_source(
             raise SourceError(
                 f"The source {source!r} does not exist. SOURCE must be an ImageFolder directory (one sub-folder of "
                 "images per class), a folder of unlabelled images, a COCO instances .json (images under --images "
-                f"DIR), or embedded:NAME with NAME one of {', '.join(embedded.REGISTRY)}.")
+                "DIR), a folder of image + .txt caption pairs, a .csv/.tsv/.parquet table of (path, caption) rows, a "
+                f"folder of captioned .tar shards, or embedded:NAME with NAME one of {', '.join(embedded.REGISTRY)}.")
+        image_dir = Path(images).expanduser() if images else None
         if path.is_file():
+            if path.suffix.lower() in captions.TABLE_SUFFIXES:
+                return captions.caption_table_source(path, images=image_dir, path_column=path_column,
+                                                     caption_column=caption_column, seed=seed, resize=resize)
             if path.suffix.lower() != ".json":
-                raise SourceError(f"The source {source!r} is a file but not a COCO .json; pass a folder of images, "
-                                  "an ImageFolder directory or a COCO instances json.")
-            return coco_file_source(path, Path(images).expanduser() if images else None, seed=seed, resize=resize)
+                raise SourceError(f"The source {source!r} is a file but neither a COCO .json nor a caption table "
+                                  "(.csv, .tsv, .parquet); pass a folder of images, an ImageFolder directory, a COCO "
+                                  "instances json or a table of (path, caption) rows.")
+            return coco_file_source(path, image_dir, seed=seed, resize=resize)
         if not path.is_dir():
             raise SourceError(f"The source {source!r} is neither a folder nor a file (a device, socket or pipe?); "
                               "pass a folder of images, an ImageFolder directory or a COCO instances json.")
+        if captions.is_shard_folder(path):
+            return captions.tar_caption_source(path, resize=resize)
+        if not unlabelled and captions.has_caption_pairs(path):
+            return captions.caption_folder_source(path, seed=seed, resize=resize)
         has_subdirs = any(p.is_dir() and not _is_hidden(p.name) for p in path.iterdir())
         if unlabelled or not has_subdirs:
             return unlabelled_source(path, seed=seed, resize=resize)
@@ -151,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_pipeline.write", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="ImageFolder dir, folder of images, COCO instances .json, or embedded:NAME")
-    p.add_argument("out_url", help="destination folder: local path or fsspec URL (file://, s3://, memory://…)")
+    p.add_argument("source", help="ImageFolder dir, folder of images, COCO instances .json, folder of image + .txt "
+                   "pairs, .csv/.tsv/.parquet caption table, folder of captioned .tar shards, or embedded:NAME")
+    p.add_argument("out_url", nargs="?", default=None,
+                   help="destination folder: local path or fsspec URL (file://, s3://, memory://…)")
     p.add_argument("--maxcount", type=_positive_int, default=None,
                    help=f"most samples per shard (default {DEFAULT_MAXCOUNT}; embedded datasets: their own)")
     p.add_argument("--maxsize", type=_positive_int, default=DEFAULT_MAXSIZE,
@@ -164,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, metavar="DIR", help="image folder of a COCO json (default: its folder)")
     p.add_argument("--unlabelled", action="store_true",
                    help="treat a directory as unlabelled images even if it has sub-folders")
+    p.add_argument("--path-column", default=None, metavar="COL",
+                   help=f"image path column of a caption table (default: the first of {', '.join(captions.PATH_COLUMNS)})")
+    p.add_argument("--caption-column", default=None, metavar="COL",
+                   help=f"caption column of a caption table (default: the first of {', '.join(captions.CAPTION_COLUMNS)})")
+    p.add_argument("--index-only", action="store_true",
+                   help="write index.json beside the captioned .tar shards in SOURCE (img2dataset's output) instead "
+                   "of writing shards; no OUT_URL")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -171,14 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (module docstring: 0 written, 2 fix the command or the
     inputs, 1 failed at run time)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.index_only and args.out_url is not None:
+        parser.error(f"--index-only writes index.json into SOURCE itself; drop OUT_URL ({args.out_url})")
+    if not args.index_only and args.out_url is None:
+        parser.error("OUT_URL is required (or --index-only, to index captioned shards where they are)")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.index_only:
+        return _index_only(args.source)
     maxcount, prefix = args.maxcount, args.prefix
     try:
         check_destination(args.out_url)
         src = open_source(args.source, images=args.images, seed=args.seed, resize=args.resize,
-                          unlabelled=args.unlabelled)
+                          unlabelled=args.unlabelled, path_column=args.path_column,
+                          caption_column=args.caption_column)
         if args.source.startswith(embedded.PREFIX):
             ds = embedded.REGISTRY[args.source.removeprefix(embedded.PREFIX)]
             maxcount = maxcount or embedded.maxcount_for(ds, src.total)
@@ -203,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     index = result.index
     print(f"wrote {index['num_samples']} samples in {len(index['shards'])} shards "
           f"({index['num_bytes'] / 1e6:.1f} MB) to {args.out_url} (index: {INDEX_NAME})")
+    if "captions" in index["metadata"]:
+        print(f"captions: {format_caption_stats(index['metadata']['captions'])}")
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable files:")
         for s in result.skipped[:20]:
@@ -210,6 +253,42 @@ def main(argv: list[str] | None = None) -> int:
         if len(result.skipped) > 20:
             print(f"  … and {len(result.skipped) - 20} more (all listed in {INDEX_NAME} metadata.skipped)")
     return 0
+
+
+def _index_only(folder: str) -> int:
+    """--index-only: index.json beside existing captioned shards (data_pipeline.captions.index_caption_shards)."""
+    from data_pipeline.shards import DatasetInputError
+
+    try:
+        if check_local_folder(folder):
+            check_destination(folder)
+        index = captions.index_caption_shards(folder)
+    except (SourceError, DestinationError, DatasetInputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: indexing the shards in {folder!r} failed: {type(e).__name__}: {e}; run the command again.",
+              file=sys.stderr)
+        return 1
+    meta = index["metadata"]
+    print(f"indexed {index['num_samples']} samples in {len(index['shards'])} shards "
+          f"({index['num_bytes'] / 1e6:.1f} MB) in {folder} (wrote {INDEX_NAME})")
+    print(f"captions: {format_caption_stats(meta['captions'])}")
+    if meta["skipped"]["count"]:
+        print(f"{meta['skipped']['count']} samples without a usable image or caption (the stream skips them; listed in "
+              f"{INDEX_NAME} metadata.skipped): {'; '.join(meta['skipped']['paths'][:5])}")
+    return 0
+
+
+def check_local_folder(folder: str) -> bool:
+    """True for a local SOURCE of --index-only (then checked as a destination too); SourceError when it is missing."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & {"file", "local"}:
+        return False
+    if not Path(path).is_dir():
+        raise SourceError(f"--index-only needs the folder that holds the .tar shards; {folder!r} is not a folder.")
+    return True
 
 
 if __name__ == "__main__":
