@@ -45,8 +45,8 @@ a failure, or calibration stage by stage).
 Presets:
 - cpu (default): 63 commands for 2 seeds, about 1 h 50 min on an idle 2-core CPU, the sum of each claim's own
   measured run (claims 1-5 as first written: 42 min at load ~1, of which the old DETR claim 6.5; vt 20 min and
-  simmim 15 min with --seeds 2 at load 3-8, one thread per job; detr on the emoji set: the 1,500-step MAE ~6.5 min
-  and 9-12 min per 2,000-step arm); tiny models (img 32, patch
+  simmim 15 min with --seeds 2 at load 3-8, one thread per job; flip 18 min with --seeds 2 at load 4-8; detr on
+  the emoji set: the 1,500-step MAE ~6.5 min and 9-12 min per 2,000-step arm); tiny models (img 32, patch
   4, 128 x 4 for the classification ViT; a 48-96-192 Swin with 2-px patches for SimMIM). MAE, BEiT and SimMIM
   pretraining repeat per seed; the dVAE tokenizer, the DeiT teacher, DETR's MAE backbone and IPT's multi-task pretraining run once (seed 0)
   and are shared by every seed, as the report says (their run-to-run spread is not in the stds).
