@@ -176,8 +176,9 @@ def find_open_clip_folder(path: str | Path) -> Path:
     for folder in (path, path / OPEN_CLIP_EXPORT, path / "export" / OPEN_CLIP_EXPORT):
         if (folder / OPEN_CLIP_CONFIG).is_file() and (folder / OPEN_CLIP_WEIGHTS).is_file():
             return folder
-    raise ValueError(f"model.init={path}: no {OPEN_CLIP_CONFIG} + {OPEN_CLIP_WEIGHTS} there, in its {OPEN_CLIP_EXPORT}/ "
-                     f"or in its export/{OPEN_CLIP_EXPORT}/ (give a pretrain_flip run directory or its export)")
+    raise ValueError(f"model.init={path}: no {OPEN_CLIP_CONFIG} + {OPEN_CLIP_WEIGHTS} there, in its "
+                     f"{OPEN_CLIP_EXPORT}/ or in its export/{OPEN_CLIP_EXPORT}/ (give a pretrain_flip run directory "
+                     "or its export)")
 
 
 def load_init(model: CLIP, cfg: FLIPConfig) -> Path:
@@ -410,7 +411,8 @@ class FLIPTask(TaskHooks):
         encoder = SimpleNamespace(encode_text=lambda tokens, normalize=True: model(None, tokens)[1].float())
         if prompts:
             if len(prompts) != len(classes):
-                raise ValueError(f"data.zero_shot: metadata.prompts has {len(prompts)} lists for {len(classes)} classes")
+                raise ValueError(f"data.zero_shot: metadata.prompts has {len(prompts)} lists for {len(classes)} "
+                                 "classes")
             # one class at a time: the classes' prompt lists differ in length
             return torch.cat([build_zero_shot_classifier(encoder, self.eval_transform.tokenize, [str(c)],
                                                          [str(p) for p in ps], num_classes_per_batch=None,
