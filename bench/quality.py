@@ -30,6 +30,10 @@ The claims (issue 11):
 9. sam:  SAM (finetune_sam) with an MAE-pretrained image encoder against the same encoder from scratch: mIoU from one
          click and from the box on the emoji set's held-out instance masks (issue 23); the MAE backbone is claim 4's
          recipe (and claim 4's own run when both are planned).
+10. flip: FLIP (mask 0.5) against CLIP (mask 0, the same model and recipe) at equal training wall time on the emoji
+         captions (issue 22): retrieval R@1 on the held-out glyphs' names, zero-shot top-1 on Fashion-MNIST. Equal
+         wall time is set by step counts: CLIP's, and FLIP's scaled by the step-time ratio of the two arms measured
+         in the job at this geometry on this CPU (the preset's `flip_steps`); each run's own step time is reported.
 
 Every job is a subprocess of its launch script (`python launch/<job>.py key=value ...`); its stdout and stderr go to
 WORKDIR/logs/<step>.log, its run directory to WORKDIR/runs/<job>/<name>/ (`run.dir=`, `run.name=`), converted
@@ -53,7 +57,8 @@ Presets:
   simmim 15 min with --seeds 2 at load 3-8, one thread per job; detr on the emoji set: the 1,500-step MAE ~6.5 min
   and 9-12 min per 2,000-step arm; mpp_mp3 42 min at load 3.6-9 for its 18 jobs, 1.5-5 min each, perhaps 25 min
   idle); sam alone (--only sam --seeds 2): 46 min at load 4-9, the MAE 13.5 of them and
-  4.5-11 min per 300-step arm, an estimated 18-20 min idle (not measured), less with detr, whose MAE it reuses);
+  4.5-11 min per 300-step arm, an estimated 18-20 min idle (not measured), less with detr, whose MAE it reuses;
+  flip 18 min with --seeds 2 at load 4-8);
   tiny models (img 32, patch
   4, 128 x 4 for the classification ViT; a 48-96-192 Swin with 2-px patches for SimMIM). MAE, BEiT, SimMIM and
   claim 8's pretraining repeat per seed; the dVAE tokenizer, the DeiT teacher, DETR's MAE backbone and IPT's multi-task pretraining run once (seed 0)
@@ -88,7 +93,7 @@ RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 RESULTS_DIR = ROOT / "bench" / "results"
 BEGIN_MARKER = "<!-- quality:begin -->"
 END_MARKER = "<!-- quality:end -->"
-CLAIMS = ("mae", "beit", "deit", "detr", "ipt", "vt", "simmim", "mpp_mp3", "sam")
+CLAIMS = ("mae", "beit", "deit", "detr", "ipt", "vt", "simmim", "mpp_mp3", "sam", "flip")
 CLAIM_TITLES = {
     "mae": "1. MAE: pretrain -> finetune vs scratch; linear probe vs random features",
     "beit": "2. BEiT with the project's dVAE tokenizer",
@@ -99,6 +104,7 @@ CLAIM_TITLES = {
     "simmim": "7. SimMIM on a Swin: pretrain -> finetune vs scratch",
     "mpp_mp3": "8. ViT's masked patch prediction (three targets) and MP3 position prediction -> finetune vs scratch",
     "sam": "9. SAM: MAE-pretrained image encoder vs scratch (emoji instance masks)",
+    "flip": "10. FLIP (mask 0.5) vs CLIP (mask 0) at equal wall time",
 }
 # Rows of other claims shown in a claim's table beside its own arms (copied, never judged): claim -> (source claim,
 # arm); taken from this invocation when it ran the source claim, else from the previous report of the preset.
@@ -159,7 +165,17 @@ class QualityPreset:
     # --- claim 9 (sam): finetune_sam (tiny preset: the emoji masks) on claim 4's MAE backbone recipe ---
     sam: tuple[str, ...] = ()             # finetune_sam keys of both arms
     sam_scratch: tuple[str, ...] = ()     # finetune_sam keys of the scratch arm (the backbone's geometry)
+    # --- claim 10 (flip): pretrain_flip (tiny preset) on the emoji captions, both arms per seed ---
+    flip: tuple[str, ...] = ()            # keys of both arms (geometry, batch, lr, evaluation)
+    flip_steps: tuple[int, int] = (0, 0)  # (CLIP at mask 0, FLIP at mask 0.5): equal wall time at the measured ratio
 
+
+# Claim 10's step counts on the CPU: CLIP's, and FLIP's at the same wall time. bench/flip_speed.py measures 2.2x at
+# the claim's geometry and batch on the model alone (1.82 s against 0.83 s per step; bench/results/
+# flip-speed-cpu-quality.json), but inside the job the data worker (decoding and cropping 128 images a step) shares
+# the 2 cores: a first run at 2.2x the steps logged 1.7 s per CLIP step against 1.4 s per FLIP step, so FLIP had
+# ~1.8x CLIP's wall time. The counts use that in-job ratio, 1.25. 120 CLIP steps are 1.7 epochs of the 9,160 pairs.
+FLIP_CPU_STEPS = (120, 150)
 
 # Quiet runs: no intermediate checkpoints, pictures or evaluations unless a stage asks for them.
 QUIET = ("log.eval_every=0", "log.images_every=0", "ckpt.every=0", "ckpt.keep=1")
@@ -250,6 +266,12 @@ CPU = QualityPreset(
          "model.mask_only_rounds=0", "model.eval_points=3", "log.every=50", "log.eval_every=0",
          "log.images_every=0", "ckpt.best_metric=", "ckpt.every=0"),
     sam_scratch=("model.init=scratch",),
+    # the glyphs at 32 px, patch 4 (64 patches, 32 visible at mask 0.5), a 4 x 128 image tower and a 2 x 128 text
+    # tower, 16 tokens, batch 128; evaluated once, at the end
+    flip=QUIET + ("model.img_size=32", "model.patch_size=4", "model.width=128", "model.depth=4", "model.num_heads=4",
+                  "model.text_width=128", "model.text_depth=2", "model.text_heads=2", "model.embed_dim=128",
+                  "data.batch_size=128", "optim.warmup_steps=20", "log.every=25"),
+    flip_steps=FLIP_CPU_STEPS,
 )
 
 GPU = QualityPreset(
@@ -311,6 +333,9 @@ GPU = QualityPreset(
          "optim.warmup_steps=250", "model.correction_points=8", "model.mask_only_rounds=2", "model.eval_points=3",
          "log.every=50", "log.eval_every=0", "log.images_every=0", "ckpt.best_metric=", "ckpt.every=0"),
     sam_scratch=("model.init=scratch", "model.embed_dim=384", "model.depth=12", "model.num_heads=6"),
+    # the tiny preset's model at 64 px, batch 512; the step ratio is a guess until bench/flip_speed.py runs there
+    flip=QUIET + ("data.batch_size=512", "data.num_workers=8", "optim.warmup_steps=100", "log.every=50"),
+    flip_steps=(3000, 5000),
 )
 
 PRESETS: dict[str, QualityPreset] = {"cpu": CPU, "gpu": GPU}
@@ -441,6 +466,9 @@ class Planner:
     def shards(self, claims: Sequence[str]) -> None:
         names: list[str] = []
         for claim in claims:
+            if claim == "flip":   # captioned pairs, their held-out glyphs, and a labelled set for zero-shot
+                names += [n for n in ("emoji_captions", "emoji_captions_val", "fashion_mnist_val") if n not in names]
+                continue
             base = {"mae": self.p.cls_data, "beit": self.p.cls_data, "deit": self.p.cls_data,
                     "detr": self.p.det_data, "ipt": self.p.photos_data, "vt": self.p.cls_data,
                     "simmim": self.p.cls_data, "mpp_mp3": self.p.cls_data,
@@ -663,6 +691,25 @@ class Planner:
                              for arm, label in (("ViT MPP: mean colour", "mean colour"),
                                                 ("ViT MPP: 4x4 colours", "4x4 colours"),
                                                 ("ViT MPP: pixels L2", "pixels L2"), ("MP3", "MP3"))]
+
+    def flip(self) -> None:
+        p = self.p
+        data = [f"data.train={self.layout.shards('emoji_captions')}",
+                f"data.val={self.layout.shards('emoji_captions_val')}",
+                f"data.zero_shot={self.layout.shards('fashion_mnist_val')}"]
+        figures = (("image->text R@1 (%)", "val/i2t_r1"), ("text->image R@1 (%)", "val/t2i_r1"),
+                   ("image->text R@5 (%)", "val/i2t_r5"), ("zero-shot top-1 (%)", "val/zero_shot_top1"))
+        clip_steps, flip_steps = p.flip_steps
+        for seed in self.seeds:   # the two arms differ only in the mask ratio and their step counts
+            for stage, arm, mask, steps in (("flip", "FLIP mask 0.5", 0.5, flip_steps),
+                                            ("clip", "CLIP mask 0", 0.0, clip_steps)):
+                reads = [Read(arm, figure, key, 100.0) for figure, key in figures]
+                reads.append(Read(arm, "step time (s)", "perf/step_time_s"))
+                self.job("flip", stage, "pretrain_flip", seed, data + list(p.flip)
+                         + [f"model.mask_ratio={mask}", f"optim.max_steps={steps}"], reads)
+        for figure, _ in figures:
+            self.comparisons.append(Comparison("flip", figure, ("FLIP mask 0.5", "CLIP mask 0"),
+                                               figure.replace(" (%)", ""), plot=True))
 
 
 def add_references(report: dict[str, Any], previous: dict[str, Any]) -> None:

@@ -70,6 +70,11 @@ LEGACY_CONFIG_NAME = "backbone.json"      # the format before config.json: still
 LEGACY_WEIGHTS_NAME = "backbone.safetensors"
 BACKBONE_EXPORT = "backbone"              # export name of a timm backbone (a task's default `export_name`)
 PROJECT_KEY = "vitpretrain"               # config.json's section for this project's record
+# open_clip's own folder (what `open_clip.create_model_and_transforms("local-dir:PATH")` reads): a dual encoder's
+# export, written by `save_export` for a meta {"format": OPEN_CLIP_FORMAT, "config": <open_clip_config.json>}
+OPEN_CLIP_FORMAT = "open_clip"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 # pretrained_cfg keys taken from the registered architecture when the exporter did not give them
 DEFAULT_CFG_KEYS = ("mean", "std", "input_size", "interpolation", "crop_pct", "fixed_input_size", "first_conv",
                     "classifier")
@@ -256,13 +261,22 @@ def save_backbone(folder: str | Path, model_or_state: nn.Module | Mapping[str, T
 def save_export(folder: str | Path, name: str, model_or_state: nn.Module | Mapping[str, Tensor],
                 meta: Mapping[str, Any]) -> Path:
     """Every export a job writes, by its name: the backbone ("backbone") as the timm folder itself; another timm
-    model (DeiT's whole classifier) as the timm folder <folder>/<name>/; anything else (the dVAE tokenizer, IPT, the
-    DETR detector) as <folder>/<name>.safetensors + <name>.json. Returns the folder written to."""
+    model (DeiT's whole classifier) as the timm folder <folder>/<name>/; a dual encoder (meta {"format": "open_clip",
+    "config": ...}: FLIP) as open_clip's folder <folder>/<name>/ (open_clip_config.json + open_clip_model.safetensors);
+    anything else (the dVAE tokenizer, IPT, the DETR detector) as <folder>/<name>.safetensors + <name>.json. Returns
+    the folder written to."""
     folder = Path(folder)
     if name == BACKBONE_EXPORT:
         return save_backbone(folder, model_or_state, meta)
     if is_timm_meta(meta):
         return save_backbone(folder / name, model_or_state, meta)
+    if meta.get("format") == OPEN_CLIP_FORMAT:
+        out = folder / name
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(_tensors(model_or_state), str(out / OPEN_CLIP_WEIGHTS), metadata={"format": "pt"})
+        (out / OPEN_CLIP_CONFIG).write_text(json.dumps(meta["config"], indent=2) + "\n")
+        logger.info("wrote open_clip's %s + %s to %s", OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, out)
+        return out
     folder.mkdir(parents=True, exist_ok=True)
     save_file(_tensors(model_or_state), str(folder / f"{name}.safetensors"))
     (folder / f"{name}.json").write_text(json.dumps(dict(meta), indent=2) + "\n")

@@ -106,6 +106,14 @@ class TaskHooks:
         e.g. DeiT's whole classifier."""
         return {}
 
+    def evaluate_zero_shot(self, model: nn.Module, loader: Iterable[dict[str, Any]],
+                           metadata: dict[str, Any]) -> dict[str, float]:
+        """Metrics over the labelled set data.zero_shot (its batches from `eval_transform`, every sample with an
+        image and a `cls` label; `metadata`: its index.json metadata, e.g. the class names), run with each evaluation
+        and logged as val/*. Collective, like `evaluate`. Only a task that overrides it accepts data.zero_shot (the
+        runtime refuses the key otherwise); a ValueError is a configuration error (exit 2)."""
+        return {}
+
     def evaluate_ema(self, model: nn.Module, loader: Iterable[dict[str, Any]]) -> dict[str, float]:
         """The evaluation of the runtime's EMA copy of the weights (optim.ema_decay > 0), logged as val/<name>_ema.
         Default: `evaluate`. A task overrides it to leave out what the EMA does not change (DeiT's teacher) or to

@@ -123,6 +123,9 @@ class DataConfig:
 
     train: str  # dataset URL: folder with index.json, brace pattern, "a.tar,b.tar", or embedded:NAME
     val: str = ""  # evaluation dataset URL; "" = no evaluation data
+    # a labelled evaluation set (index.json's metadata names its classes) for a task that classifies zero-shot (a dual
+    # encoder: pretrain_flip), evaluated with data.val; "" = none
+    zero_shot: str = ""
     batch_size: int = 64  # samples per batch, per rank
     num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the main process)
     mode: str = "epoch"  # "epoch": every sample once per epoch | "resampled": infinite, shards with replacement

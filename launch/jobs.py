@@ -56,6 +56,14 @@ def _pretrain_mp3() -> Job:
     return Job(MP3Config, MP3Task, MP3_ARCHS, mp3_encoder_features, aliases={"context_ratio": "model.context_ratio"})
 
 
+def _pretrain_flip() -> Job:
+    from pretrain.flip import FLIP_ARCHS, FLIPConfig, FLIPTask, flip_encoder_features
+
+    # the image tower as the backbone; the dual encoder for open_clip (export/open_clip/) is an extra export
+    return Job(FLIPConfig, FLIPTask, FLIP_ARCHS, flip_encoder_features,
+               aliases={"mask_ratio": "model.mask_ratio", "init": "model.init"})
+
+
 def _train_dvae() -> Job:
     from pretrain.dvae import DVAEConfig, DVAETask
 
@@ -125,6 +133,7 @@ JOBS: Mapping[str, Job] = _Registry({
     "pretrain_beit": _pretrain_beit,
     "pretrain_simmim": _pretrain_simmim,
     "pretrain_mp3": _pretrain_mp3,
+    "pretrain_flip": _pretrain_flip,
     "train_dvae": _train_dvae,
     "pretrain_deit": _pretrain_deit,
     "finetune_cls": _finetune_cls,

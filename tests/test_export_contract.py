@@ -25,6 +25,9 @@ JOB_ARGS = {
     "pretrain_deit": TINY_VIT + ["model.img_size=32", "distill=none", "data.batch_size=4"],
     "pretrain_simmim": ["model.img_size=32", "model.embed_dim=16", "model.depths=1,1", "model.num_heads=1,2",
                         "model.window_size=4", "model.mask_patch_size=8", "data.batch_size=4"],   # a Swin
+    "pretrain_flip": ["model.img_size=16", "model.patch_size=4", "model.width=32", "model.depth=1",
+                      "model.num_heads=2", "model.text_width=32", "model.text_depth=1", "model.text_heads=2",
+                      "model.embed_dim=16", "model.context_length=8", "data.zero_shot=", "data.batch_size=4"],
     "finetune_cls": TINY_VIT + ["model.img_size=32", "data.batch_size=4"],
     "finetune_detr": TINY_VIT + ["model.hidden_dim=32", "model.nheads=2", "model.enc_layers=1", "model.dec_layers=1",
                                  "model.dim_feedforward=32", "model.num_queries=5", "model.scales=48,48",

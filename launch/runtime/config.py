@@ -544,7 +544,7 @@ def check(cfg: JobConfig) -> None:
         errors.append("set optim.max_steps or optim.epochs (the length of training)")
     if not cfg.data.train:
         errors.append("data.train is required" + REQUIRED_HINTS["data.train"])
-    for key in ("train", "val"):
+    for key in ("train", "val", "zero_shot"):
         url = getattr(cfg.data, key)
         if url.startswith(PIPE_PREFIX):
             if not cfg.data.allow_pipe:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from contracts.task import TaskError, check_task
+from contracts.task import TaskError, TaskHooks, check_task
 from launch.runtime import checkpoint, config, distributed, engine as engine_lib, tracking
 from launch.runtime.config import ConfigError, JobConfig, ParsedArgs, RunError
 from launch.runtime.ema import RuntimeEMA
@@ -194,11 +194,14 @@ class Trainer:
 
     # --- setup ---------------------------------------------------------------------------------------------
 
-    def _build_stream(self, url: str, map_fn: Callable, train: bool) -> Any:
+    def _build_stream(self, url: str, map_fn: Callable, train: bool, key: str = "",
+                      required: tuple[str, ...] | None = None) -> Any:
+        """The stream of data.<key> (default: train or val); `required`: its members (default: the task's)."""
         from data_pipeline.shards import DatasetInputError
         from data_pipeline.stream import build_stream
 
         d, w = self.cfg.data, self.world
+        key = key or ("train" if train else "val")
         try:
             return build_stream(url, map_fn=map_fn, batch_size=d.batch_size, rank=w.rank, world_size=w.world_size,
                                 num_workers=d.num_workers, mode=d.mode if train else "epoch", train=train,
@@ -206,14 +209,14 @@ class Trainer:
                                 collate_fn=self.task.train_collate if train else self.task.eval_collate,
                                 allow_pipe=d.allow_pipe, prefetch_factor=d.prefetch_factor,
                                 pin_memory=None if d.pin_memory == "auto" else d.pin_memory,
-                                required=self.task.required_members,
+                                required=self.task.required_members if required is None else required,
                                 multiscale=d.multiscale if train else (), multiscale_base=d.multiscale_base)
         except DatasetInputError as e:  # an input to fix (malformed index.json, a missing local path): exit 2
-            raise ConfigError(f"data.{'train' if train else 'val'}={url}: {e}") from None
+            raise ConfigError(f"data.{key}={url}: {e}") from None
         except OSError as e:
-            raise DataError(f"data.{'train' if train else 'val'}={url}: cannot open the dataset ({e})") from None
+            raise DataError(f"data.{key}={url}: cannot open the dataset ({e})") from None
         except ValueError as e:
-            raise ConfigError(f"data.{'train' if train else 'val'}={url}: {e}") from None
+            raise ConfigError(f"data.{key}={url}: {e}") from None
 
     def _prepare_run_dir(self, fresh: bool) -> None:
         """A fresh run into a run dir that holds an earlier one moves the earlier one aside (nothing is deleted); with
@@ -280,6 +283,14 @@ class Trainer:
         self.train_stream = self._build_stream(cfg.data.train, self.task.train_transform, train=True)
         self.val_stream = (self._build_stream(cfg.data.val, self.task.eval_transform, train=False)
                            if cfg.data.val else None)
+        # a labelled set for a dual encoder's zero-shot classification, evaluated with data.val (same transform)
+        self.zero_shot_stream = None
+        if cfg.data.zero_shot:
+            if type(self.task).evaluate_zero_shot is TaskHooks.evaluate_zero_shot:
+                raise ConfigError(f"data.zero_shot={cfg.data.zero_shot}: {self.job} does not classify zero-shot (a "
+                                  "dual encoder such as pretrain_flip does); remove the key")
+            self.zero_shot_stream = self._build_stream(cfg.data.zero_shot, self.task.eval_transform, train=False,
+                                                       key="zero_shot", required=("image", "cls"))
         try:
             self.task.on_dataset(dict(self.train_stream.metadata))
         except ValueError as e:
@@ -487,15 +498,31 @@ class Trainer:
         self.tracker.progress(self.step, d.total_steps, values, eta_s=(d.total_steps - self.step) * step_time)
         return values
 
+    @property
+    def has_eval(self) -> bool:
+        """Whether there is anything to evaluate (data.val or data.zero_shot)."""
+        return self.val_stream is not None or self.zero_shot_stream is not None
+
     def evaluate(self) -> dict[str, float]:
-        if self.val_stream is None:
+        if not self.has_eval:
             return {}
         t0 = time.perf_counter()
         distributed.broadcast_buffers(self.engine.module)
-        self.val_stream.set_epoch(0)
-        results = self.task.evaluate(self.engine, DeviceLoader(self.val_stream, self.world.device, self.float_dtype))
+        results: dict[str, float] = {}
+        if self.val_stream is not None:
+            self.val_stream.set_epoch(0)
+            results = self.task.evaluate(self.engine, DeviceLoader(self.val_stream, self.world.device,
+                                                                   self.float_dtype))
+        if self.zero_shot_stream is not None:
+            self.zero_shot_stream.set_epoch(0)
+            try:
+                results = {**results, **self.task.evaluate_zero_shot(
+                    self.engine, DeviceLoader(self.zero_shot_stream, self.world.device, self.float_dtype),
+                    dict(self.zero_shot_stream.metadata))}
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         values = {f"val/{k.removeprefix('val_')}": float(v) for k, v in results.items()}
-        if self.ema is not None:
+        if self.ema is not None and self.val_stream is not None:
             distributed.broadcast_buffers(self.ema.module)  # each rank averaged its own BatchNorm statistics
             self.val_stream.set_epoch(0)
             ema_results = self.task.evaluate_ema(self.ema.module,
@@ -634,7 +661,7 @@ class Trainer:
                 loss = last_values.get("train/loss", math.nan)
                 first_loss = loss if first_loss is None else first_loss
             last = self.step == d.total_steps
-            if self.eval_due() and self.val_stream is not None and not last:
+            if self.eval_due() and self.has_eval and not last:
                 self.evaluate()
             if log_cfg.images_every and self.step % log_cfg.images_every == 0 and not last:
                 self.pictures()
