@@ -104,6 +104,8 @@ class FLIPConfig:
     # weights to start from: an open_clip folder this job exported (export/open_clip) or a pretrain_flip run
     # directory; the unmasked tuning stage starts so. "" = random initialisation
     init: str = ""
+    # "unmasked_tuning" (FLIP's second stage, its preset) needs model.init and mask ratio 0; "pretrain" takes either
+    stage: Literal["pretrain", "unmasked_tuning"] = "pretrain"
     grad_checkpointing: bool = False
 
     LIMITS: ClassVar[dict[str, str]] = {
@@ -129,6 +131,10 @@ class FLIPConfig:
         if self.init and not Path(self.init).expanduser().exists():
             errors.append(f"model.init={self.init} does not exist (an export/open_clip folder or a pretrain_flip run "
                           "directory)")
+        if self.stage == "unmasked_tuning" and (not self.init or self.mask_ratio):
+            errors.append("model.stage=unmasked_tuning continues a masked run with every patch visible: give init=RUN "
+                          f"(the first stage's run directory or its export/open_clip) and mask_ratio=0 (now init="
+                          f"{self.init!r}, mask_ratio={self.mask_ratio})")
         if errors:
             raise ValueError("; ".join(errors))
 

@@ -211,3 +211,25 @@ def test_clip_loss_across_ranks_scores_local_rows_against_all(monkeypatch):
     assert rank1.item() == pytest.approx(per_row[4:].mean().item(), rel=1e-5)
     whole = oc_loss.ClipLoss()(img, txt, scale)
     assert (per_row[:4].mean() + rank1).item() / 2 == pytest.approx(whole.item(), rel=1e-5)
+
+
+def test_presets_parse_and_unmasked_tuning_needs_its_init(tmp_path):
+    """The presets resolve (FLIP's recipe in vit_b16); the unmasked tuning stage refuses to start without init=, and
+    the job says so with exit 2."""
+    from launch.jobs import JOBS
+    from launch.runtime import config
+
+    job = JOBS["pretrain_flip"]
+
+    def parse(*argv: str) -> config.JobConfig:
+        return config.parse_args("pretrain_flip", FLIPConfig, list(argv), archs=job.archs, aliases=job.aliases)[0]
+
+    cfg = parse("--preset", "vit_b16", "data.train=s3://b/x")
+    assert (cfg.model.mask_ratio, cfg.optim.betas, cfg.optim.weight_decay) == (0.5, (0.9, 0.95), 0.2)
+    assert cfg.model.crop_scale == (0.5, 1.0)
+    tuned = parse("--preset", "unmasked_tuning", "data.train=s3://b/x", f"init={tmp_path}")
+    assert (tuned.model.stage, tuned.model.mask_ratio, tuned.model.init) == ("unmasked_tuning", 0.0, str(tmp_path))
+    with pytest.raises(config.ConfigError, match="model.stage=unmasked_tuning .* give init=RUN"):
+        parse("--preset", "unmasked_tuning", "data.train=s3://b/x")
+    assert pretrain_flip.main(["--preset", "unmasked_tuning", "data.train=embedded:emoji_captions",
+                               f"run.dir={tmp_path}"]) == 2
