@@ -233,3 +233,45 @@ def test_presets_parse_and_unmasked_tuning_needs_its_init(tmp_path):
         parse("--preset", "unmasked_tuning", "data.train=s3://b/x")
     assert pretrain_flip.main(["--preset", "unmasked_tuning", "data.train=embedded:emoji_captions",
                                f"run.dir={tmp_path}"]) == 2
+
+
+def _gathered_loss_rank(rank: int, world: int, port: int, feats: tuple[torch.Tensor, torch.Tensor], out: dict):
+    """One of 2 gloo ranks: the task's ClipLoss on its half of the batch, features gathered with gradients."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        n = feats[0].shape[0] // world
+        img = feats[0][rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        txt = feats[1][rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        task = FLIPTask.__new__(FLIPTask)            # the loss alone: no model needed
+        task.cfg, task._loss = FLIPConfig(**TINY), None
+        loss = task.loss_fn()(img, txt, torch.tensor(10.0))
+        loss.backward()
+        out[rank] = (loss.item(), img.grad, txt.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_clip_loss_gathered_across_ranks_equals_one_batch():
+    """local_loss + gather_with_grad on 2 ranks: the mean of the ranks' losses is the loss of the whole batch, and
+    the gradients summed over ranks (what reaches each rank's features through the gather) are the whole batch's
+    (x 2: data parallelism then averages the ranks' parameter gradients)."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from open_clip.loss import ClipLoss
+
+    g = torch.Generator().manual_seed(0)
+    feats = tuple(torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1) for _ in range(2))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.start_processes(_gathered_loss_rank, args=(2, port, feats, out), nprocs=2, start_method="fork")
+    img, txt = (f.clone().requires_grad_(True) for f in feats)
+    whole = ClipLoss()(img, txt, torch.tensor(10.0))
+    whole.backward()
+    assert (out[0][0] + out[1][0]) / 2 == pytest.approx(whole.item(), rel=1e-5)
+    torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]), 2 * img.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([out[0][2], out[1][2]]), 2 * txt.grad, atol=1e-6, rtol=1e-5)
