@@ -293,13 +293,18 @@ TREE_MIN_KEPT_AREA = 0.4
 TREE_MIN_SIDE = 4
 
 
+def package_dir(package: str, what: str) -> Path:
+    """The installed folder of `package`, found without importing it (deepforest needs lightning, stardist imports
+    TensorFlow: only their data files are read); SourceError saying `what` needs it and how to install it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError(f"{what}, which is not installed: pip install --no-deps {package}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def deepforest_data_dir() -> Path:
     """deepforest's bundled data folder, found without importing deepforest (which needs torch, lightning…)."""
-    spec = importlib.util.find_spec("deepforest")
-    if spec is None or not spec.submodule_search_locations:
-        raise SourceError("The trees dataset reads the sample data bundled in the deepforest wheel, which is not "
-                          "installed: pip install --no-deps deepforest")
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
+    return package_dir("deepforest", "The trees dataset reads the sample data bundled in the deepforest wheel") / "data"
 
 
 def read_voc_boxes(path: Path) -> list[tuple[int, int, int, int]]:
@@ -640,11 +645,8 @@ NUCLEI_MIN_SIDE = 4
 
 def stardist_images_dir() -> Path:
     """stardist's bundled image folder, found without importing stardist (its __init__ imports TensorFlow)."""
-    spec = importlib.util.find_spec("stardist")
-    if spec is None or not spec.submodule_search_locations:
-        raise SourceError("The nuclei set reads the DSB 2018 image bundled in the stardist wheel, which is not "
-                          "installed: pip install --no-deps stardist")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "images"
+    return package_dir("stardist", "The nuclei set reads the DSB 2018 image bundled in the stardist wheel") / "data" \
+        / "images"
 
 
 def _nuclei_source(seed: int) -> Source:

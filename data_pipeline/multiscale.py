@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
-__all__ = ["MultiScale", "cvnets_sizes"]
+__all__ = ["MultiScale", "check_sizes", "cvnets_sizes"]
 
 # cvnets' MobileViT recipe: sizes between 160 and 320 px in 5 scales, divisible by 32, around a base of 256
 CVNETS_SIZES = (160, 192, 256, 288, 320)
@@ -125,3 +127,12 @@ class MultiScale:
     def describe(self) -> str:
         return ", ".join(f"{s} px x {b}" for s, b in zip(self.sizes, self.batch_sizes))
 
+
+def check_sizes(transform: Any, sizes: Sequence[int]) -> None:
+    """For a task's `on_multiscale`: a train transform whose `at_size` checks the job's geometry (whole patches, mask
+    squares, windows) builds one for every size; ValueError naming the first size it refuses."""
+    for size in sizes:
+        try:
+            transform.at_size(size)
+        except ValueError as e:
+            raise ValueError(f"{size} px: {e}") from None

@@ -58,6 +58,7 @@ from torchvision.utils import make_grid
 
 from contracts.backbone import vit_geometry_errors
 from contracts.task import TaskHooks
+from data_pipeline.multiscale import check_sizes
 from pretrain.export import encoder_to_timm, timm_architecture, vit_config
 from pretrain.mae import patchify, unpatchify
 from pretrain.masking import MASK_TOKEN, RANDOM_PATCH, VISIBLE, BlockMaskingGenerator, PatchCorruption
@@ -489,11 +490,7 @@ class BEiTTask(TaskHooks):
         building its transform); the model then reads any grid (`beit_read_any_size`: absolute positions resampled,
         the shared relative table resized per grid). Evaluation, the pictures and the export stay at
         model.img_size."""
-        for size in sizes:
-            try:
-                self.train_transform.at_size(size)
-            except ValueError as e:
-                raise ValueError(f"{size} px: {e}") from None
+        check_sizes(self.train_transform, sizes)
         beit_read_any_size(self.model)
         logger.info("multi-scale batches at %s px: positions resampled per grid", list(sizes))
 

@@ -58,6 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
 from contracts.task import TaskHooks
+from data_pipeline.multiscale import check_sizes
 from data_pipeline.transforms import normalize_on_device
 from pretrain.beit import export_beit_encoder, unilm_init
 from pretrain.export import encoder_to_timm
@@ -433,11 +434,7 @@ class SimMIMTask(TaskHooks):
         transform); a Swin is rebuilt with timm's dynamic_img_size (window masks per size) and given the same
         weights, the ViT reads any grid (`beit_read_any_size`). Evaluation, the pictures and the export stay at
         model.img_size."""
-        for size in sizes:
-            try:
-                self.train_transform.at_size(size)
-            except ValueError as e:
-                raise ValueError(f"{size} px: {e}") from None
+        check_sizes(self.train_transform, sizes)
         if self.cfg.backbone == "swin":
             built = SwinForSimMIM(self.cfg, dynamic_img_size=True)
             built.load_state_dict(self.model.state_dict())
