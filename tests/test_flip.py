@@ -268,7 +268,8 @@ def test_clip_loss_gathered_across_ranks_equals_one_batch():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.start_processes(_gathered_loss_rank, args=(2, port, feats, out), nprocs=2, start_method="fork")
+    # spawned, not forked: a forked child would inherit a process group an earlier test left in this process
+    mp.start_processes(_gathered_loss_rank, args=(2, port, feats, out), nprocs=2, start_method="spawn")
     img, txt = (f.clone().requires_grad_(True) for f in feats)
     whole = ClipLoss()(img, txt, torch.tensor(10.0))
     whole.backward()
