@@ -1,8 +1,8 @@
 """MP3 pretraining: a ViT without position embeddings predicts each patch's position from a context share of the
 patches (Zhai et al. 2022, "Position Prediction as an Effective Pretraining Strategy").
 
-On the embedded photographs (the tiny preset, CPU, a few minutes), then a finetune that adds a zero-initialised
-position table:
+On the embedded digits (the tiny preset, CPU, a few minutes), then a finetune that adds a zero-initialised position
+table:
     python launch/pretrain_mp3.py
     python launch/pretrain_mp3.py context_ratio=0.5               # half of the patches are keys and values
     python launch/finetune_cls.py model.init=runs/pretrain_mp3/tiny/export

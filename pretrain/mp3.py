@@ -70,11 +70,11 @@ PRETRAINING_ONLY = ("pos_head.",)
 class MP3Config:
     """The `model.*` section of the pretrain_mp3 job. Defaults are the "tiny" preset (CPU, minutes)."""
 
-    img_size: int = 64
-    patch_size: int = 8
-    embed_dim: int = 192
-    depth: int = 6
-    num_heads: int = 3
+    img_size: int = 32
+    patch_size: int = 4
+    embed_dim: int = 128
+    depth: int = 4
+    num_heads: int = 4
     mlp_ratio: float = 4.0
     context_ratio: float = 0.25       # share of the patches that are keys/values (1 = plain self-attention)
     drop_path: float = 0.0
@@ -113,7 +113,9 @@ class MP3Config:
 
 # Named architectures as MP3Config overrides.
 MP3_ARCHS: dict[str, dict[str, Any]] = {
-    "tiny": dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3),
+    # the digits' 32 px in 4-px patches (64 positions): on the embedded photos at 64 px a 6 x 192 ViT stayed at
+    # chance (1.9% vs 1.6% after 300 steps), on the digits this one reaches 9.4% in the same steps
+    "tiny": dict(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=4),
     "vit_s16": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),
     "vit_b16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),
 }
