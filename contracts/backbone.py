@@ -373,6 +373,14 @@ def vit_geometry_errors(img_size: int, patch_size: int, embed_dim: int, num_head
     return errors
 
 
+def crop_scale_errors(crop_scale: Sequence[float]) -> list[str]:
+    """The model.crop_scale error of a RandomResizedCrop area range, which every pretraining config checks (each
+    bound's range is the field's LIMITS): the bounds in order."""
+    if crop_scale[0] > crop_scale[1]:
+        return [f"model.crop_scale={list(crop_scale)} must be (min, max) with min <= max"]
+    return []
+
+
 # Overrides that a job passes to any backbone and that architectures without them (CNNs) are built without.
 OPTIONAL_KWARGS = ("img_size", "drop_path_rate", "drop_rate", "dynamic_img_size")
 

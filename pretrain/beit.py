@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
-from contracts.backbone import vit_geometry_errors
+from contracts.backbone import crop_scale_errors, vit_geometry_errors
 from contracts.task import TaskHooks
 from data_pipeline.multiscale import check_sizes
 from pretrain.export import encoder_to_timm, timm_architecture, vit_config
@@ -141,8 +141,7 @@ class BEiTConfig:
         if self.patch_size > 0 and self.patch_size % cells:
             errors.append(f"model.target={self.target} pools each patch to {cells}x{cells} cells: model.patch_size="
                           f"{self.patch_size} must be a multiple of {cells}")
-        if self.crop_scale[0] > self.crop_scale[1]:
-            errors.append(f"model.crop_scale={list(self.crop_scale)} must be (min, max) with min <= max")
+        errors += crop_scale_errors(self.crop_scale)
         if not errors and self.patch_size > 0:
             try:  # the masks this grid allows (the generator checks counts against the grid)
                 make_mask_generator(self)

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from contracts.supervised import SupervisedRecipe, batch_sums, check_classes
-from contracts.backbone import vit_geometry_errors
+from contracts.backbone import crop_scale_errors, vit_geometry_errors
 from contracts.task import TaskHooks
 from pretrain.export import encoder_to_timm, timm_architecture, vit_config
 
@@ -151,8 +151,7 @@ class DeiTConfig:
         if self.tau <= 0:
             errors.append(f"model.tau={self.tau} must be > 0")
         errors += vit_geometry_errors(self.img_size, self.patch_size, self.embed_dim, self.num_heads)
-        if self.crop_scale[0] > self.crop_scale[1]:
-            errors.append(f"model.crop_scale={list(self.crop_scale)} must be (min, max) with min <= max")
+        errors += crop_scale_errors(self.crop_scale)
         if self.no_embed_class and self.distill != "none":
             errors.append("model.no_embed_class needs distill=none (timm's distilled ViT keeps prefix position rows)")
         if self.loss == "bce" and self.label_smoothing > 0:

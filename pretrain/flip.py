@@ -53,7 +53,7 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from contracts.backbone import (OPEN_CLIP_CONFIG, OPEN_CLIP_FORMAT, OPEN_CLIP_WEIGHTS, create_from_config,
-                                strip_wrapper_prefixes, vit_geometry_errors)
+                                crop_scale_errors, strip_wrapper_prefixes, vit_geometry_errors)
 from contracts.task import TaskHooks
 from data_pipeline.transforms import EvalTransform, MAETrainTransform, normalize_on_device
 from pretrain.export import vit_config
@@ -126,8 +126,7 @@ class FLIPConfig:
             patches = (self.img_size // self.patch_size) ** 2
             if int(patches * (1 - self.mask_ratio)) < 1:
                 errors.append(f"model.mask_ratio={self.mask_ratio} leaves no visible patch of {patches}")
-        if self.crop_scale[0] > self.crop_scale[1]:
-            errors.append(f"model.crop_scale={list(self.crop_scale)} must be [low, high] with low <= high")
+        errors += crop_scale_errors(self.crop_scale)
         if self.init and not Path(self.init).expanduser().exists():
             errors.append(f"model.init={self.init} does not exist (an export/open_clip folder or a pretrain_flip run "
                           "directory)")

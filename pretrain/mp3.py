@@ -46,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
-from contracts.backbone import vit_geometry_errors
+from contracts.backbone import crop_scale_errors, vit_geometry_errors
 from contracts.task import TaskHooks
 from data_pipeline.transforms import normalize_on_device
 from pretrain.export import encoder_to_timm, vit_config
@@ -89,8 +89,7 @@ class MP3Config:
     def __post_init__(self) -> None:
         self.crop_scale = tuple(self.crop_scale)  # a JSON round trip hands back a list
         errors = vit_geometry_errors(self.img_size, self.patch_size, self.embed_dim, self.num_heads)
-        if self.crop_scale[0] > self.crop_scale[1]:
-            errors.append(f"model.crop_scale={list(self.crop_scale)} must be (min, max) with min <= max")
+        errors += crop_scale_errors(self.crop_scale)
         if not errors and 0 < self.context_ratio <= 1 and self.num_context < 1:
             errors.append(f"model.context_ratio={self.context_ratio} leaves no context patch of {self.num_patches}: "
                           f"raise it to at least {1 / self.num_patches:.3g}")

@@ -57,6 +57,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import make_grid
 
+from contracts.backbone import crop_scale_errors
 from contracts.task import TaskHooks
 from data_pipeline.multiscale import check_sizes
 from data_pipeline.transforms import normalize_on_device
@@ -139,8 +140,7 @@ class SimMIMConfig:
         if self.backbone == "vit" and self.rel_pos_bias == "none" and not self.abs_pos_emb:
             errors.append("model.rel_pos_bias=none with model.abs_pos_emb=false leaves the ViT without any position "
                           "information: set abs_pos_emb=true")
-        if self.crop_scale[0] > self.crop_scale[1]:
-            errors.append(f"model.crop_scale={list(self.crop_scale)} must be (min, max) with min <= max")
+        errors += crop_scale_errors(self.crop_scale)
         if errors:
             raise ValueError("; ".join(errors))
         stride = self.encoder_stride
